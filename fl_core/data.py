@@ -1,0 +1,320 @@
+"""Datasets of labelled images, deterministic splits, and partitions across edges.
+
+An :class:`ImageSet` is a list of ``(path, label, attributes)`` records plus class
+names; images are decoded only when a batch needs them. Sources: an ImageFolder
+directory (``root/<class>/<image>``) and the ``elpv-dataset`` package (solar cells,
+default task defective (p >= 0.5) vs functional, the cell type kept as ``type``).
+
+A dataset spec string names a source and a partition, as the edge's settings do:
+``/path/to/folder``, ``elpv``, ``elpv:type=mono``, ``elpv:part=2/3:seed=0``,
+``elpv:type=poly:limit=120``, ``neu:part=1/3`` style options work on any source.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from fl_core.errors import ConfigError, InvalidInput
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+ELPV_CLASSES = ["functional", "defective"]
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    path: Path
+    label: int
+    attrs: tuple[tuple[str, str], ...] = ()
+
+    def attr(self, key: str) -> str | None:
+        return dict(self.attrs).get(key)
+
+
+@dataclass
+class ImageSet:
+    records: list[ImageRecord]
+    class_names: list[str]
+    name: str = ""
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([r.label for r in self.records], dtype=np.int64)
+
+    def subset(self, indices: Sequence[int], name: str | None = None) -> ImageSet:
+        return ImageSet(
+            [self.records[i] for i in indices], self.class_names, name or self.name, self.meta
+        )
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(r.label for r in self.records)
+        return {n: c.get(i, 0) for i, n in enumerate(self.class_names)}
+
+    def raw_bytes(self) -> int:
+        """Size on disk of the images (what shipping them would cost)."""
+        return sum(r.path.stat().st_size for r in self.records)
+
+
+@dataclass
+class Splits:
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def load_image_folder(root: Path | str) -> ImageSet:
+    """``root/<class>/<image>``; classes sorted by name, images sorted by path."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"dataset folder not found: {root}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise ConfigError(f"{root} needs at least two class folders, found {len(classes)}")
+    records = [
+        ImageRecord(path, label)
+        for label, cls in enumerate(classes)
+        for path in sorted((root / cls).iterdir())
+        if path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not records:
+        raise ConfigError(f"no images under {root}")
+    return ImageSet(records, classes, name=root.name)
+
+
+def elpv_root() -> Path:
+    try:
+        import elpv_dataset
+    except ImportError:
+        raise ConfigError(
+            "the elpv dataset is not installed: pip install 'fedinspect[demo]' "
+            "(elpv-dataset, CC BY-NC-SA 4.0)"
+        ) from None
+    return Path(elpv_dataset.__file__).parent / "data"
+
+
+def load_elpv(threshold: float = 0.5) -> ImageSet:
+    """All 2,624 elpv cells: defective if the defect probability >= ``threshold``."""
+    root = elpv_root()
+    records = []
+    for line in (root / "labels.csv").read_text().splitlines():
+        parts = line.split()
+        if len(parts) != 3:
+            continue
+        rel, prob, cell_type = parts
+        label = int(float(prob) >= threshold)
+        attrs = (("type", cell_type), ("probability", prob))
+        records.append(ImageRecord(root / rel, label, attrs))
+    return ImageSet(records, list(ELPV_CLASSES), name="elpv")
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def stratified_indices(
+    labels: np.ndarray, fractions: Sequence[float], seed: int
+) -> list[list[int]]:
+    """Split indices into len(fractions) parts, class by class, deterministically."""
+    rng = random.Random(seed)
+    parts: list[list[int]] = [[] for _ in fractions]
+    total = float(sum(fractions))
+    for cls in sorted(set(labels.tolist())):
+        idx = [i for i, y in enumerate(labels.tolist()) if y == cls]
+        rng.shuffle(idx)
+        bounds, acc = [], 0.0
+        for f in fractions:
+            acc += f / total
+            bounds.append(round(acc * len(idx)))
+        start = 0
+        for p, end in enumerate(bounds):
+            parts[p].extend(idx[start:end])
+            start = end
+    return [sorted(p) for p in parts]
+
+
+def split(ds: ImageSet, val: float = 0.1, test: float = 0.25, seed: int = 0) -> Splits:
+    """Seeded stratified train/val/test split."""
+    if not 0 <= val < 1 or not 0 < test < 1 or val + test >= 1:
+        raise InvalidInput("val and test fractions must be in [0, 1) and sum below 1")
+    tr, va, te = stratified_indices(ds.labels, [1 - val - test, val, test], seed)
+    return Splits(ds.subset(tr), ds.subset(va), ds.subset(te))
+
+
+def partition_iid(ds: ImageSet, n: int, seed: int = 0) -> list[ImageSet]:
+    parts = stratified_indices(ds.labels, [1.0] * n, seed)
+    return [ds.subset(p, f"{ds.name}:part={i + 1}/{n}") for i, p in enumerate(parts)]
+
+
+def partition_by_attribute(ds: ImageSet, key: str) -> dict[str, ImageSet]:
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(ds.records):
+        value = r.attr(key)
+        if value is not None:
+            groups.setdefault(value, []).append(i)
+    if not groups:
+        raise InvalidInput(f"no record carries the attribute {key!r}")
+    return {v: ds.subset(idx, f"{ds.name}:{key}={v}") for v, idx in sorted(groups.items())}
+
+
+def partition_dirichlet(ds: ImageSet, n: int, alpha: float, seed: int = 0) -> list[ImageSet]:
+    """Label skew: each class is spread over edges by proportions ~ Dirichlet(alpha)."""
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[] for _ in range(n)]
+    labels = ds.labels
+    for cls in sorted(set(labels.tolist())):
+        idx = np.flatnonzero(labels == cls)
+        rng.shuffle(idx)
+        props = rng.dirichlet([alpha] * n)
+        cuts = (np.cumsum(props)[:-1] * len(idx)).astype(int)
+        for p, chunk in enumerate(np.split(idx, cuts)):
+            parts[p].extend(int(i) for i in chunk)
+    return [ds.subset(sorted(p), f"{ds.name}:dirichlet={i + 1}/{n}") for i, p in enumerate(parts)]
+
+
+# --------------------------------------------------------------------------- spec strings
+
+
+def parse_dataset_spec(spec: str) -> tuple[str, dict[str, str]]:
+    source, *opts = spec.split(":")
+    options: dict[str, str] = {}
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        if not sep or not key or not value:
+            raise ConfigError(f"dataset option {opt!r} in {spec!r} is not key=value")
+        options[key] = value
+    return source, options
+
+
+def load_dataset_spec(spec: str) -> ImageSet:
+    """Resolve a dataset spec string (see the module docstring) to an ImageSet.
+
+    Options: ``type=VALUE`` (attribute filter; ``attr.KEY=VALUE`` for other keys),
+    ``part=K/N`` (K-th of N stratified iid parts), ``dirichlet=K/N`` with ``alpha``,
+    ``seed=S`` (default 0), ``limit=M`` (first M after a seeded stratified shuffle).
+    """
+    source, options = parse_dataset_spec(spec)
+    ds = load_elpv() if source == "elpv" else load_image_folder(source)
+    seed = int(options.pop("seed", "0"))
+    for key in list(options):
+        if key == "type" or key.startswith("attr."):
+            attr = "type" if key == "type" else key[5:]
+            wanted = options.pop(key)
+            idx = [i for i, r in enumerate(ds.records) if r.attr(attr) == wanted]
+            if not idx:
+                raise ConfigError(f"no image in {source} has {attr}={wanted}")
+            ds = ds.subset(idx)
+    if "part" in options or "dirichlet" in options:
+        which = "part" if "part" in options else "dirichlet"
+        k_text, _, n_text = options.pop(which).partition("/")
+        try:
+            k, n = int(k_text), int(n_text)
+        except ValueError:
+            raise ConfigError(f"{which} must look like K/N in {spec!r}") from None
+        if not 1 <= k <= n:
+            raise ConfigError(f"{which}={k}/{n}: K must be between 1 and N")
+        if which == "part":
+            ds = partition_iid(ds, n, seed)[k - 1]
+        else:
+            alpha = float(options.pop("alpha", "0.5"))
+            ds = partition_dirichlet(ds, n, alpha, seed)[k - 1]
+    if "limit" in options:
+        limit = int(options.pop("limit"))
+        if limit < len(ds):
+            keep, _ = stratified_indices(ds.labels, [limit, len(ds) - limit], seed)
+            ds = ds.subset(keep)
+    if options:
+        raise ConfigError(f"unknown dataset options {sorted(options)} in {spec!r}")
+    ds.name = spec
+    return ds
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decode an image file as RGB (grey images get three equal channels)."""
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def image_transform(input_size: int, augment: bool) -> v2.Transform:
+    steps: list[v2.Transform] = [v2.PILToTensor()]
+    if augment:
+        steps += [
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            v2.RandomAffine(degrees=8, translate=(0.04, 0.04), scale=(0.92, 1.08)),
+            v2.ColorJitter(brightness=0.2, contrast=0.2),
+        ]
+    steps += [
+        v2.Resize((input_size, input_size), antialias=True),
+        v2.ToDtype(torch.float32, scale=True),
+    ]
+    return v2.Compose(steps)
+
+
+class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
+    """Decodes one record at a time: [3, S, S] float in [0, 1], and its label."""
+
+    def __init__(self, images: ImageSet, input_size: int, augment: bool = False) -> None:
+        self.images = images
+        self.transform = image_transform(input_size, augment)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        rec = self.images.records[index]
+        return self.transform(load_image(rec.path)), rec.label
+
+
+def batches(
+    images: ImageSet,
+    input_size: int,
+    batch_size: int = 32,
+    augment: bool = False,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Stream ``(images, labels)`` batches; only one batch is decoded at a time."""
+    ds = ImageDataset(images, input_size, augment)
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen)
+    yield from loader
+
+
+__all__ = [
+    "ELPV_CLASSES",
+    "ImageDataset",
+    "ImageRecord",
+    "ImageSet",
+    "Splits",
+    "batches",
+    "elpv_root",
+    "image_transform",
+    "load_dataset_spec",
+    "load_elpv",
+    "load_image",
+    "load_image_folder",
+    "parse_dataset_spec",
+    "partition_by_attribute",
+    "partition_dirichlet",
+    "partition_iid",
+    "split",
+    "stratified_indices",
+]

@@ -1,0 +1,246 @@
+"""Feature extraction on the edge, privacy transforms, and packing for the wire.
+
+Extraction streams over a dataset in batches under ``torch.inference_mode()``: it never
+holds more than one batch of images. The privacy transform runs after the cut, before
+anything leaves the edge: optional L2 clipping of each row, optional Gaussian noise,
+then the wire dtype (float32, float16, or int8 with a per-row scale).
+
+A feature upload is a safetensors file with tensors ``features`` [N, ...], ``labels``
+[N] int64 and, for int8, ``scale`` [N] float32; its metadata carries the spec hash,
+the edge id and the class names.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from fl_core import serialization
+from fl_core.errors import InvalidInput
+from fl_core.model import SplitModel
+from fl_core.schemas import FeatureSpec, PrivacyConfig
+
+Progress = Callable[[int, int], None]
+"""``progress(done, total)``: called after every batch."""
+
+SPEC_HASH_KEY = "fedinspect.spec_hash"
+EDGE_KEY = "fedinspect.edge_id"
+CLASSES_KEY = "fedinspect.class_names"
+
+_WIRE_DTYPES = {"float32": "F32", "float16": "F16", "int8": "I8"}
+
+
+@dataclass
+class FeatureBatch:
+    """Decoded features (float32) and labels, as the server trains on them."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    spec_hash: str
+    edge_id: str
+
+
+def make_spec(
+    model: SplitModel,
+    base_model_version: int,
+    base_model_sha256: str,
+    privacy: PrivacyConfig | None = None,
+) -> FeatureSpec:
+    """The spec an edge must follow to extract features with ``model``."""
+    return FeatureSpec(
+        backbone=model.arch.backbone,
+        cut=model.arch.cut,
+        input_size=model.arch.input_size,
+        feature_shape=model.feature_shape(),
+        privacy=privacy or PrivacyConfig(),
+        class_names=model.class_names,
+        base_model_version=base_model_version,
+        base_model_sha256=base_model_sha256,
+    )
+
+
+def check_model_matches_spec(model: SplitModel, spec: FeatureSpec) -> None:
+    if (model.arch.backbone, model.arch.cut, model.arch.input_size) != (
+        spec.backbone,
+        spec.cut,
+        spec.input_size,
+    ):
+        raise InvalidInput(
+            f"model ({model.arch.backbone}/{model.arch.cut}/{model.arch.input_size}px) "
+            f"does not match the spec ({spec.backbone}/{spec.cut}/{spec.input_size}px)"
+        )
+
+
+# --------------------------------------------------------------------------- privacy
+
+
+def apply_privacy(
+    features: torch.Tensor, privacy: PrivacyConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Clip each row to an L2 bound, then add Gaussian noise (float32 in, float32 out)."""
+    x = features.float()
+    if privacy.clip_norm is not None:
+        flat = x.reshape(x.shape[0], -1)
+        norms = flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        flat = flat * (privacy.clip_norm / norms).clamp(max=1.0)
+        x = flat.reshape(x.shape)
+    if privacy.noise_sigma > 0:
+        x = x + torch.randn(x.shape, generator=generator) * privacy.noise_sigma
+    return x
+
+
+def quantize(features: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
+    """Encode float32 rows in the wire dtype; int8 carries a per-row scale."""
+    if dtype == "float32":
+        return {"features": features.float()}
+    if dtype == "float16":
+        return {"features": features.half()}
+    if dtype == "int8":
+        flat = features.reshape(features.shape[0], -1)
+        scale = flat.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        q = torch.round(flat / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return {"features": q.reshape(features.shape), "scale": scale.float()}
+    raise InvalidInput(f"unknown feature dtype {dtype!r}")
+
+
+def dequantize(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    feats = tensors["features"]
+    if feats.dtype == torch.int8:
+        scale = tensors["scale"]
+        shape = [feats.shape[0]] + [1] * (feats.dim() - 1)
+        return feats.float() * scale.reshape(shape)
+    return feats.float()
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+@torch.inference_mode()
+def extract_features(
+    model: SplitModel,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    total: int | None = None,
+    progress: Progress | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``model.lower`` over ``(images, labels)`` batches; returns float32 features.
+
+    Images are float tensors in [0, 1], [B, 1 or 3, H, W]. Only features are kept.
+    """
+    model.eval()
+    feats: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    done = 0
+    for images, y in batches:
+        feats.append(model.lower(images.contiguous(memory_format=torch.channels_last)).float())
+        labels.append(y.long())
+        done += images.shape[0]
+        if progress is not None:
+            progress(done, total if total is not None else done)
+    if not feats:
+        raise InvalidInput("no images to extract features from")
+    return torch.cat(feats), torch.cat(labels)
+
+
+# --------------------------------------------------------------------------- wire format
+
+
+def pack_features(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    spec: FeatureSpec,
+    edge_id: str,
+    seed: int | None = None,
+) -> bytes:
+    """Apply the spec's privacy transform and serialise an upload."""
+    if features.shape[0] != labels.shape[0]:
+        raise InvalidInput("features and labels differ in length")
+    if list(features.shape[1:]) != list(spec.feature_shape):
+        raise InvalidInput(
+            f"feature rows have shape {list(features.shape[1:])}, spec says {spec.feature_shape}"
+        )
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    private = apply_privacy(features, spec.privacy, gen)
+    tensors = quantize(private, spec.privacy.dtype)
+    tensors["labels"] = labels.long()
+    meta = {
+        SPEC_HASH_KEY: spec.spec_hash(),
+        EDGE_KEY: edge_id,
+        CLASSES_KEY: json.dumps(spec.class_names),
+    }
+    return serialization.dumps(tensors, meta)
+
+
+def validate_upload_header(data: bytes, spec: FeatureSpec, max_rows: int) -> int:
+    """Check an upload's header against the spec without building tensors.
+
+    Returns the row count. Raises InvalidInput / NotSafetensors with a clear message.
+    """
+    header, meta = serialization.inspect_header(data)
+    if meta.get(SPEC_HASH_KEY) != spec.spec_hash():
+        raise InvalidInput("spec hash does not match this cycle's feature spec")
+    expected = {"features", "labels"} | ({"scale"} if spec.privacy.dtype == "int8" else set())
+    if set(header) != expected:
+        raise InvalidInput(f"upload must hold exactly the tensors {sorted(expected)}")
+    feats, labels = header["features"], header["labels"]
+    f_shape = feats["shape"]
+    assert isinstance(f_shape, list)
+    if feats["dtype"] != _WIRE_DTYPES[spec.privacy.dtype]:
+        raise InvalidInput(
+            f"features dtype {feats['dtype']} does not match the spec's {spec.privacy.dtype}"
+        )
+    if f_shape[1:] != list(spec.feature_shape):
+        raise InvalidInput(
+            f"feature rows have shape {f_shape[1:]}, the spec says {spec.feature_shape}"
+        )
+    rows = f_shape[0]
+    if labels["dtype"] != "I64" or labels["shape"] != [rows]:
+        raise InvalidInput(f"labels must be int64 of shape [{rows}]")
+    if "scale" in header and (
+        header["scale"]["dtype"] != "F32" or header["scale"]["shape"] != [rows]
+    ):
+        raise InvalidInput(f"scale must be float32 of shape [{rows}]")
+    if rows < 1:
+        raise InvalidInput("upload holds no rows")
+    if rows > max_rows:
+        raise InvalidInput(f"upload holds {rows} rows; the limit is {max_rows}")
+    return int(rows)
+
+
+def unpack_features(data: bytes, spec: FeatureSpec, max_rows: int) -> FeatureBatch:
+    """Validate an upload fully (header, finite values, label range) and decode it."""
+    validate_upload_header(data, spec, max_rows)
+    tensors, meta = serialization.loads(data)
+    features = dequantize(tensors)
+    labels = tensors["labels"]
+    if not bool(torch.isfinite(features).all()):
+        raise InvalidInput("features contain NaN or Inf")
+    n_classes = len(spec.class_names)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        raise InvalidInput(f"labels must lie in [0, {n_classes - 1}]")
+    return FeatureBatch(
+        features=features,
+        labels=labels,
+        spec_hash=meta.get(SPEC_HASH_KEY, ""),
+        edge_id=meta.get(EDGE_KEY, ""),
+    )
+
+
+__all__ = [
+    "CLASSES_KEY",
+    "EDGE_KEY",
+    "SPEC_HASH_KEY",
+    "FeatureBatch",
+    "Progress",
+    "apply_privacy",
+    "check_model_matches_spec",
+    "dequantize",
+    "extract_features",
+    "make_spec",
+    "pack_features",
+    "quantize",
+    "unpack_features",
+    "validate_upload_header",
+]

@@ -1,0 +1,283 @@
+"""Pydantic wire models shared by the server and the edges (v1).
+
+Every JSON body that crosses the wire is one of these. Tensors never travel as JSON:
+they travel as safetensors bodies (see ``fl_core.serialization``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FeatureDType = Literal["float32", "float16", "int8"]
+PrivacyMode = Literal["pooled", "spatial"]
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx/5xx answer."""
+
+    detail: str
+
+
+# --------------------------------------------------------------------------- features
+
+
+class PrivacyConfig(BaseModel):
+    """What the edge does to features after the cut, before they leave it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    dtype: FeatureDType = "float32"
+    clip_norm: float | None = Field(
+        default=None, gt=0, description="L2 bound each feature row is clipped to"
+    )
+    noise_sigma: float = Field(
+        default=0.0, ge=0, description="std of Gaussian noise added after clipping"
+    )
+
+
+class FeatureSpec(BaseModel):
+    """Everything an edge needs to produce features the server will accept.
+
+    Both sides compare ``spec_hash()``; an upload made with another spec is refused.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    backbone: str
+    cut: str
+    input_size: int
+    feature_shape: list[int] = Field(description="shape of one row, without the batch axis")
+    privacy: PrivacyConfig = PrivacyConfig()
+    class_names: list[str]
+    base_model_version: int
+    base_model_sha256: str
+
+    def spec_hash(self) -> str:
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class ClassMetrics(BaseModel):
+    name: str
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+class EvalMetrics(BaseModel):
+    """Classification metrics on one labelled set."""
+
+    n: int
+    accuracy: float
+    balanced_accuracy: float
+    macro_f1: float
+    per_class: list[ClassMetrics]
+    confusion_matrix: list[list[int]] = Field(description="rows: true class, columns: predicted")
+    roc_auc: float | None = Field(default=None, description="two-class tasks only")
+
+
+# --------------------------------------------------------------------------- server
+
+
+class EdgeCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+
+
+class EdgeCreated(BaseModel):
+    edge_id: str
+    name: str
+    token: str = Field(description="shown once; the server keeps only its hash")
+
+
+class EdgeInfo(BaseModel):
+    edge_id: str
+    name: str
+    created_at: datetime
+    revoked: bool = False
+
+
+class CycleState(StrEnum):
+    collecting = "collecting"
+    training = "training"
+    done = "done"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class UploadInfo(BaseModel):
+    edge_id: str
+    rows: int
+    sha256: str
+    size: int
+    received_at: datetime
+
+
+class UploadAck(BaseModel):
+    cycle_id: int
+    edge_id: str
+    rows: int
+    sha256: str
+    unchanged: bool = Field(description="true when the same bytes were already stored")
+    replaced: bool = Field(description="true when an earlier, different upload was replaced")
+
+
+class Cycle(BaseModel):
+    id: int
+    state: CycleState
+    base_model_version: int
+    spec: FeatureSpec
+    spec_hash: str
+    min_edges: int
+    deadline: datetime
+    created_at: datetime
+    updated_at: datetime
+    joined_edges: list[str] = []
+    uploads: list[UploadInfo] = []
+    result_model_version: int | None = None
+    metrics: EvalMetrics | None = None
+    reason: str | None = Field(default=None, description="why it failed or was cancelled")
+
+
+class TrainedFrom(BaseModel):
+    cycle_id: int | None = None
+    edges: list[str] = []
+    rows_per_edge: dict[str, int] = {}
+    rows_train: int = 0
+    rows_val: int = 0
+
+
+class ModelInfo(BaseModel):
+    version: int
+    parent: int | None
+    backbone: str
+    cut: str
+    input_size: int
+    class_names: list[str]
+    metrics: EvalMetrics | None = None
+    sha256: str
+    size: int
+    created_at: datetime
+    trained_from: TrainedFrom | None = None
+    privacy: PrivacyConfig | None = None
+
+
+# --------------------------------------------------------------------------- edge
+
+
+class JobKind(StrEnum):
+    cycle = "cycle"
+    extract = "extract"
+    finetune = "finetune"
+
+
+class JobState(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+
+
+class Job(BaseModel):
+    id: str
+    kind: JobKind
+    state: JobState
+    stage: str = ""
+    progress: float = Field(default=0.0, ge=0.0, le=1.0)
+    message: str = ""
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    created_at: datetime
+    updated_at: datetime
+
+
+class SplitCounts(BaseModel):
+    train: dict[str, int]
+    val: dict[str, int]
+    test: dict[str, int]
+
+
+class DatasetSummary(BaseModel):
+    spec: str
+    class_names: list[str]
+    n_images: int
+    counts: SplitCounts
+
+
+class LocalModel(BaseModel):
+    id: int
+    base_version: int | None = Field(description="server model version it came from")
+    source: Literal["base", "finetuned"]
+    sha256: str
+    created_at: datetime
+    active: bool
+    metrics: EvalMetrics | None = None
+    note: str = ""
+
+
+class EdgeStatus(BaseModel):
+    edge_name: str
+    server_url: str
+    dataset: DatasetSummary | None
+    deployed_model: LocalModel | None
+    last_cycle_id: int | None
+    last_job: Job | None
+
+
+class ScoredLabel(BaseModel):
+    filename: str
+    label: str
+    scores: dict[str, float]
+    heatmap_png_base64: str | None = None
+
+
+class PredictResponse(BaseModel):
+    model_id: int
+    model_version: int | None
+    latency_ms: float
+    predictions: list[ScoredLabel]
+
+
+class Evaluation(BaseModel):
+    deployed: LocalModel | None
+    previous: LocalModel | None
+    decision: str = Field(default="", description="what the last deploy gate decided and why")
+
+
+__all__ = [
+    "ClassMetrics",
+    "Cycle",
+    "CycleState",
+    "DatasetSummary",
+    "EdgeCreate",
+    "EdgeCreated",
+    "EdgeInfo",
+    "EdgeStatus",
+    "ErrorResponse",
+    "EvalMetrics",
+    "Evaluation",
+    "FeatureDType",
+    "FeatureSpec",
+    "Job",
+    "JobKind",
+    "JobState",
+    "LocalModel",
+    "ModelInfo",
+    "PredictResponse",
+    "PrivacyConfig",
+    "PrivacyMode",
+    "ScoredLabel",
+    "SplitCounts",
+    "TrainedFrom",
+    "UploadAck",
+    "UploadInfo",
+]

@@ -1,0 +1,376 @@
+"""Training and evaluation, in plain PyTorch.
+
+- :func:`train_upper` fits the part above the cut on feature tensors (server, stage 2).
+- :func:`finetune` trains a split model on images (edge, stage 3). The stages below
+  ``train_from`` stay frozen; their activations are computed once per augmented view
+  and cached, so no image goes through the frozen part twice.
+- :func:`evaluate` returns :class:`~fl_core.schemas.EvalMetrics`.
+
+All of it is seeded and runs deterministically on the CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from fl_core.data import ImageSet, batches, stratified_indices
+from fl_core.errors import InvalidInput
+from fl_core.metrics import compute_metrics
+from fl_core.model import SplitModel
+from fl_core.schemas import EvalMetrics
+
+Progress = Callable[[float, str], None]
+"""``progress(fraction, message)`` with fraction in [0, 1]."""
+
+
+@dataclass
+class UpperTrainConfig:
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-3
+    val_fraction: float = 0.15
+    patience: int = 12
+    label_smoothing: float = 0.05
+    seed: int = 0
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 8
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    #: first stage that is trained; None: the backbone's default; "upper": above the cut only
+    train_from: str | None = None
+    augment: bool = True
+    #: augmented views cached per image (the first one is the plain image)
+    views: int = 3
+    patience: int = 3
+    label_smoothing: float = 0.05
+    seed: int = 0
+
+
+@dataclass
+class TrainReport:
+    metrics: EvalMetrics | None
+    epochs_run: int
+    best_epoch: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    rows_train: int = 0
+    rows_val: int = 0
+
+
+def class_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, so that each class weighs the same in the loss."""
+    counts = torch.bincount(labels, minlength=n_classes).float()
+    weights = counts.sum() / (n_classes * counts.clamp_min(1))
+    return weights * (counts > 0)
+
+
+def _set_seed(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _fit(
+    trainable: nn.Module,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_val: torch.Tensor | None,
+    y_val: torch.Tensor | None,
+    n_classes: int,
+    class_names: list[str],
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    patience: int,
+    label_smoothing: float,
+    gen: torch.Generator,
+    progress: Progress | None,
+) -> TrainReport:
+    """Mini-batch AdamW with cosine decay and early stopping on validation loss."""
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    if not params:
+        raise InvalidInput("nothing to train: no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    steps = max(1, epochs * math.ceil(len(x_train) / batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    loss_fn = nn.CrossEntropyLoss(
+        weight=class_weights(y_train, n_classes), label_smoothing=label_smoothing
+    )
+    best_loss, best_epoch, best_state = math.inf, 0, copy.deepcopy(trainable.state_dict())
+    history: list[dict[str, float]] = []
+    epoch = 0
+    for epoch in range(1, epochs + 1):
+        trainable.train()
+        order = torch.randperm(len(x_train), generator=gen)
+        total = 0.0
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            if len(idx) < 2:  # batch norm needs two rows
+                continue
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(forward(x_train[idx]), y_train[idx])
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss) * len(idx)
+        row: dict[str, float] = {"epoch": epoch, "train_loss": total / len(x_train)}
+        if x_val is not None and y_val is not None and len(x_val):
+            val_loss, val_acc = _val_loss(trainable, forward, x_val, y_val, loss_fn, batch_size)
+            row |= {"val_loss": val_loss, "val_accuracy": val_acc}
+            if val_loss < best_loss - 1e-4:
+                best_loss, best_epoch = val_loss, epoch
+                best_state = copy.deepcopy(trainable.state_dict())
+            elif epoch - best_epoch >= patience:
+                history.append(row)
+                break
+        else:
+            best_epoch, best_state = epoch, copy.deepcopy(trainable.state_dict())
+        history.append(row)
+        if progress is not None:
+            progress(epoch / epochs, f"epoch {epoch}/{epochs} loss {row['train_loss']:.4f}")
+    trainable.load_state_dict(best_state)
+    trainable.eval()
+    metrics = None
+    if x_val is not None and y_val is not None and len(x_val):
+        probs = _predict_rows(forward, x_val, batch_size)
+        metrics = compute_metrics(
+            y_val.numpy(), probs.argmax(1).numpy(), class_names, probs.numpy()
+        )
+    n_val = len(x_val) if x_val is not None else 0
+    return TrainReport(metrics, epoch, best_epoch, history, len(x_train), n_val)
+
+
+@torch.inference_mode()
+def _predict_rows(
+    forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int
+) -> torch.Tensor:
+    outs = [forward(x[i : i + batch_size]).softmax(1) for i in range(0, len(x), batch_size)]
+    return torch.cat(outs)
+
+
+@torch.inference_mode()
+def _val_loss(
+    trainable: nn.Module,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: nn.Module,
+    batch_size: int,
+) -> tuple[float, float]:
+    trainable.eval()
+    logits = torch.cat([forward(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    return float(loss_fn(logits, y)), float((logits.argmax(1) == y).float().mean())
+
+
+class _Upper(nn.Module):
+    """The trainable part above the cut, as one module (for optimiser and state)."""
+
+    def __init__(self, model: SplitModel, start: int) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(list(model.stages[start:]))
+        self.head = model.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            x = stage(x)
+        return self.head(x)
+
+
+def train_upper(
+    model: SplitModel,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    config: UpperTrainConfig | None = None,
+    progress: Progress | None = None,
+) -> TrainReport:
+    """Fit the part of ``model`` above the cut on pooled features, in place.
+
+    A stratified ``val_fraction`` of the rows is held out for early stopping and for
+    the reported metrics.
+    """
+    cfg = config or UpperTrainConfig()
+    n_classes = len(model.class_names)
+    if len(features) != len(labels) or len(features) < 4:
+        raise InvalidInput("train_upper needs at least 4 rows, with one label per row")
+    gen = _set_seed(cfg.seed)
+    y_np = labels.numpy()
+    if cfg.val_fraction > 0:
+        tr, va = stratified_indices(y_np, [1 - cfg.val_fraction, cfg.val_fraction], cfg.seed)
+    else:
+        tr, va = list(range(len(labels))), []
+    upper = _Upper(model, model.cut_index + 1)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in upper.parameters():
+        p.requires_grad_(True)
+    x, y = features.float(), labels.long()
+    report = _fit(
+        upper,
+        upper,
+        x[tr],
+        y[tr],
+        x[va] if va else None,
+        y[va] if va else None,
+        n_classes,
+        model.class_names,
+        cfg.epochs,
+        cfg.batch_size,
+        cfg.lr,
+        cfg.weight_decay,
+        cfg.patience,
+        cfg.label_smoothing,
+        gen,
+        progress,
+    )
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return report
+
+
+@torch.inference_mode()
+def _activations(
+    model: SplitModel,
+    images: ImageSet,
+    end: int,
+    views: int,
+    augment: bool,
+    batch_size: int,
+    seed: int,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    acts, labels = [], []
+    for view in range(views):
+        for x, y in batches(
+            images, model.arch.input_size, batch_size, augment=augment and view > 0, seed=seed
+        ):
+            acts.append(model.run_stages(model.normalize(x), 0, end))
+            labels.append(y)
+            if progress is not None:
+                progress(len(x))
+    return torch.cat(acts), torch.cat(labels).long()
+
+
+def finetune(
+    model: SplitModel,
+    train: ImageSet,
+    val: ImageSet | None = None,
+    config: FinetuneConfig | None = None,
+    progress: Progress | None = None,
+) -> TrainReport:
+    """Fine-tune ``model`` on images, in place, from stage ``config.train_from`` up."""
+    cfg = config or FinetuneConfig()
+    if len(train) < 2:
+        raise InvalidInput("fine-tuning needs at least two training images")
+    if cfg.train_from == "upper":
+        start = model.cut_index + 1
+    else:
+        start = model.stage_index(cfg.train_from or model.info.finetune_from)
+    gen = _set_seed(cfg.seed)
+    views = cfg.views if cfg.augment else 1
+    total = views * len(train) + (len(val) if val else 0)
+    seen = 0
+
+    def on_images(n: int) -> None:
+        nonlocal seen
+        seen += n
+        if progress is not None:
+            progress(0.5 * seen / total, f"caching activations {seen}/{total}")
+
+    x_tr, y_tr = _activations(
+        model, train, start, views, cfg.augment, cfg.batch_size, cfg.seed, on_images
+    )
+    x_va = y_va = None
+    if val is not None and len(val):
+        x_va, y_va = _activations(model, val, start, 1, False, cfg.batch_size, cfg.seed, on_images)
+    trainable = _Upper(model, start)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trainable.parameters():
+        p.requires_grad_(True)
+
+    def on_epoch(frac: float, msg: str) -> None:
+        if progress is not None:
+            progress(0.5 + 0.5 * frac, msg)
+
+    report = _fit(
+        trainable,
+        trainable,
+        x_tr,
+        y_tr,
+        x_va,
+        y_va,
+        len(model.class_names),
+        model.class_names,
+        cfg.epochs,
+        cfg.batch_size,
+        cfg.lr,
+        cfg.weight_decay,
+        cfg.patience,
+        cfg.label_smoothing,
+        gen,
+        on_epoch,
+    )
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return report
+
+
+@torch.inference_mode()
+def predict_proba(
+    model: SplitModel, images: ImageSet, batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities [N, C] and true labels [N] for an ImageSet."""
+    model.eval()
+    probs, labels = [], []
+    for x, y in batches(images, model.arch.input_size, batch_size):
+        probs.append(model(x).softmax(1))
+        labels.append(y)
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+
+
+def evaluate(model: SplitModel, images: ImageSet, batch_size: int = 64) -> EvalMetrics:
+    """Metrics of ``model`` on a labelled ImageSet."""
+    if not len(images):
+        raise InvalidInput("cannot evaluate on an empty set")
+    probs, labels = predict_proba(model, images, batch_size)
+    return compute_metrics(labels, probs.argmax(1), model.class_names, probs)
+
+
+def evaluate_features(
+    model: SplitModel, features: torch.Tensor, labels: torch.Tensor, batch_size: int = 256
+) -> EvalMetrics:
+    """Metrics of the upper part on features at the cut."""
+    model.eval()
+    probs = _predict_rows(model.upper, features.float(), batch_size)
+    return compute_metrics(
+        labels.numpy(), probs.argmax(1).numpy(), model.class_names, probs.numpy()
+    )
+
+
+__all__ = [
+    "FinetuneConfig",
+    "Progress",
+    "TrainReport",
+    "UpperTrainConfig",
+    "class_weights",
+    "evaluate",
+    "evaluate_features",
+    "finetune",
+    "predict_proba",
+    "train_upper",
+]
