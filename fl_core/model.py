@@ -166,17 +166,18 @@ def build_split_model(
     pretrained: Pretrained = True,
     seed: int = 0,
 ) -> SplitModel:
-    """Build a split model; the head is initialised from ``seed``."""
-    bb = build_backbone(backbone, pretrained)
-    arch = Arch(
-        backbone=backbone,
-        cut=cut,
-        class_names=tuple(class_names),
-        input_size=input_size or bb.info.input_size,
-        head=head or HeadConfig(),
-    )
+    """Build a split model; whatever is not pretrained is initialised from ``seed``."""
+    # Seeded so that the same arguments give the same weights (random parts included).
     with torch.random.fork_rng():
         torch.manual_seed(seed)
+        bb = build_backbone(backbone, pretrained)
+        arch = Arch(
+            backbone=backbone,
+            cut=cut,
+            class_names=tuple(class_names),
+            input_size=input_size or bb.info.input_size,
+            head=head or HeadConfig(),
+        )
         model = SplitModel(arch, bb.info, bb.stages)
     model.eval()
     return model

@@ -109,9 +109,18 @@ def inspect_header(data: bytes) -> tuple[dict[str, dict[str, object]], dict[str,
 
 
 def dumps(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
-    """Serialise tensors (made contiguous, moved to CPU) with string metadata."""
+    """Serialise tensors (made contiguous, moved to CPU) with string metadata.
+
+    The header is rewritten with sorted keys, so equal tensors and metadata always give
+    equal bytes (and an equal sha256): re-sending a re-packed upload is then a no-op.
+    """
     clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    return _st_save(clean, metadata=dict(metadata or {}))
+    data = _st_save(clean, metadata=dict(metadata or {}))
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_len])
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the payload to 8 bytes
+    return struct.pack("<Q", len(raw)) + raw + data[8 + header_len :]
 
 
 def loads(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -124,7 +124,7 @@ def _fit(
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         row: dict[str, float] = {"epoch": epoch, "train_loss": total / len(x_train)}
         if x_val is not None and y_val is not None and len(x_val):
             val_loss, val_acc = _val_loss(trainable, forward, x_val, y_val, loss_fn, batch_size)
