@@ -200,12 +200,25 @@ def parse_dataset_spec(spec: str) -> tuple[str, dict[str, str]]:
     return source, options
 
 
+def _parse_parts(which: str, text: str, spec: str) -> tuple[list[int], int]:
+    k_text, _, n_text = text.partition("/")
+    try:
+        ks, n = [int(k) for k in k_text.split(",")], int(n_text)
+    except ValueError:
+        raise ConfigError(f"{which} must look like K/N or K1,K2/N in {spec!r}") from None
+    if not all(1 <= k <= n for k in ks) or len(set(ks)) != len(ks):
+        raise ConfigError(f"{which}={text}: each K must be distinct and between 1 and N")
+    return ks, n
+
+
 def load_dataset_spec(spec: str) -> ImageSet:
     """Resolve a dataset spec string (see the module docstring) to an ImageSet.
 
     Options: ``type=VALUE`` (attribute filter; ``attr.KEY=VALUE`` for other keys),
-    ``part=K/N`` (K-th of N stratified iid parts), ``dirichlet=K/N`` with ``alpha``,
-    ``seed=S`` (default 0), ``limit=M`` (first M after a seeded stratified shuffle).
+    ``part=K/N`` (K-th of N stratified iid parts; ``K1,K2/N`` for a union of parts),
+    ``dirichlet=K/N`` with ``alpha`` (label skew), ``within=ATTR`` (take the parts
+    inside each group of that attribute), ``seed=S`` (default 0), ``limit=M`` (M
+    images, stratified, seeded).
     """
     source, options = parse_dataset_spec(spec)
     ds = load_elpv() if source == "elpv" else load_image_folder(source)
@@ -220,18 +233,25 @@ def load_dataset_spec(spec: str) -> ImageSet:
             ds = ds.subset(idx)
     if "part" in options or "dirichlet" in options:
         which = "part" if "part" in options else "dirichlet"
-        k_text, _, n_text = options.pop(which).partition("/")
-        try:
-            k, n = int(k_text), int(n_text)
-        except ValueError:
-            raise ConfigError(f"{which} must look like K/N in {spec!r}") from None
-        if not 1 <= k <= n:
-            raise ConfigError(f"{which}={k}/{n}: K must be between 1 and N")
-        if which == "part":
-            ds = partition_iid(ds, n, seed)[k - 1]
+        ks, n = _parse_parts(which, options.pop(which), spec)
+        within = options.pop("within", None)
+        alpha = float(options.pop("alpha", "0.5"))
+
+        def pick(group: ImageSet) -> list[ImageRecord]:
+            if which == "part":
+                parts = partition_iid(group, n, seed)
+            else:
+                parts = partition_dirichlet(group, n, alpha, seed)
+            return [r for k in ks for r in parts[k - 1].records]
+
+        if within is None:
+            records = pick(ds)
         else:
-            alpha = float(options.pop("alpha", "0.5"))
-            ds = partition_dirichlet(ds, n, alpha, seed)[k - 1]
+            # the same K/N taken inside each attribute group: a filtered spec such as
+            # type=mono:part=1,2,3/4 and part=4/4:within=type never share an image
+            groups = partition_by_attribute(ds, within)
+            records = [r for g in groups.values() for r in pick(g)]
+        ds = ImageSet(records, ds.class_names, ds.name, ds.meta)
     if "limit" in options:
         limit = int(options.pop("limit"))
         if limit < len(ds):

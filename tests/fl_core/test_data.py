@@ -90,7 +90,23 @@ def test_dataset_specs() -> None:
     assert not {r.path for r in parts[0].records} & {r.path for r in parts[1].records}
     small = load_dataset_spec("elpv:type=poly:limit=40")
     assert len(small) == 40 and set(small.counts().values()) != {0}
-    for bad in ("elpv:part=4/3", "elpv:colour=red", "elpv:part", "elpv:type=steel"):
+    # the demo's non-iid scheme: mono only, poly only, and a mixed edge, disjoint
+    edges = [
+        load_dataset_spec("elpv:type=mono:part=1,2,3/4"),
+        load_dataset_spec("elpv:type=poly:part=1,2,3/4"),
+        load_dataset_spec("elpv:part=4/4:within=type"),
+    ]
+    paths = [{r.path for r in e.records} for e in edges]
+    assert sum(map(len, paths)) == 2624 == len(set().union(*paths))
+    assert {r.attr("type") for r in edges[2].records} == {"mono", "poly"}
+    for bad in (
+        "elpv:part=4/3",
+        "elpv:part=1,1/3",
+        "elpv:part=x/3",
+        "elpv:colour=red",
+        "elpv:part",
+        "elpv:type=steel",
+    ):
         with pytest.raises(ConfigError):
             load_dataset_spec(bad)
 
