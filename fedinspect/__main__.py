@@ -1,0 +1,5 @@
+"""``python -m fedinspect`` runs the command line."""
+
+from fedinspect.cli import app
+
+app()

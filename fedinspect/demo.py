@@ -1,0 +1,490 @@
+"""``fedinspect demo``: one server and N edges as local processes, one whole cycle.
+
+The demo does what an operator does with curl: it starts the processes on free
+loopback ports with fresh data folders and random tokens, registers the edges with
+the server's API, starts each edge's cycle job over HTTP and follows the jobs until
+they end. Then it computes, with the same code and hyper-parameters, the two
+references the federated models are judged against: each edge trained on its own data
+alone (local-only), and one model trained on the union of all edges' data
+(centralized upper bound). Every process it started is stopped on exit, Ctrl-C or
+failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from tqdm import tqdm
+
+from fl_core.data import ImageSet, Splits, load_dataset_spec, split
+from fl_core.data import batches as image_batches
+from fl_core.features import extract_features
+from fl_core.model import HeadConfig, SplitModel, build_split_model
+from fl_core.schemas import EvalMetrics
+from fl_core.training import FinetuneConfig, UpperTrainConfig, evaluate, finetune, train_upper
+
+HOST = "127.0.0.1"
+
+
+@dataclass
+class DemoOptions:
+    edges: int = 3
+    quick: bool = False
+    dataset: str = "elpv"
+    json_path: Path | None = None
+    report_dir: Path | None = None
+    seed: int = 0
+
+
+@dataclass
+class DemoPlan:
+    """What the demo runs: partitions and the hyper-parameters both sides share."""
+
+    edge_specs: list[str]
+    class_names: list[str]
+    input_size: int | None
+    backbone: str = "efficientnet_lite0"
+    cut: str = "pooled"
+    head_hidden: int = 256
+    val_fraction: float = 0.1
+    test_fraction: float = 0.25
+    seed: int = 0
+    upper: UpperTrainConfig = field(default_factory=UpperTrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    batch_size: int = 32
+
+    def server_env(self, admin_token: str, data_dir: Path, port: int) -> dict[str, str]:
+        values: dict[str, Any] = {
+            "ADMIN_TOKEN": admin_token,
+            "DATA_DIR": data_dir,
+            "HOST": HOST,
+            "PORT": port,
+            "BACKBONE": self.backbone,
+            "CUT": self.cut,
+            "CLASS_NAMES": json.dumps(self.class_names),
+            "HEAD_HIDDEN": self.head_hidden,
+            "MIN_EDGES": len(self.edge_specs),
+            "CYCLE_DEADLINE_S": 3600,
+            "TRAIN_EPOCHS": self.upper.epochs,
+            "TRAIN_LR": self.upper.lr,
+            "TRAIN_BATCH_SIZE": self.upper.batch_size,
+            "TRAIN_VAL_FRACTION": self.upper.val_fraction,
+            "TRAIN_SEED": self.upper.seed,
+        }
+        if self.input_size:
+            values["INPUT_SIZE"] = self.input_size
+        return _env("FEDINSPECT_SERVER_", values)
+
+    def edge_env(
+        self,
+        index: int,
+        name: str,
+        edge_id: str,
+        tokens: tuple[str, str],
+        server_url: str,
+        port: int,
+        data_dir: Path,
+    ) -> dict[str, str]:
+        """Settings of edge ``index``; ``tokens`` is (its server token, its admin token)."""
+        ft = self.finetune
+        values: dict[str, Any] = {
+            "SERVER_URL": server_url,
+            "TOKEN": tokens[0],
+            "EDGE_ID": edge_id,
+            "ADMIN_TOKEN": tokens[1],
+            "NAME": name,
+            "DATA_DIR": data_dir,
+            "DATASET": self.edge_specs[index],
+            "SPLIT_SEED": self.seed,
+            "VAL_FRACTION": self.val_fraction,
+            "TEST_FRACTION": self.test_fraction,
+            "HOST": HOST,
+            "PORT": port,
+            "BATCH_SIZE": self.batch_size,
+            "FINETUNE_EPOCHS": ft.epochs,
+            "FINETUNE_LR": ft.lr,
+            "FINETUNE_VIEWS": ft.views,
+            "FINETUNE_AUGMENT": ft.augment,
+            "POLL_INTERVAL_S": 0.5,
+        }
+        if ft.train_from:
+            values["FINETUNE_TRAIN_FROM"] = ft.train_from
+        return _env("FEDINSPECT_EDGE_", values)
+
+    def split(self, spec: str) -> Splits:
+        return split(load_dataset_spec(spec), self.val_fraction, self.test_fraction, self.seed)
+
+
+def _env(prefix: str, values: Mapping[str, Any]) -> dict[str, str]:
+    return {
+        prefix + k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in values.items()
+    }
+
+
+def plan_demo(options: DemoOptions) -> DemoPlan:
+    """Partitions and hyper-parameters for a dataset, an edge count and a mode."""
+    n = options.edges
+    if options.dataset == "elpv":
+        class_names = ["functional", "defective"]
+        if n == 3:
+            # non-iid: one edge with mono cells only, one with poly only, one mixed
+            specs = [
+                "elpv:type=mono:part=1,2,3/4",
+                "elpv:type=poly:part=1,2,3/4",
+                "elpv:part=4/4:within=type",
+            ]
+        else:
+            specs = [f"elpv:dirichlet={k}/{n}:alpha=1.0" for k in range(1, n + 1)]
+        if options.quick:
+            limits = [160, 160, 80] if n == 3 else [120] * n
+            specs = [f"{s}:limit={m}" for s, m in zip(specs, limits, strict=True)]
+    else:
+        root = Path(options.dataset)
+        class_names = load_dataset_spec(str(root)).class_names
+        specs = [f"{root}:dirichlet={k}/{n}:alpha=1.0" for k in range(1, n + 1)]
+        if options.quick:
+            specs = [f"{s}:limit=120" for s in specs]
+    specs = [f"{s}:seed={options.seed}" for s in specs]
+    if options.quick:
+        return DemoPlan(
+            specs,
+            class_names,
+            input_size=128,
+            seed=options.seed,
+            upper=UpperTrainConfig(epochs=40, seed=options.seed),
+            finetune=FinetuneConfig(epochs=6, views=2, seed=options.seed),
+        )
+    return DemoPlan(
+        specs,
+        class_names,
+        input_size=None,
+        seed=options.seed,
+        upper=UpperTrainConfig(seed=options.seed),
+        finetune=FinetuneConfig(seed=options.seed),
+    )
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+class Processes:
+    """Child processes that are always stopped: on exit, on error, on Ctrl-C."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, code: str, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+        log = (self.log_dir / f"{name}.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            # own process group: Ctrl-C reaches the demo, which then stops them in order
+            start_new_session=True,
+        )
+        self.procs[name] = proc
+        return proc
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail}")
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextmanager
+def running(log_dir: Path) -> Iterator[Processes]:
+    procs = Processes(log_dir)
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+def wait_healthy(url: str, procs: Processes, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        procs.check_alive()
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not become healthy within {timeout_s:.0f} s")
+
+
+def _raise_for(resp: httpx.Response) -> httpx.Response:
+    if resp.is_error:
+        raise RuntimeError(
+            f"{resp.request.method} {resp.request.url} -> {resp.status_code}: {resp.text}"
+        )
+    return resp
+
+
+# --------------------------------------------------------------------------- references
+
+
+def _union(sets: list[ImageSet], class_names: list[str]) -> ImageSet:
+    return ImageSet([r for s in sets for r in s.records], class_names, "union")
+
+
+def _scores(m: EvalMetrics | None) -> dict[str, float] | None:
+    if m is None:
+        return None
+    return {"accuracy": round(m.accuracy, 4), "macro_f1": round(m.macro_f1, 4)}
+
+
+def _base_model(plan: DemoPlan) -> SplitModel:
+    # the same arguments (and seed) as the server's version 1
+    return build_split_model(
+        plan.class_names, plan.backbone, plan.cut, plan.input_size, HeadConfig(plan.head_hidden)
+    )
+
+
+def train_reference(plan: DemoPlan, train: ImageSet, val: ImageSet) -> SplitModel:
+    """Stage 2 and stage 3 on one dataset, without federation: what one site can do alone."""
+    model = _base_model(plan)
+    size = model.arch.input_size
+    feats, labels = extract_features(model, image_batches(train, size, plan.batch_size))
+    train_upper(model, feats, labels, plan.upper)
+    finetune(model, train, val, plan.finetune)
+    return model
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_cycle(plan: DemoPlan, work: Path, procs: Processes) -> dict[str, Any]:
+    """Start the processes, run one cycle over HTTP, return what the edges reported."""
+    admin = secrets.token_urlsafe(24)
+    server_port = free_port()
+    server_url = f"http://{HOST}:{server_port}"
+    procs.start(
+        "server",
+        "from server_service.main import run; run()",
+        plan.server_env(admin, work / "server", server_port),
+    )
+    wait_healthy(server_url, procs)
+    server = httpx.Client(
+        base_url=server_url, headers={"Authorization": f"Bearer {admin}"}, timeout=60
+    )
+    edges: list[dict[str, Any]] = []
+    for i in range(len(plan.edge_specs)):
+        name = f"edge-{i + 1}"
+        reg = _raise_for(server.post("/v1/edges", json={"name": name})).json()
+        port = free_port()
+        edge_admin = secrets.token_urlsafe(24)
+        env = plan.edge_env(
+            i, name, reg["edge_id"], (reg["token"], edge_admin), server_url, port, work / name
+        )
+        procs.start(name, "from edge_service.main import run; run()", env)
+        edges.append({"name": name, "url": f"http://{HOST}:{port}", "token": edge_admin})
+    for e in edges:
+        wait_healthy(e["url"], procs)
+    started = time.monotonic()
+    jobs = {}
+    for e in edges:
+        resp = httpx.post(
+            f"{e['url']}/v1/jobs/cycle", headers={"Authorization": f"Bearer {e['token']}"}
+        )
+        jobs[e["name"]] = _raise_for(resp).json()["id"]
+    bars = {
+        e["name"]: tqdm(total=100, desc=e["name"], position=i, leave=True, mininterval=1.0)
+        for i, e in enumerate(edges)
+    }
+    final: dict[str, dict[str, Any]] = {}
+    try:
+        while len(final) < len(edges):
+            procs.check_alive()
+            for e in edges:
+                if e["name"] in final:
+                    continue
+                job = _raise_for(
+                    httpx.get(
+                        f"{e['url']}/v1/jobs/{jobs[e['name']]}",
+                        headers={"Authorization": f"Bearer {e['token']}"},
+                    )
+                ).json()
+                bar = bars[e["name"]]
+                bar.n = round(100 * job["progress"])
+                bar.set_postfix_str(f"{job['stage']}: {job['message']}"[:60], refresh=True)
+                if job["state"] in ("succeeded", "failed"):
+                    final[e["name"]] = job
+            time.sleep(1.0)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    seconds = time.monotonic() - started
+    failed = {n: j.get("error") for n, j in final.items() if j["state"] != "succeeded"}
+    if failed:
+        raise RuntimeError(f"cycle jobs failed: {failed}")
+    results = {n: final[n]["result"] for n in final}
+    cycle_id = next(iter(results.values()))["cycle_id"]
+    cycle = _raise_for(server.get(f"/v1/cycles/{cycle_id}")).json()
+    return {"edges": edges, "results": results, "cycle": cycle, "seconds": seconds}
+
+
+def run_demo(options: DemoOptions) -> dict[str, Any]:
+    """Run the whole demo; print the table and write JSON / report when asked."""
+    plan = plan_demo(options)
+    torch.manual_seed(plan.seed)
+    work = Path(tempfile.mkdtemp(prefix="fedinspect-demo-"))
+    (work / "logs").mkdir()
+    print(
+        f"FedInspect demo: {len(plan.edge_specs)} edges, dataset {options.dataset}"
+        f"{' (quick)' if options.quick else ''}; logs in {work / 'logs'}",
+        file=sys.stderr,
+    )
+    t0 = time.monotonic()
+    try:
+        with running(work / "logs") as procs:
+            cycle = run_cycle(plan, work, procs)
+    except BaseException:
+        print(f"demo failed; process logs kept in {work / 'logs'}", file=sys.stderr)
+        raise
+    print("cycle done; training the local-only and centralized references...", file=sys.stderr)
+    t_ref = time.monotonic()
+    splits = [plan.split(s) for s in plan.edge_specs]
+    base = _base_model(plan)
+    rows = []
+    for i, (e, sp) in enumerate(zip(cycle["edges"], splits, strict=True)):
+        r = cycle["results"][e["name"]]
+        local = train_reference(plan, sp.train, sp.val)
+        rows.append(
+            {
+                "name": e["name"],
+                "dataset": plan.edge_specs[i],
+                "n_train": r["n_train"],
+                "n_test": r["n_test"],
+                "local_only": _scores(evaluate(local, sp.test)),
+                "base": _scores(evaluate(base, sp.test)),
+                "server_model": _scores(EvalMetrics(**r["metrics"]["server_model"])),
+                "federated": _scores(EvalMetrics(**r["metrics"]["candidate"])),
+                "deployed": r["deployed"],
+                "decision": r["decision"],
+                "federated_confusion": r["metrics"]["candidate"]["confusion_matrix"],
+                "bytes": {
+                    "uploaded": r["bytes_uploaded"],
+                    "downloaded": r["bytes_downloaded"],
+                    "raw_images": r["raw_train_bytes"],
+                },
+                "stage_seconds": r["stage_seconds"],
+            }
+        )
+    central = train_reference(
+        plan,
+        _union([s.train for s in splits], plan.class_names),
+        _union([s.val for s in splits], plan.class_names),
+    )
+    centralized = _scores(evaluate(central, _union([s.test for s in splits], plan.class_names)))
+    results: dict[str, Any] = {
+        "dataset": options.dataset,
+        "quick": options.quick,
+        "seed": options.seed,
+        "input_size": base.arch.input_size,
+        "backbone": plan.backbone,
+        "class_names": plan.class_names,
+        "edges": rows,
+        "centralized": centralized,
+        "mean_federated_accuracy": round(
+            sum(r["federated"]["accuracy"] for r in rows) / len(rows), 4
+        ),
+        "cycle": {
+            "id": cycle["cycle"]["id"],
+            "model_version": cycle["cycle"]["result_model_version"],
+            "seconds": round(cycle["seconds"], 1),
+            "server_metrics": _scores(
+                EvalMetrics(**cycle["cycle"]["metrics"]) if cycle["cycle"]["metrics"] else None
+            ),
+        },
+        "bytes": {
+            k: sum(r["bytes"][k] for r in rows) for k in ("uploaded", "downloaded", "raw_images")
+        },
+        "references_seconds": round(time.monotonic() - t_ref, 1),
+        "total_seconds": round(time.monotonic() - t0, 1),
+    }
+    print(format_table(results))
+    if options.json_path:
+        options.json_path.parent.mkdir(parents=True, exist_ok=True)
+        options.json_path.write_text(json.dumps(results, indent=2) + "\n")
+    if options.report_dir:
+        from fedinspect.report import write_report
+
+        write_report(results, options.report_dir)
+    shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def _pct(s: dict[str, float] | None, key: str = "accuracy") -> str:
+    return "-" if s is None else f"{100 * s[key]:.1f}"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f}"
+
+
+def format_table(results: Mapping[str, Any]) -> str:
+    """The per-edge table, as Markdown (readable in a terminal too)."""
+    lines = [
+        "| edge | train | test | local-only acc / F1 | base acc / F1 | stage 2 acc / F1 "
+        "| federated acc / F1 | up MB | down MB | raw MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results["edges"]:
+        b = r["bytes"]
+        lines.append(
+            f"| {r['name']} | {r['n_train']} | {r['n_test']} "
+            f"| {_pct(r['local_only'])} / {_pct(r['local_only'], 'macro_f1')} "
+            f"| {_pct(r['base'])} / {_pct(r['base'], 'macro_f1')} "
+            f"| {_pct(r['server_model'])} / {_pct(r['server_model'], 'macro_f1')} "
+            f"| {_pct(r['federated'])} / {_pct(r['federated'], 'macro_f1')} "
+            f"| {_mb(b['uploaded'])} | {_mb(b['downloaded'])} | {_mb(b['raw_images'])} |"
+        )
+    c = results["centralized"]
+    lines.append(f"\ncentralized upper bound: accuracy {_pct(c)}, macro F1 {_pct(c, 'macro_f1')}")
+    lines.append(f"mean federated accuracy: {100 * results['mean_federated_accuracy']:.1f}")
+    cyc = results["cycle"]
+    lines.append(
+        f"cycle {cyc['id']} -> model v{cyc['model_version']} in {cyc['seconds']:.0f} s; "
+        f"references {results['references_seconds']:.0f} s; total {results['total_seconds']:.0f} s"
+    )
+    stages = results["edges"][0]["stage_seconds"]
+    lines.append("stage seconds (edge-1): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
+    return "\n".join(lines)
