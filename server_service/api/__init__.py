@@ -1,0 +1,1 @@
+"""HTTP layer of the server: dependencies (``deps``), routers (``routes``)."""

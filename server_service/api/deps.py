@@ -1,0 +1,154 @@
+"""FastAPI dependencies as ``Annotated`` aliases: runtime, settings, session, callers.
+
+``AdminDep`` / ``EdgeDep`` / ``EdgeOrAdminDep`` authenticate the bearer token (401 without
+a valid one) and check the role (403).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from fl_core.errors import InvalidInput, PayloadTooLarge
+from fl_core.schemas import ErrorResponse
+from server_service.config import Settings
+from server_service.db import Session
+from server_service.runtime import Runtime
+from server_service.services import auth
+from server_service.services.auth import Caller
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def get_app_settings(rt: RuntimeDep) -> Settings:
+    return rt.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+
+
+def get_session(rt: RuntimeDep) -> Iterator[Session]:
+    with rt.sessions() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="The admin token (operators) or an edge token from POST /v1/edges.",
+)
+
+
+def get_caller(
+    settings: SettingsDep,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Caller:
+    token = credentials.credentials if credentials is not None else None
+    return auth.authenticate(session, settings, token)
+
+
+EdgeOrAdminDep = Annotated[Caller, Depends(get_caller)]
+
+
+def get_admin(caller: EdgeOrAdminDep) -> Caller:
+    return auth.require_admin(caller)
+
+
+AdminDep = Annotated[Caller, Depends(get_admin)]
+
+
+def get_edge_id(caller: EdgeOrAdminDep) -> str:
+    return auth.require_edge(caller)
+
+
+EdgeDep = Annotated[str, Depends(get_edge_id)]
+"""The calling edge's id (403 for the admin)."""
+
+# Integer columns are 32-bit on PostgreSQL: larger ids are refused as input, not a 500.
+CycleId = Annotated[int, Path(ge=1, le=2**31 - 1, description="cycle id")]
+ModelVersion = Annotated[int, Path(ge=1, le=2**31 - 1, description="model version")]
+EdgeId = Annotated[
+    str, Path(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$", description="edge id")
+]
+
+AUTH_ERRORS: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorResponse, "description": "missing, unknown or revoked token"},
+}
+ADMIN_ERRORS: dict[int | str, dict[str, object]] = {
+    **AUTH_ERRORS,
+    403: {"model": ErrorResponse, "description": "an edge token on an operator route"},
+}
+EDGE_ERRORS: dict[int | str, dict[str, object]] = {
+    **AUTH_ERRORS,
+    403: {"model": ErrorResponse, "description": "the admin token on an edge route"},
+}
+
+
+def errors(
+    *codes: int, base: dict[int | str, dict[str, object]] | None = None
+) -> dict[int | str, dict[str, object]]:
+    """OpenAPI ``responses`` for the given error codes (plus ``base``)."""
+    out: dict[int | str, dict[str, object]] = dict(base or {})
+    for code in codes:
+        out[code] = {"model": ErrorResponse}
+    return out
+
+
+def check_content_length(request: Request, limit: int) -> None:
+    """413 when the declared Content-Length exceeds ``limit`` (before reading a byte)."""
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return
+    try:
+        length = int(declared)
+    except ValueError:
+        raise InvalidInput("Content-Length is not an integer") from None
+    if length > limit:
+        raise PayloadTooLarge(f"upload exceeds the limit of {limit} bytes")
+
+
+async def read_body_limited(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it would exceed ``limit`` bytes.
+
+    Content-Length is checked up front; a chunked body is counted while streaming,
+    and nothing past the limit is read.
+    """
+    check_content_length(request, limit)
+    buffer = bytearray()
+    async for chunk in request.stream():
+        buffer += chunk
+        if len(buffer) > limit:
+            raise PayloadTooLarge(f"upload exceeds the limit of {limit} bytes")
+    return bytes(buffer)
+
+
+__all__ = [
+    "ADMIN_ERRORS",
+    "AUTH_ERRORS",
+    "EDGE_ERRORS",
+    "AdminDep",
+    "CycleId",
+    "EdgeDep",
+    "EdgeId",
+    "EdgeOrAdminDep",
+    "ModelVersion",
+    "RuntimeDep",
+    "SessionDep",
+    "SettingsDep",
+    "check_content_length",
+    "errors",
+    "get_caller",
+    "get_runtime",
+    "read_body_limited",
+]

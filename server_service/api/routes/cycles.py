@@ -1,0 +1,133 @@
+"""``/v1/cycles``: request or join a cycle, upload features, train, cancel, inspect."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from fl_core.schemas import Cycle, CycleState, ErrorResponse, UploadAck
+from server_service.api.deps import (
+    ADMIN_ERRORS,
+    AUTH_ERRORS,
+    EDGE_ERRORS,
+    AdminDep,
+    CycleId,
+    EdgeDep,
+    EdgeOrAdminDep,
+    RuntimeDep,
+    SessionDep,
+    check_content_length,
+    errors,
+    read_body_limited,
+)
+from server_service.services import cycles, uploads
+
+router = APIRouter(prefix="/v1/cycles", tags=["cycles"])
+
+
+@router.post(
+    "",
+    summary="Join the collecting cycle, or open one (201) when none is collecting",
+    response_model=Cycle,
+    responses={
+        201: {"model": Cycle, "description": "a new cycle was opened"},
+        **EDGE_ERRORS,
+        403: {"model": ErrorResponse},
+        404: {"model": ErrorResponse, "description": "no base model registered"},
+    },
+)
+def request_cycle(
+    rt: RuntimeDep, session: SessionDep, caller: EdgeOrAdminDep, response: Response
+) -> Cycle:
+    cycle, created = cycles.open_or_join(rt, session, caller)
+    response.status_code = 201 if created else 200
+    return cycle
+
+
+@router.get(
+    "",
+    summary="List cycles, newest first",
+    response_model=list[Cycle],
+    responses=errors(422, base=AUTH_ERRORS),
+)
+def list_cycles(
+    session: SessionDep,
+    _caller: EdgeOrAdminDep,
+    state: Annotated[CycleState | None, Query(description="only cycles in this state")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[Cycle]:
+    return cycles.list_cycles(session, state, limit)
+
+
+@router.get(
+    "/{cycle_id}",
+    summary="A cycle: state, uploads, joined edges, quorum, deadline, result, metrics",
+    response_model=Cycle,
+    responses=errors(404, 422, base=AUTH_ERRORS),
+)
+def get_cycle(cycle_id: CycleId, session: SessionDep, _caller: EdgeOrAdminDep) -> Cycle:
+    return cycles.get_cycle(session, cycle_id)
+
+
+@router.put(
+    "/{cycle_id}/features",
+    summary="Upload this edge's features and labels (safetensors body)",
+    description=(
+        "Body: a safetensors file with `features` [N, ...] in the spec's dtype, `labels` [N] "
+        "int64 (and `scale` [N] float32 for int8), metadata `fedinspect.spec_hash` equal to "
+        "the cycle's spec hash. Idempotent: the same bytes again answer 200 with "
+        "`unchanged=true`; different bytes replace the edge's earlier upload while the "
+        "cycle is collecting (`replaced=true`) and are refused (409) afterwards."
+    ),
+    status_code=201,
+    response_model=UploadAck,
+    responses={
+        200: {"model": UploadAck, "description": "unchanged or replaced"},
+        **errors(404, 409, 413, 422, base=EDGE_ERRORS),
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+        }
+    },
+)
+async def upload_features(
+    cycle_id: CycleId,
+    request: Request,
+    response: Response,
+    rt: RuntimeDep,
+    edge_id: EdgeDep,
+) -> UploadAck:
+    limit = rt.settings.max_upload_bytes
+    # An oversized declared body is refused before the database is touched.
+    check_content_length(request, limit)
+    await run_in_threadpool(uploads.check_upload_allowed, rt, cycle_id, edge_id)
+    body = await read_body_limited(request, limit)
+    ack, created = await run_in_threadpool(uploads.store_upload, rt, cycle_id, edge_id, body)
+    response.status_code = 201 if created else 200
+    return ack
+
+
+@router.post(
+    "/{cycle_id}/train",
+    summary="Close collection now and train on the uploads so far",
+    response_model=Cycle,
+    responses=errors(404, 409, 422, base=ADMIN_ERRORS),
+)
+def train_cycle(cycle_id: CycleId, rt: RuntimeDep, _admin: AdminDep) -> Cycle:
+    return cycles.train_now(rt, cycle_id)
+
+
+@router.post(
+    "/{cycle_id}/cancel",
+    summary="Cancel a collecting or training cycle",
+    response_model=Cycle,
+    responses=errors(404, 409, 422, base=ADMIN_ERRORS),
+)
+def cancel_cycle(cycle_id: CycleId, rt: RuntimeDep, _admin: AdminDep) -> Cycle:
+    return cycles.cancel(rt, cycle_id)

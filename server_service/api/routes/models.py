@@ -1,0 +1,92 @@
+"""``/v1/models``: the model registry and its weights (edge or admin)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import FileResponse
+
+from fl_core.schemas import ModelInfo
+from server_service.api.deps import (
+    AUTH_ERRORS,
+    EdgeOrAdminDep,
+    ModelVersion,
+    RuntimeDep,
+    SessionDep,
+    errors,
+)
+from server_service.services import models
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+_SAFETENSORS = "application/octet-stream"
+
+
+@router.get(
+    "",
+    summary="List model versions, oldest first",
+    response_model=list[ModelInfo],
+    responses=AUTH_ERRORS,
+)
+def list_models(session: SessionDep, _caller: EdgeOrAdminDep) -> list[ModelInfo]:
+    return models.list_models(session)
+
+
+# Declared before /{version} so that "latest" is not parsed as a version number.
+@router.get(
+    "/latest",
+    summary="The newest model version (the base of the next cycle)",
+    response_model=ModelInfo,
+    responses=errors(404, base=AUTH_ERRORS),
+)
+def latest_model(session: SessionDep, _caller: EdgeOrAdminDep) -> ModelInfo:
+    return models.to_info(models.latest_model(session))
+
+
+@router.get(
+    "/{version}",
+    summary="One model version's metadata",
+    response_model=ModelInfo,
+    responses=errors(404, 422, base=AUTH_ERRORS),
+)
+def get_model(version: ModelVersion, session: SessionDep, _caller: EdgeOrAdminDep) -> ModelInfo:
+    return models.to_info(models.get_model(session, version))
+
+
+def _etag_matches(header: str | None, etag: str) -> bool:
+    if not header:
+        return False
+    candidates = [c.strip().removeprefix("W/") for c in header.split(",")]
+    return "*" in candidates or etag in candidates
+
+
+@router.get(
+    "/{version}/weights",
+    summary="A model version's weights (safetensors); ETag is the quoted sha256",
+    response_class=Response,
+    response_model=None,
+    responses={
+        200: {
+            "content": {_SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}},
+            "description": "safetensors bytes",
+        },
+        304: {"description": "If-None-Match matched: the caller has these weights"},
+        **errors(404, 422, base=AUTH_ERRORS),
+    },
+)
+def get_weights(
+    version: ModelVersion,
+    request: Request,
+    rt: RuntimeDep,
+    session: SessionDep,
+    _caller: EdgeOrAdminDep,
+) -> Response:
+    row = models.get_model(session, version)
+    etag = f'"{row.sha256}"'
+    if _etag_matches(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers={"ETag": etag})
+    return FileResponse(
+        models.weights_path(rt, row),
+        media_type=_SAFETENSORS,
+        filename=f"model-v{row.version}.safetensors",
+        headers={"ETag": etag},
+    )

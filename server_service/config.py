@@ -1,0 +1,157 @@
+"""Settings of the training-cycle server: one pydantic-settings class.
+
+Every field is read from the environment with the prefix ``FEDINSPECT_SERVER_``
+(``FEDINSPECT_SERVER_ADMIN_TOKEN``, ``FEDINSPECT_SERVER_PRIVACY__DTYPE=float16``, ...).
+Code reaches the settings through :func:`get_settings` (cached) or the app's
+``SettingsDep``, never through an import-time global, so tests pass their own.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fl_core.errors import ConfigError
+from fl_core.schemas import PrivacyConfig
+from fl_core.training import UpperTrainConfig
+
+ENV_PREFIX = "FEDINSPECT_SERVER_"
+
+MIN_ADMIN_TOKEN_CHARS = 16
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class Settings(BaseSettings):
+    """Configuration of ``fedinspect server``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    admin_token: SecretStr = Field(
+        description="Bearer token of operators (required, at least 16 characters). "
+        "Edges get their own tokens from POST /v1/edges.",
+    )
+    data_dir: Path = Field(
+        default=Path("./data/server"),
+        description="Folder for the SQLite database and the blob store (weights, uploads).",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL; default: a SQLite file server.db in DATA_DIR. "
+        "A PostgreSQL URL works too.",
+    )
+    host: str = Field(default="127.0.0.1", description="Address uvicorn listens on.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port uvicorn listens on.")
+    backbone: str = Field(
+        default="efficientnet_lite0", description="Backbone of the base model (version 1)."
+    )
+    cut: str = Field(default="pooled", description="Cut point between edge and server parts.")
+    input_size: int | None = Field(
+        default=None, gt=0, description="Input image size in pixels; default: the backbone's."
+    )
+    class_names: list[str] = Field(
+        default=["functional", "defective"],
+        min_length=2,
+        description="Class names, in label order (JSON list in the environment).",
+    )
+    pretrained: bool = Field(
+        default=True,
+        description="Start the base model from the backbone's ImageNet weights "
+        "(installed packages only, nothing is downloaded).",
+    )
+    head_hidden: int = Field(
+        default=256, ge=0, description="Hidden units of the classifier head; 0: one linear layer."
+    )
+    privacy: PrivacyConfig = Field(
+        default_factory=PrivacyConfig,
+        description="Privacy transform edges apply to features (PRIVACY__DTYPE, "
+        "PRIVACY__CLIP_NORM, PRIVACY__NOISE_SIGMA).",
+    )
+    min_edges: int = Field(
+        default=1, ge=1, description="Uploads needed before a cycle trains (quorum)."
+    )
+    cycle_deadline_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="Seconds a cycle collects uploads; then it trains with the quorum or fails.",
+    )
+    deadline_check_interval_s: float = Field(
+        default=0.5, gt=0, description="How often the server checks cycle deadlines, in seconds."
+    )
+    max_upload_bytes: int = Field(
+        default=256 * 1024 * 1024, gt=0, description="Largest feature upload body, in bytes."
+    )
+    max_upload_rows: int = Field(
+        default=100_000, gt=0, description="Largest number of rows in one feature upload."
+    )
+    train_epochs: int = Field(default=60, ge=1, description="Epochs of server-side training.")
+    train_lr: float = Field(default=2e-3, gt=0, description="Peak learning rate (AdamW).")
+    train_batch_size: int = Field(default=64, ge=2, description="Mini-batch size.")
+    train_val_fraction: float = Field(
+        default=0.15,
+        ge=0,
+        lt=1,
+        description="Stratified share of the pooled rows held out for validation metrics.",
+    )
+    train_seed: int = Field(default=0, description="Seed of server-side training.")
+    log_level: LogLevel = Field(default="INFO", description="Log level of the server.")
+
+    @field_validator("admin_token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr) -> SecretStr:
+        if len(value.get_secret_value()) < MIN_ADMIN_TOKEN_CHARS:
+            raise ValueError(f"must be at least {MIN_ADMIN_TOKEN_CHARS} characters")
+        return value
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The database URL in use (the configured one, or SQLite in DATA_DIR)."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'server.db').resolve()}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    def upper_train_config(self) -> UpperTrainConfig:
+        return UpperTrainConfig(
+            epochs=self.train_epochs,
+            batch_size=self.train_batch_size,
+            lr=self.train_lr,
+            val_fraction=self.train_val_fraction,
+            seed=self.train_seed,
+        )
+
+
+def load_settings() -> Settings:
+    """Settings from the environment; a clear ConfigError when they are incomplete."""
+    try:
+        return Settings()  # type: ignore[call-arg]  # fields come from the environment
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = ENV_PREFIX + "__".join(str(p) for p in err["loc"]).upper()
+            problems.append(f"{name}: {err['msg']}")
+        raise ConfigError(
+            "invalid server settings: "
+            + "; ".join(problems)
+            + f" (set them in the environment, e.g. {ENV_PREFIX}ADMIN_TOKEN)"
+        ) from None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return load_settings()
+
+
+__all__ = ["ENV_PREFIX", "Settings", "get_settings", "load_settings"]

@@ -1,0 +1,276 @@
+"""Training cycles: open or join, inspect, quorum and deadline decisions, cancel.
+
+The quorum rule lives in :func:`decide` (pure); :func:`evaluate_cycle` applies it to
+one collecting cycle and is called after every upload and by the deadline watcher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from datetime import datetime, timedelta
+from typing import Literal
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError as DBIntegrityError
+
+from fl_core.errors import Conflict, NotFound
+from fl_core.schemas import Cycle, CycleState, EvalMetrics, FeatureSpec, UploadInfo
+from server_service.db import CycleMemberRow, CycleRow, Session, UploadRow, utcnow
+from server_service.logs import log_event
+from server_service.runtime import Runtime
+from server_service.services import cycle_state
+from server_service.services.auth import Caller
+from server_service.services.models import latest_model, spec_for
+from server_service.services.training import submit_training
+
+Decision = Literal["wait", "train", "fail"]
+
+
+def decide(
+    uploaded: Collection[str],
+    joined: Collection[str],
+    min_edges: int,
+    deadline: datetime,
+    now: datetime,
+) -> Decision:
+    """What a collecting cycle should do now.
+
+    Train once the quorum has uploaded and no edge that joined is still missing; at
+    the deadline, train with the quorum or fail without it.
+    """
+    quorum = len(uploaded) >= min_edges
+    if quorum and set(joined) <= set(uploaded):
+        return "train"
+    if now >= deadline:
+        return "train" if quorum else "fail"
+    return "wait"
+
+
+def to_cycle(session: Session, row: CycleRow) -> Cycle:
+    members = session.scalars(
+        select(CycleMemberRow.edge_id)
+        .where(CycleMemberRow.cycle_id == row.id)
+        .order_by(CycleMemberRow.joined_at, CycleMemberRow.edge_id)
+    ).all()
+    uploads = session.scalars(
+        select(UploadRow).where(UploadRow.cycle_id == row.id).order_by(UploadRow.received_at)
+    ).all()
+    return Cycle(
+        id=row.id,
+        state=CycleState(row.state),
+        base_model_version=row.base_model_version,
+        spec=FeatureSpec.model_validate_json(row.spec_json),
+        spec_hash=row.spec_hash,
+        min_edges=row.min_edges,
+        deadline=row.deadline,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        joined_edges=list(members),
+        uploads=[
+            UploadInfo(
+                edge_id=u.edge_id,
+                rows=u.rows,
+                sha256=u.sha256,
+                size=u.size,
+                received_at=u.received_at,
+            )
+            for u in uploads
+        ],
+        result_model_version=row.result_model_version,
+        metrics=EvalMetrics.model_validate_json(row.metrics_json) if row.metrics_json else None,
+        reason=row.reason,
+    )
+
+
+def get_row(session: Session, cycle_id: int) -> CycleRow:
+    # populate_existing: a conditional UPDATE may have changed the row behind the session.
+    row = session.get(CycleRow, cycle_id, populate_existing=True)
+    if row is None:
+        raise NotFound(f"cycle {cycle_id} not found")
+    return row
+
+
+def get_cycle(session: Session, cycle_id: int) -> Cycle:
+    return to_cycle(session, get_row(session, cycle_id))
+
+
+def list_cycles(session: Session, state: CycleState | None = None, limit: int = 100) -> list[Cycle]:
+    query = select(CycleRow).order_by(CycleRow.id.desc()).limit(limit)
+    if state is not None:
+        query = query.where(CycleRow.state == state.value)
+    return [to_cycle(session, r) for r in session.scalars(query).all()]
+
+
+def counts_by_state(session: Session) -> dict[str, int]:
+    rows = session.execute(select(CycleRow.state, func.count()).group_by(CycleRow.state)).all()
+    return {state: int(n) for state, n in rows}
+
+
+def _collecting(session: Session) -> CycleRow | None:
+    return session.scalar(select(CycleRow).where(CycleRow.state == CycleState.collecting.value))
+
+
+def add_member(session: Session, cycle_id: int, edge_id: str) -> None:
+    """Record that an edge takes part in a cycle (no-op when it already does)."""
+    if session.get(CycleMemberRow, (cycle_id, edge_id)) is None:
+        session.add(CycleMemberRow(cycle_id=cycle_id, edge_id=edge_id, joined_at=utcnow()))
+
+
+def open_or_join(rt: Runtime, session: Session, caller: Caller) -> tuple[Cycle, bool]:
+    """The collecting cycle (joined by an edge caller), opening one if none is; True if new."""
+    created = False
+    row = _collecting(session)
+    if row is None:
+        base = latest_model(session)
+        spec = spec_for(rt, base)
+        now = utcnow()
+        row = CycleRow(
+            state=CycleState.collecting.value,
+            base_model_version=base.version,
+            spec_json=spec.model_dump_json(),
+            spec_hash=spec.spec_hash(),
+            min_edges=rt.settings.min_edges,
+            deadline=now + timedelta(seconds=rt.settings.cycle_deadline_s),
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(row)
+        try:
+            session.commit()
+            created = True
+            log_event(
+                "cycle.opened",
+                cycle_id=row.id,
+                base_model_version=base.version,
+                min_edges=row.min_edges,
+                deadline=row.deadline.isoformat(),
+            )
+        except DBIntegrityError:
+            # A concurrent request opened one first (unique index on collecting).
+            session.rollback()
+            row = _collecting(session)
+            if row is None:
+                raise Conflict("the collecting cycle changed concurrently; try again") from None
+    if caller.edge_id is not None:
+        add_member(session, row.id, caller.edge_id)
+        try:
+            session.commit()
+        except DBIntegrityError:
+            session.rollback()  # the same edge joined concurrently: nothing to add
+        log_event("cycle.joined", cycle_id=row.id, edge_id=caller.edge_id)
+    return to_cycle(session, row), created
+
+
+def _fail_reason(n_uploads: int, min_edges: int) -> str:
+    return f"deadline passed with {n_uploads} upload(s); {min_edges} needed"
+
+
+def evaluate_cycle(rt: Runtime, cycle_id: int, now: datetime | None = None) -> Decision:
+    """Apply :func:`decide` to a collecting cycle: claim it for training or fail it."""
+    now = now or utcnow()
+    with rt.sessions() as session:
+        row = session.get(CycleRow, cycle_id)
+        if row is None or row.state != CycleState.collecting.value:
+            return "wait"
+        uploaded = session.scalars(
+            select(UploadRow.edge_id).where(UploadRow.cycle_id == cycle_id)
+        ).all()
+        joined = session.scalars(
+            select(CycleMemberRow.edge_id).where(CycleMemberRow.cycle_id == cycle_id)
+        ).all()
+        decision = decide(uploaded, joined, row.min_edges, row.deadline, now)
+        if decision == "wait":
+            return decision
+        if decision == "fail":
+            reason = _fail_reason(len(uploaded), row.min_edges)
+            if cycle_state.move(
+                session, cycle_id, CycleState.failed, [CycleState.collecting], reason=reason
+            ):
+                session.commit()
+                log_event("cycle.failed", cycle_id=cycle_id, reason=reason)
+            return decision
+        trigger = "quorum" if set(joined) <= set(uploaded) else "deadline"
+    _claim_and_submit(rt, cycle_id, trigger)
+    return decision
+
+
+def _claim_and_submit(rt: Runtime, cycle_id: int, trigger: str) -> bool:
+    with rt.sessions() as session:
+        claimed = cycle_state.move(session, cycle_id, CycleState.training, [CycleState.collecting])
+        session.commit()
+    if claimed:
+        log_event("cycle.training_claimed", cycle_id=cycle_id, trigger=trigger)
+        submit_training(rt, cycle_id)
+    return claimed
+
+
+def train_now(rt: Runtime, cycle_id: int) -> Cycle:
+    """Close collection of a cycle now and train it (operator request)."""
+    with rt.sessions() as session:
+        row = get_row(session, cycle_id)
+        if row.state != CycleState.collecting.value:
+            raise Conflict(
+                f"cycle {cycle_id} is {row.state}; only a collecting cycle can start training"
+            )
+        n = session.scalar(
+            select(func.count()).select_from(UploadRow).where(UploadRow.cycle_id == cycle_id)
+        )
+        if not n:
+            raise Conflict(f"cycle {cycle_id} has no uploads yet")
+    if not _claim_and_submit(rt, cycle_id, "operator"):
+        raise Conflict(f"cycle {cycle_id} changed state concurrently; try again")
+    with rt.sessions() as session:
+        return get_cycle(session, cycle_id)
+
+
+def cancel(rt: Runtime, cycle_id: int) -> Cycle:
+    """Cancel a collecting or training cycle; a running training's result is discarded."""
+    with rt.sessions() as session:
+        cycle_state.move_or_conflict(
+            session, cycle_id, CycleState.cancelled, reason="cancelled by an operator"
+        )
+        session.commit()
+        log_event("cycle.cancelled", cycle_id=cycle_id)
+        return get_cycle(session, cycle_id)
+
+
+def check_cycles(rt: Runtime) -> None:
+    """One pass of the deadline watcher over every collecting cycle."""
+    with rt.sessions() as session:
+        ids = session.scalars(
+            select(CycleRow.id).where(CycleRow.state == CycleState.collecting.value)
+        ).all()
+    for cycle_id in ids:
+        evaluate_cycle(rt, cycle_id)
+
+
+def resume_training(rt: Runtime) -> list[int]:
+    """Queue again every cycle found in ``training`` (the process died while training)."""
+    with rt.sessions() as session:
+        ids = list(
+            session.scalars(
+                select(CycleRow.id).where(CycleRow.state == CycleState.training.value)
+            ).all()
+        )
+    for cycle_id in ids:
+        log_event("cycle.training_resumed", cycle_id=cycle_id)
+        submit_training(rt, cycle_id)
+    return ids
+
+
+__all__ = [
+    "Decision",
+    "add_member",
+    "cancel",
+    "check_cycles",
+    "counts_by_state",
+    "decide",
+    "evaluate_cycle",
+    "get_cycle",
+    "get_row",
+    "list_cycles",
+    "open_or_join",
+    "resume_training",
+    "to_cycle",
+    "train_now",
+]

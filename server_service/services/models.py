@@ -1,0 +1,157 @@
+"""The model registry: versions, their metadata, weights and feature specs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError as DBIntegrityError
+
+from fl_core.errors import NotFound
+from fl_core.features import make_spec
+from fl_core.model import (
+    HeadConfig,
+    SplitModel,
+    build_split_model,
+    model_from_bytes,
+    model_to_bytes,
+)
+from fl_core.schemas import EvalMetrics, FeatureSpec, ModelInfo, PrivacyConfig, TrainedFrom
+from server_service.db import ModelRow, Session, utcnow
+from server_service.logs import log_event
+from server_service.runtime import Runtime
+
+
+def to_info(row: ModelRow) -> ModelInfo:
+    return ModelInfo(
+        version=row.version,
+        parent=row.parent,
+        backbone=row.backbone,
+        cut=row.cut,
+        input_size=row.input_size,
+        class_names=json.loads(row.class_names_json),
+        metrics=EvalMetrics.model_validate_json(row.metrics_json) if row.metrics_json else None,
+        sha256=row.sha256,
+        size=row.size,
+        created_at=row.created_at,
+        trained_from=(
+            TrainedFrom.model_validate_json(row.trained_from_json)
+            if row.trained_from_json
+            else None
+        ),
+        privacy=(PrivacyConfig.model_validate_json(row.privacy_json) if row.privacy_json else None),
+    )
+
+
+def model_row(
+    version: int,
+    parent: int | None,
+    model: SplitModel,
+    sha256: str,
+    size: int,
+    metrics: EvalMetrics | None = None,
+    trained_from: TrainedFrom | None = None,
+    privacy: PrivacyConfig | None = None,
+) -> ModelRow:
+    return ModelRow(
+        version=version,
+        parent=parent,
+        backbone=model.arch.backbone,
+        cut=model.arch.cut,
+        input_size=model.arch.input_size,
+        class_names_json=json.dumps(model.class_names),
+        metrics_json=metrics.model_dump_json() if metrics else None,
+        sha256=sha256,
+        size=size,
+        created_at=utcnow(),
+        trained_from_json=trained_from.model_dump_json() if trained_from else None,
+        privacy_json=privacy.model_dump_json() if privacy else None,
+    )
+
+
+def ensure_base_model(rt: Runtime) -> None:
+    """Create version 1 from the configured backbone unless a model exists already."""
+    with rt.sessions() as session:
+        if session.scalar(select(func.count()).select_from(ModelRow)):
+            return
+    s = rt.settings
+    model = build_split_model(
+        s.class_names,
+        backbone=s.backbone,
+        cut=s.cut,
+        input_size=s.input_size,
+        head=HeadConfig(hidden=s.head_hidden),
+        pretrained=s.pretrained,
+    )
+    data = model_to_bytes(model)
+    sha = rt.blobs.put(data)
+    with rt.sessions() as session:
+        session.add(model_row(1, None, model, sha, len(data)))
+        try:
+            session.commit()
+        except DBIntegrityError:
+            # Another replica created it first: theirs is as good as ours.
+            session.rollback()
+            return
+    log_event("model.registered", version=1, parent=None, sha256=sha, backbone=s.backbone)
+
+
+def get_model(session: Session, version: int) -> ModelRow:
+    row = session.get(ModelRow, version)
+    if row is None:
+        raise NotFound(f"model version {version} not found")
+    return row
+
+
+def latest_model(session: Session) -> ModelRow:
+    row = session.scalar(select(ModelRow).order_by(ModelRow.version.desc()).limit(1))
+    if row is None:
+        raise NotFound("no model registered yet")
+    return row
+
+
+def list_models(session: Session) -> list[ModelInfo]:
+    return [to_info(r) for r in session.scalars(select(ModelRow).order_by(ModelRow.version))]
+
+
+def next_version(session: Session) -> int:
+    return int(session.scalar(select(func.max(ModelRow.version))) or 0) + 1
+
+
+def weights_path(rt: Runtime, row: ModelRow) -> Path:
+    path = rt.blobs.path(row.sha256)
+    if not path.is_file():
+        raise NotFound(f"weights of model version {row.version} are missing from the blob store")
+    return path
+
+
+def load_model(rt: Runtime, row: ModelRow) -> SplitModel:
+    return model_from_bytes(rt.blobs.get(row.sha256))
+
+
+def spec_for(rt: Runtime, row: ModelRow) -> FeatureSpec:
+    """The feature spec edges follow for cycles based on this model (cached)."""
+    key = (row.version, row.sha256)
+    with rt.lock:
+        cached = rt.specs.get(key)
+    if cached is not None:
+        return cached
+    spec = make_spec(load_model(rt, row), row.version, row.sha256, rt.settings.privacy)
+    with rt.lock:
+        rt.specs[key] = spec
+    return spec
+
+
+__all__ = [
+    "ensure_base_model",
+    "get_model",
+    "latest_model",
+    "list_models",
+    "load_model",
+    "model_row",
+    "next_version",
+    "spec_for",
+    "to_info",
+    "weights_path",
+]

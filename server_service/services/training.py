@@ -1,0 +1,181 @@
+"""Server-side training of a cycle, off the event loop.
+
+:func:`submit_training` queues a cycle that was claimed (``collecting -> training``)
+on the runtime's single-worker executor. :func:`train_cycle` pools the uploads,
+trains the part above the cut and registers the next model version; whatever goes
+wrong, the cycle ends ``failed`` with a reason and the server keeps running.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError as DBIntegrityError
+
+from fl_core.errors import FedInspectError
+from fl_core.features import unpack_features
+from fl_core.model import SplitModel, model_to_bytes
+from fl_core.schemas import CycleState, EvalMetrics, FeatureSpec, TrainedFrom
+from fl_core.training import TrainReport, train_upper
+from server_service.db import CycleRow, UploadRow
+from server_service.logs import log_event
+from server_service.runtime import Runtime
+from server_service.services import cycle_state
+from server_service.services.models import get_model, load_model, model_row, next_version
+
+#: attempts at taking the next version number when replicas register concurrently
+_VERSION_ATTEMPTS = 3
+
+
+def submit_training(rt: Runtime, cycle_id: int) -> bool:
+    """Queue a cycle in ``training`` state; False when it is already queued here."""
+    with rt.lock:
+        if cycle_id in rt.training_ids:
+            return False
+        rt.training_ids.add(cycle_id)
+    try:
+        rt.executor.submit(_train_guarded, rt, cycle_id)
+    except RuntimeError:
+        # The executor is shut down (server stopping): the cycle stays in `training`
+        # and the next start trains it.
+        with rt.lock:
+            rt.training_ids.discard(cycle_id)
+        return False
+    return True
+
+
+def _train_guarded(rt: Runtime, cycle_id: int) -> None:
+    try:
+        train_cycle(rt, cycle_id)
+    except Exception as exc:  # a training thread must never take the server down
+        expected = isinstance(exc, FedInspectError)
+        detail = exc.detail if isinstance(exc, FedInspectError) else repr(exc)
+        reason = f"training failed: {detail}"
+        # A traceback only for errors nobody raised on purpose.
+        log_event(
+            "cycle.training_failed",
+            logging.ERROR,
+            exc_info=not expected,
+            cycle_id=cycle_id,
+            reason=reason,
+        )
+        _mark_failed(rt, cycle_id, reason)
+    finally:
+        with rt.lock:
+            rt.training_ids.discard(cycle_id)
+
+
+def _mark_failed(rt: Runtime, cycle_id: int, reason: str) -> None:
+    try:
+        with rt.sessions() as session:
+            if cycle_state.move(
+                session, cycle_id, CycleState.failed, [CycleState.training], reason=reason
+            ):
+                session.commit()
+    except Exception:
+        log_event("cycle.mark_failed_error", logging.ERROR, cycle_id=cycle_id)
+
+
+def train_cycle(rt: Runtime, cycle_id: int) -> None:
+    """Train a cycle in ``training`` state and register the result (or discard it
+    when the cycle was cancelled meanwhile)."""
+    started = time.perf_counter()
+    with rt.sessions() as session:
+        row = session.get(CycleRow, cycle_id)
+        if row is None or row.state != CycleState.training.value:
+            return
+        spec = FeatureSpec.model_validate_json(row.spec_json)
+        uploads = session.scalars(
+            select(UploadRow).where(UploadRow.cycle_id == cycle_id).order_by(UploadRow.edge_id)
+        ).all()
+        base = get_model(session, row.base_model_version)
+    if not uploads:
+        raise FedInspectError("the cycle has no uploads")
+    log_event("cycle.training_started", cycle_id=cycle_id, uploads=len(uploads))
+
+    features: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    rows_per_edge: dict[str, int] = {}
+    for upload in uploads:
+        batch = unpack_features(rt.blobs.get(upload.sha256), spec, rt.settings.max_upload_rows)
+        features.append(batch.features)
+        labels.append(batch.labels)
+        rows_per_edge[upload.edge_id] = int(batch.labels.shape[0])
+    model = load_model(rt, base)
+    report: TrainReport = train_upper(
+        model, torch.cat(features), torch.cat(labels), rt.settings.upper_train_config()
+    )
+    weights = model_to_bytes(model)
+    sha = rt.blobs.put(weights)
+    trained_from = TrainedFrom(
+        cycle_id=cycle_id,
+        edges=sorted(rows_per_edge),
+        rows_per_edge=rows_per_edge,
+        rows_train=report.rows_train,
+        rows_val=report.rows_val,
+    )
+    version = _register(
+        rt, cycle_id, base.version, model, sha, len(weights), report.metrics, trained_from, spec
+    )
+    elapsed = time.perf_counter() - started
+    rt.metrics.training_seconds.observe(elapsed)
+    if version is None:
+        log_event("cycle.training_discarded", cycle_id=cycle_id, reason="cycle left training")
+        return
+    log_event(
+        "cycle.done",
+        cycle_id=cycle_id,
+        model_version=version,
+        rows_train=report.rows_train,
+        rows_val=report.rows_val,
+        accuracy=None if report.metrics is None else round(report.metrics.accuracy, 4),
+        seconds=round(elapsed, 3),
+    )
+
+
+def _register(
+    rt: Runtime,
+    cycle_id: int,
+    parent: int,
+    model: SplitModel,
+    sha: str,
+    size: int,
+    metrics: EvalMetrics | None,
+    trained_from: TrainedFrom,
+    spec: FeatureSpec,
+) -> int | None:
+    """Insert the model version and mark the cycle done in one transaction."""
+    for attempt in range(_VERSION_ATTEMPTS):
+        with rt.sessions() as session:
+            version = next_version(session)
+            values = {
+                "result_model_version": version,
+                "metrics_json": metrics.model_dump_json() if metrics else None,
+            }
+            if not cycle_state.move(
+                session, cycle_id, CycleState.done, [CycleState.training], **values
+            ):
+                session.rollback()
+                return None
+            session.add(
+                model_row(version, parent, model, sha, size, metrics, trained_from, spec.privacy)
+            )
+            try:
+                session.commit()
+            except DBIntegrityError:
+                # Another replica took this version number; take the next one.
+                session.rollback()
+                if attempt == _VERSION_ATTEMPTS - 1:
+                    raise
+                continue
+            log_event(
+                "model.registered", cycle_id=cycle_id, version=version, parent=parent, sha256=sha
+            )
+            return version
+    return None
+
+
+__all__ = ["submit_training", "train_cycle"]
