@@ -1,0 +1,1 @@
+"""The edge's HTTP API: routers in ``routes/``, dependencies in ``deps``."""

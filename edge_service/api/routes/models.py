@@ -1,0 +1,40 @@
+"""Local models: list, activate (rollback), and the latest evaluation and gate decision."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from edge_service.api.deps import ContextDep, error_responses
+from fl_core.schemas import Evaluation, LocalModel
+
+router = APIRouter(prefix="/v1", tags=["models"])
+
+
+@router.get(
+    "/models",
+    response_model=list[LocalModel],
+    summary="Local models, oldest first",
+    responses=error_responses(),
+)
+def list_models(ctx: ContextDep) -> list[LocalModel]:
+    return ctx.registry.all_models()
+
+
+@router.post(
+    "/models/{model_id}/activate",
+    response_model=LocalModel,
+    summary="Deploy a recorded local model (rollback or roll forward)",
+    responses=error_responses(404, 409),
+)
+def activate_model(model_id: int, ctx: ContextDep) -> LocalModel:
+    return ctx.registry.activate(model_id)
+
+
+@router.get(
+    "/evaluation",
+    response_model=Evaluation,
+    summary="Deployed vs previous model on the local test split, and the last gate decision",
+    responses=error_responses(),
+)
+def evaluation(ctx: ContextDep) -> Evaluation:
+    return ctx.registry.evaluation()

@@ -1,0 +1,17 @@
+"""``GET /v1/status``: who this edge is, its data, its model, its last cycle and job."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from edge_service.api.deps import ContextDep, error_responses
+from fl_core.schemas import EdgeStatus
+
+router = APIRouter(prefix="/v1", tags=["status"])
+
+
+@router.get(
+    "/status", response_model=EdgeStatus, summary="Edge status", responses=error_responses()
+)
+def status(ctx: ContextDep) -> EdgeStatus:
+    return ctx.status()

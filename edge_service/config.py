@@ -1,0 +1,153 @@
+"""Settings of the edge agent: one pydantic-settings class, read from the environment.
+
+Every variable is ``FEDINSPECT_EDGE_<FIELD>`` (case-insensitive); each field carries a
+description because the README's settings table is generated from this class.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class Settings(BaseSettings):
+    """Everything the edge reads from its environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FEDINSPECT_EDGE_", case_sensitive=False, extra="ignore"
+    )
+
+    # ---------------------------------------------------------------- server link
+    server_url: str = Field(
+        default="http://127.0.0.1:8000", description="Base URL of the FedInspect server."
+    )
+    token: SecretStr | None = Field(
+        default=None,
+        description="This edge's bearer token, issued by the server's POST /v1/edges.",
+    )
+    edge_id: str | None = Field(
+        default=None,
+        description="This edge's id on the server (from POST /v1/edges); written into "
+        "feature uploads' metadata. Defaults to the edge name.",
+    )
+    request_timeout_s: float = Field(
+        default=30.0, gt=0, description="Timeout of one HTTP request to the server, seconds."
+    )
+    retry_budget_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="Total time spent retrying one request (timeouts, connection errors, "
+        "5xx, 429) before giving up, seconds.",
+    )
+    retry_base_s: float = Field(
+        default=0.5, gt=0, description="First retry delay; doubles each attempt, with jitter."
+    )
+    retry_max_s: float = Field(
+        default=15.0, gt=0, description="Largest delay between two retries of a request."
+    )
+    poll_interval_s: float = Field(
+        default=1.0, gt=0, description="First delay between two polls of a cycle's state."
+    )
+    poll_max_interval_s: float = Field(
+        default=10.0, gt=0, description="Largest delay between two polls of a cycle's state."
+    )
+    wait_margin_s: float = Field(
+        default=1800.0,
+        ge=0,
+        description="How long after the cycle's deadline the edge keeps waiting for the "
+        "server to finish training, seconds.",
+    )
+
+    # ---------------------------------------------------------------- identity, auth
+    admin_token: SecretStr = Field(
+        description="Bearer token of this edge's operators; every route but /health "
+        "needs it. Required: the edge refuses to start without it.",
+    )
+    name: str = Field(default="edge", description="Name of this edge, shown in its status.")
+
+    # ---------------------------------------------------------------- storage, data
+    data_dir: Path = Field(
+        default=Path("./data/edge"),
+        description="Folder of the edge's state: its database and model weights.",
+    )
+    dataset: str = Field(
+        default="elpv",
+        description="Local images: an ImageFolder path (root/<class>/<image>), or 'elpv' "
+        "with options such as 'elpv:type=mono' or 'elpv:part=2/3:seed=0'.",
+    )
+    split_seed: int = Field(default=0, description="Seed of the local train/val/test split.")
+    val_fraction: float = Field(
+        default=0.1, ge=0, lt=1, description="Fraction of local images used for validation."
+    )
+    test_fraction: float = Field(
+        default=0.25, gt=0, lt=1, description="Fraction of local images held out for testing."
+    )
+
+    # ---------------------------------------------------------------- HTTP service
+    host: str = Field(default="127.0.0.1", description="Address the edge's API listens on.")
+    port: int = Field(default=8100, ge=1, le=65535, description="Port of the edge's API.")
+    log_level: LogLevel = Field(default="INFO", description="Logging level.")
+
+    # ---------------------------------------------------------------- learning
+    batch_size: int = Field(
+        default=32, ge=1, description="Images per batch for extraction, training, inference."
+    )
+    finetune_epochs: int = Field(default=8, ge=1, description="Fine-tuning epochs (stage 3).")
+    finetune_lr: float = Field(default=1e-3, gt=0, description="Fine-tuning learning rate.")
+    finetune_train_from: str | None = Field(
+        default=None,
+        description="First stage fine-tuned: unset for the backbone's default, 'upper' for "
+        "the part above the cut only, or a stage name.",
+    )
+    finetune_views: int = Field(
+        default=3, ge=1, description="Augmented views cached per training image."
+    )
+    finetune_augment: bool = Field(
+        default=True, description="Augment training images while fine-tuning."
+    )
+    deploy_min_delta: float = Field(
+        default=0.0,
+        ge=0,
+        description="Deploy gate: a candidate is deployed if its test accuracy is at least "
+        "the deployed model's minus this.",
+    )
+
+    # ---------------------------------------------------------------- prediction
+    max_predict_bytes: int = Field(
+        default=20 * 1024 * 1024,
+        ge=1,
+        description="Largest POST /v1/predict request body, bytes.",
+    )
+    max_image_pixels: int = Field(
+        default=50_000_000, ge=1, description="Largest image accepted for prediction, pixels."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if not self.admin_token.get_secret_value():
+            raise ValueError("admin_token must not be empty")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be below 1")
+        if self.poll_max_interval_s < self.poll_interval_s:
+            raise ValueError("poll_max_interval_s must be >= poll_interval_s")
+        return self
+
+    @property
+    def effective_edge_id(self) -> str:
+        return self.edge_id or self.name
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "edge.db"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+
+__all__ = ["LogLevel", "Settings"]

@@ -1,0 +1,119 @@
+"""Local models: weights in the content-addressed blob store, rows in the database.
+
+Every fine-tuned candidate is recorded, deployed or not (a rejected one carries the
+reason in its note), so an operator can roll back or forward to any of them. One model
+at most is active: the one that serves predictions. Base models downloaded from the
+server are kept in the blob store only, keyed by their sha256, so a cycle never
+downloads the same weights twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from edge_service.db import EdgeStore
+from fl_core.blobstore import LocalBlobStore
+from fl_core.errors import Conflict
+from fl_core.model import SplitModel, model_from_bytes, model_to_bytes
+from fl_core.schemas import EvalMetrics, Evaluation, LocalModel
+
+log = logging.getLogger("edge_service.registry")
+
+PREVIOUS_KEY = "previous_model_id"
+DECISION_KEY = "last_decision"
+BASE_VERSION_META = "fedinspect.base_version"
+
+
+class ModelRegistry:
+    """The edge's models, and the loaded copy of the deployed one."""
+
+    def __init__(self, store: EdgeStore, blobs: LocalBlobStore) -> None:
+        self.store = store
+        self.blobs = blobs
+        self._lock = threading.Lock()
+        self._loaded: tuple[int, SplitModel] | None = None
+
+    # ------------------------------------------------------------------ base weights
+
+    def base_weights(self, sha256: str, download: Callable[[], bytes]) -> tuple[bytes, int]:
+        """Weights with this sha256, from the blob store or ``download()`` (then stored).
+
+        Returns ``(weights, bytes_downloaded)``. ``download`` checks the digest itself.
+        """
+        if self.blobs.exists(sha256):
+            return self.blobs.get(sha256), 0
+        data = download()
+        self.blobs.put(data)
+        return data, len(data)
+
+    # ------------------------------------------------------------------ local models
+
+    def add_candidate(
+        self, model: SplitModel, base_version: int, metrics: EvalMetrics, note: str = ""
+    ) -> LocalModel:
+        data = model_to_bytes(model, {BASE_VERSION_META: str(base_version)})
+        sha = self.blobs.put(data)
+        return self.store.add_model(
+            sha256=sha, base_version=base_version, source="finetuned", metrics=metrics, note=note
+        )
+
+    def load(self, model: LocalModel) -> SplitModel:
+        return model_from_bytes(self.blobs.get(model.sha256))
+
+    def all_models(self) -> list[LocalModel]:
+        return self.store.list_models()
+
+    def deployed(self) -> LocalModel | None:
+        return self.store.active_model()
+
+    def deploy(self, model_id: int, decision: str) -> LocalModel:
+        """Make ``model_id`` the model that serves; remember the one it replaces."""
+        with self._lock:
+            previous = self.store.set_active(model_id)
+            if previous is not None and previous != model_id:
+                self.store.set_state(PREVIOUS_KEY, previous)
+            self.store.set_state(DECISION_KEY, decision)
+            self._loaded = None
+        log.info("deployed local model %d: %s", model_id, decision)
+        return self.store.get_model(model_id)
+
+    def activate(self, model_id: int) -> LocalModel:
+        """Operator rollback (or roll forward) to any recorded local model."""
+        target = self.store.get_model(model_id)
+        current = self.deployed()
+        if current is not None and current.id == target.id:
+            return target
+        if not self.blobs.exists(target.sha256):
+            raise Conflict(f"the weights of local model {model_id} are missing on this edge")
+        was = f" (was model {current.id})" if current else ""
+        return self.deploy(model_id, f"activated by an operator: model {model_id}{was}")
+
+    def record_decision(self, decision: str) -> None:
+        self.store.set_state(DECISION_KEY, decision)
+
+    def evaluation(self) -> Evaluation:
+        deployed = self.deployed()
+        previous_id = self.store.get_state(PREVIOUS_KEY)
+        previous = None
+        if isinstance(previous_id, int) and (deployed is None or previous_id != deployed.id):
+            previous = self.store.get_model(previous_id)
+        return Evaluation(
+            deployed=deployed,
+            previous=previous,
+            decision=str(self.store.get_state(DECISION_KEY) or ""),
+        )
+
+    def serving_model(self) -> tuple[LocalModel, SplitModel] | None:
+        """The deployed model, loaded once and reused until another one is deployed."""
+        with self._lock:
+            active = self.store.active_model()
+            if active is None:
+                return None
+            if self._loaded is None or self._loaded[0] != active.id:
+                self._loaded = (active.id, self.load(active))
+            return active, self._loaded[1]
+
+
+__all__ = ["DECISION_KEY", "PREVIOUS_KEY", "ModelRegistry"]

@@ -1,0 +1,108 @@
+"""Fixtures of the edge tests: a tiny ImageFolder, tiny models, settings, a fake server
+and an edge app driven through its TestClient (lifespan included)."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from edge_service.config import Settings
+from edge_service.main import create_app
+from fl_core.model import SplitModel, build_split_model
+from tests.edge_service.fakes import EDGE_TOKEN, FakeServer
+from tests.factories import make_image_folder
+
+# starlette warns when its TestClient runs on httpx rather than httpx2; the API is the
+# same and this venv pins httpx, so the warning says nothing about our code.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    from starlette.testclient import TestClient
+
+ADMIN_TOKEN = "admin-secret"
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+CLASSES = ["bright", "dark"]
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 tiny grey PNGs in two classes that differ by brightness."""
+    return make_image_folder(
+        tmp_path_factory.mktemp("images"), per_class=20, size=32, classes=("dark", "bright")
+    )
+
+
+def tiny_model(seed: int = 0) -> SplitModel:
+    return build_split_model(
+        CLASSES, backbone="tiny_cnn", input_size=32, pretrained=False, seed=seed
+    )
+
+
+def make_settings(data_dir: Path, dataset: Path | str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "admin_token": SecretStr(ADMIN_TOKEN),
+        "token": SecretStr(EDGE_TOKEN),
+        "name": "edge-test",
+        "data_dir": data_dir,
+        "dataset": str(dataset),
+        "batch_size": 16,
+        "finetune_epochs": 2,
+        "finetune_views": 1,
+        "finetune_augment": False,
+        "finetune_train_from": "b1",
+        "retry_base_s": 0.001,
+        "retry_max_s": 0.01,
+        "retry_budget_s": 2.0,
+        "poll_interval_s": 0.01,
+        "poll_max_interval_s": 0.02,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def fake_server() -> FakeServer:
+    return FakeServer(base_model=tiny_model(0), new_model=tiny_model(1))
+
+
+EdgeFactory = Callable[..., TestClient]
+
+
+@pytest.fixture
+def make_edge(tmp_path: Path, image_folder: Path) -> Iterator[Callable[..., TestClient]]:
+    """``make_edge(server_client, **settings)`` -> a started edge TestClient."""
+    opened: list[TestClient] = []
+
+    def factory(server_client: httpx.Client | None = None, **overrides: Any) -> TestClient:
+        settings = make_settings(tmp_path / "edge", image_folder, **overrides)
+        client = TestClient(create_app(settings, server_client))
+        client.__enter__()
+        opened.append(client)
+        return client
+
+    yield factory
+    for client in reversed(opened):
+        client.app.state.ctx.runner.wait_idle(60)  # type: ignore[attr-defined]
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def edge(make_edge: EdgeFactory, fake_server: FakeServer) -> TestClient:
+    return make_edge(fake_server.client())
+
+
+def wait_job(client: TestClient, job_id: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Poll a job until it ends; returns it. Fails the test past ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}", headers=AUTH).json()
+        if job["state"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish in {timeout}s")
