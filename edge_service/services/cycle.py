@@ -16,6 +16,7 @@ Every job returns the same result keys (``None`` where a stage did not run).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -25,11 +26,11 @@ from edge_service.services.client import ServerClient
 from edge_service.services.dataset import LocalData
 from edge_service.services.jobs import JobContext, Plan
 from edge_service.services.registry import ModelRegistry
-from fl_core.data import batches
+from fl_core.data import ImageSet, batches
 from fl_core.errors import Conflict, InvalidInput, RemoteError, Unavailable
 from fl_core.features import check_model_matches_spec, extract_features, pack_features
 from fl_core.model import SplitModel, model_from_bytes
-from fl_core.schemas import Cycle, CycleState, EvalMetrics, FeatureSpec
+from fl_core.schemas import Cycle, CycleState, EvalMetrics, FeatureSpec, LocalModel
 from fl_core.training import FinetuneConfig, evaluate, finetune
 
 log = logging.getLogger("edge_service.cycle")
@@ -60,6 +61,18 @@ PLANS: dict[str, Plan] = {
 class GateDecision:
     deploy: bool
     reason: str
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    """What the gate did with one candidate."""
+
+    candidate: EvalMetrics
+    previous: EvalMetrics | None
+    previous_model_id: int | None
+    deployed: bool
+    decision: str
+    local_model: LocalModel
 
 
 def deploy_gate(
@@ -306,39 +319,74 @@ class CycleService:
         )
 
         ctx.begin("evaluate", "evaluating the candidate")
-        candidate = evaluate(model, splits.test, s.batch_size)
-        result["metrics"]["candidate"] = candidate.model_dump(mode="json")
+        outcome = self.gate_and_register(
+            model,
+            info.version,
+            splits.test,
+            progress=lambda frac, msg: ctx.update(frac, msg),
+        )
+        result["metrics"]["candidate"] = outcome.candidate.model_dump(mode="json")
+        if outcome.previous is not None:
+            result["metrics"]["previous"] = outcome.previous.model_dump(mode="json")
+        result["previous_model_id"] = outcome.previous_model_id
+        result["deployed"] = outcome.deployed
+        result["decision"] = outcome.decision
+        result["local_model_id"] = outcome.local_model.id
+        ctx.update(1.0, outcome.decision)
+
+    def gate_and_register(
+        self,
+        model: SplitModel,
+        base_version: int,
+        test: ImageSet,
+        progress: Callable[[float, str], None] | None = None,
+    ) -> GateOutcome:
+        """Evaluate a candidate and the deployed model on ``test``; record the candidate,
+        and deploy it unless the gate says it is worse."""
+        s = self.settings
+        candidate = evaluate(model, test, s.batch_size)
         deployed = self.registry.deployed()
         previous: EvalMetrics | None = None
+        reason: str | None = None
         if deployed is not None:
-            ctx.update(0.5, f"evaluating the deployed model {deployed.id}")
+            if progress is not None:
+                progress(0.5, f"evaluating the deployed model {deployed.id}")
             current = self.registry.load(deployed)
             if current.class_names == model.class_names:
-                previous = evaluate(current, splits.test, s.batch_size)
+                previous = evaluate(current, test, s.batch_size)
                 self.registry.store.update_model(deployed.id, metrics=previous)
-                result["metrics"]["previous"] = previous.model_dump(mode="json")
-            result["previous_model_id"] = deployed.id
+            else:  # nothing to compare with: the task itself changed
+                reason = f"deployed: model {deployed.id} has other classes than the candidate"
         decision = deploy_gate(candidate, previous, s.deploy_min_delta)
-        reason = decision.reason
-        if deployed is not None and previous is None:
-            reason = f"deployed: model {deployed.id} has other classes than the candidate"
-        local = self.registry.add_candidate(model, info.version, candidate, note=reason)
+        reason = reason or decision.reason
+        local = self.registry.add_candidate(model, base_version, candidate, note=reason)
         if decision.deploy:
             self.registry.deploy(local.id, reason)
-            result["deployed"] = True
         else:
-            self.registry.record_decision(reason)
-        result["decision"] = reason
-        result["local_model_id"] = local.id
+            self.registry.record_decision(f"{reason} (candidate recorded as model {local.id})")
         log.info(
             "edge=%s event=gate model=%d local_model=%d deployed=%s reason=%r",
             s.name,
-            info.version,
+            base_version,
             local.id,
-            result["deployed"],
+            decision.deploy,
             reason,
         )
-        ctx.update(1.0, reason)
+        return GateOutcome(
+            candidate=candidate,
+            previous=previous,
+            previous_model_id=deployed.id if deployed else None,
+            deployed=decision.deploy,
+            decision=reason,
+            local_model=self.registry.store.get_model(local.id),
+        )
 
 
-__all__ = ["LAST_CYCLE_KEY", "PLANS", "CycleService", "GateDecision", "deploy_gate"]
+__all__ = [
+    "LAST_CYCLE_KEY",
+    "PLANS",
+    "CycleService",
+    "GateDecision",
+    "GateOutcome",
+    "deploy_gate",
+]

@@ -80,7 +80,8 @@ def make_edge(tmp_path: Path, image_folder: Path) -> Iterator[Callable[..., Test
     opened: list[TestClient] = []
 
     def factory(server_client: httpx.Client | None = None, **overrides: Any) -> TestClient:
-        settings = make_settings(tmp_path / "edge", image_folder, **overrides)
+        dataset = overrides.pop("dataset", image_folder)
+        settings = make_settings(tmp_path / "edge", dataset, **overrides)
         client = TestClient(create_app(settings, server_client))
         client.__enter__()
         opened.append(client)

@@ -1,0 +1,78 @@
+"""Settings, app wiring, OpenAPI and metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from edge_service.config import Settings
+from edge_service.main import run
+from tests.edge_service.conftest import AUTH, TestClient, wait_job
+from tests.edge_service.fakes import FakeServer
+
+
+def test_admin_token_is_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FEDINSPECT_EDGE_ADMIN_TOKEN", raising=False)
+    with pytest.raises(ValidationError, match="admin_token"):
+        Settings()  # type: ignore[call-arg]
+    with pytest.raises(SystemExit, match="FEDINSPECT_EDGE_ADMIN_TOKEN"):
+        run()
+    with pytest.raises(ValidationError):
+        Settings(admin_token=SecretStr(""))
+
+
+def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDINSPECT_EDGE_ADMIN_TOKEN", "a")
+    monkeypatch.setenv("FEDINSPECT_EDGE_DATASET", "elpv:type=mono")
+    monkeypatch.setenv("FEDINSPECT_EDGE_PORT", "8123")
+    monkeypatch.setenv("FEDINSPECT_EDGE_FINETUNE_TRAIN_FROM", "upper")
+    s = Settings()  # type: ignore[call-arg]
+    assert (s.dataset, s.port, s.finetune_train_from) == ("elpv:type=mono", 8123, "upper")
+    assert s.server_url == "http://127.0.0.1:8000" and s.retry_budget_s == 120
+    assert s.val_fraction == 0.1 and s.test_fraction == 0.25 and s.deploy_min_delta == 0.0
+    assert s.max_predict_bytes == 20 * 1024 * 1024 and s.poll_max_interval_s == 10
+    assert s.data_dir == Path("data/edge") and s.token is None
+    assert "a" not in repr(s.admin_token)
+
+
+def test_every_setting_is_described() -> None:
+    for name, field in Settings.model_fields.items():
+        assert field.description, name
+
+
+def test_openapi_documents_every_route(edge: TestClient) -> None:
+    schema = edge.get("/openapi.json").json()
+    for path, ops in schema["paths"].items():
+        for method, op in ops.items():
+            assert op.get("summary"), (method, path)
+            assert "200" in op["responses"] or "202" in op["responses"], (method, path)
+            if path != "/health":
+                assert "401" in op["responses"], (method, path)
+    assert set(schema["paths"]) >= {
+        "/health",
+        "/metrics",
+        "/v1/status",
+        "/v1/jobs",
+        "/v1/jobs/cycle",
+        "/v1/jobs/extract",
+        "/v1/jobs/finetune",
+        "/v1/jobs/{job_id}",
+        "/v1/predict",
+        "/v1/models",
+        "/v1/models/{model_id}/activate",
+        "/v1/evaluation",
+    }
+
+
+def test_metrics_count_jobs_and_bytes(edge: TestClient, fake_server: FakeServer) -> None:
+    done = wait_job(edge, edge.post("/v1/jobs/extract", headers=AUTH).json()["id"])
+    assert done["state"] == "succeeded"
+    text = edge.get("/metrics", headers=AUTH).text
+    assert 'fedinspect_edge_jobs{state="succeeded"} 1.0' in text
+    assert 'fedinspect_edge_jobs{state="running"} 0.0' in text
+    uploaded = float(done["result"]["bytes_uploaded"])
+    downloaded = float(done["result"]["bytes_downloaded"])
+    assert f"fedinspect_edge_uploaded_bytes_total {uploaded}" in text
+    assert f"fedinspect_edge_downloaded_bytes_total {downloaded}" in text

@@ -1,0 +1,144 @@
+"""The job store and runner: persistence, interrupted jobs after a restart, one at a time."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from edge_service.db import EdgeStore
+from edge_service.services.jobs import JobContext, JobRunner
+from fl_core.errors import Conflict, InvalidInput
+from fl_core.schemas import JobKind, JobState
+from tests.edge_service.conftest import AUTH, EdgeFactory, TestClient
+from tests.edge_service.fakes import FakeServer
+
+
+def test_jobs_persist_across_reopening(tmp_path: Path) -> None:
+    store = EdgeStore.open(tmp_path / "edge.db")
+    job = store.create_job(JobKind.extract, {"x": 1})
+    store.update_job(job.id, state=JobState.running, stage="extract", progress=0.4, message="m")
+    store.update_job(job.id, state=JobState.succeeded, progress=1.0, result={"n_train": 3})
+    store.close()
+
+    again = EdgeStore.open(tmp_path / "edge.db")
+    loaded = again.get_job(job.id)
+    assert loaded.state == JobState.succeeded and loaded.result == {"n_train": 3}
+    assert loaded.stage == "extract" and loaded.progress == 1.0
+    assert loaded.created_at.tzinfo is not None
+    assert again.job_params(job.id) == {"x": 1}
+    assert again.fail_interrupted_jobs() == []
+    again.close()
+
+
+def test_running_and_queued_jobs_are_failed_on_restart(tmp_path: Path) -> None:
+    store = EdgeStore.open(tmp_path / "edge.db")
+    running = store.create_job(JobKind.cycle)
+    store.update_job(running.id, state=JobState.running, stage="extract", progress=0.3)
+    queued = store.create_job(JobKind.finetune)
+    store.close()
+
+    again = EdgeStore.open(tmp_path / "edge.db")
+    assert sorted(again.fail_interrupted_jobs()) == sorted([running.id, queued.id])
+    job = again.get_job(running.id)
+    assert job.state == JobState.failed
+    assert job.error == "interrupted: the edge restarted during extract"
+    assert job.progress == pytest.approx(0.3)
+    assert again.get_job(queued.id).error == "interrupted: the edge restarted during queued"
+    assert again.count_jobs_by_state()["failed"] == 2
+    again.close()
+
+
+def test_a_restarted_edge_reports_the_interrupted_job(
+    make_edge: EdgeFactory, fake_server: FakeServer, tmp_path: Path
+) -> None:
+    store = EdgeStore.open(tmp_path / "edge" / "edge.db")
+    job = store.create_job(JobKind.cycle)
+    store.update_job(job.id, state=JobState.running, stage="wait", progress=0.5)
+    store.close()
+
+    edge: TestClient = make_edge(fake_server.client())
+    reported = edge.get(f"/v1/jobs/{job.id}", headers=AUTH).json()
+    assert reported["state"] == "failed"
+    assert reported["error"] == "interrupted: the edge restarted during wait"
+    assert edge.get("/v1/status", headers=AUTH).json()["last_job"]["id"] == job.id
+    metrics = edge.get("/metrics", headers=AUTH).text
+    assert 'fedinspect_edge_jobs{state="failed"} 1.0' in metrics
+    # and the edge accepts new work
+    assert edge.post("/v1/jobs/extract", headers=AUTH).status_code == 202
+
+
+def test_runner_progress_is_monotone_and_persisted(tmp_path: Path) -> None:
+    store = EdgeStore.open(tmp_path / "edge.db")
+    runner = JobRunner(store)
+    seen: list[float] = []
+
+    def work(ctx: JobContext) -> dict[str, object]:
+        ctx.begin("extract")
+        for i in range(5):
+            ctx.update(i / 4, f"extracting features {i}/4")
+            seen.append(store.get_job(ctx.job_id).progress)
+        ctx.update(0.1, "going back is ignored")
+        seen.append(store.get_job(ctx.job_id).progress)
+        ctx.begin("upload")
+        ctx.update(0.5, "uploading")
+        seen.append(store.get_job(ctx.job_id).progress)
+        return {"ok": True}
+
+    job = runner.submit(JobKind.extract, work, [("extract", 3.0), ("upload", 1.0)])
+    assert runner.wait_idle(10)
+    done = store.get_job(job.id)
+    assert done.state == JobState.succeeded and done.progress == 1.0
+    assert done.result is not None and done.result["ok"] is True
+    assert set(done.result["stage_seconds"]) >= {"extract", "upload"}
+    assert seen == sorted(seen)
+    assert seen[4] == pytest.approx(0.75) and seen[-1] == pytest.approx(0.875)
+    store.close()
+
+
+def test_runner_allows_one_job_at_a_time_and_records_errors(tmp_path: Path) -> None:
+    store = EdgeStore.open(tmp_path / "edge.db")
+    runner = JobRunner(store)
+    release = threading.Event()
+
+    def blocked(ctx: JobContext) -> dict[str, object]:
+        ctx.begin("wait")
+        release.wait(10)
+        raise InvalidInput("the local test split is empty")
+
+    first = runner.submit(JobKind.cycle, blocked, [("wait", 1.0)])
+    with pytest.raises(Conflict, match=f"job {first.id} \\(cycle\\) is still running"):
+        runner.submit(JobKind.extract, blocked, [("wait", 1.0)])
+    release.set()
+    assert runner.wait_idle(10)
+    failed = store.get_job(first.id)
+    assert failed.state == JobState.failed and failed.stage == "wait"
+    assert failed.error == "the local test split is empty"
+
+    def crash(ctx: JobContext) -> dict[str, object]:
+        ctx.begin("finetune")
+        raise RuntimeError("boom")
+
+    second = runner.submit(JobKind.finetune, crash, [("finetune", 1.0)])
+    assert runner.wait_idle(10)
+    assert store.get_job(second.id).error == "internal error during finetune: RuntimeError: boom"
+    store.close()
+
+
+def test_shutdown_interrupts_a_waiting_job(tmp_path: Path) -> None:
+    store = EdgeStore.open(tmp_path / "edge.db")
+    runner = JobRunner(store)
+
+    def waits(ctx: JobContext) -> dict[str, object]:
+        ctx.begin("wait")
+        ctx.sleep(30)
+        return {}
+
+    job = runner.submit(JobKind.cycle, waits, [("wait", 1.0)])
+    runner.shutdown(timeout=10)
+    assert not runner.busy()
+    assert store.get_job(job.id).error == "interrupted: the edge stopped during wait"
+    with pytest.raises(Conflict, match="shutting down"):
+        runner.submit(JobKind.cycle, waits, [("wait", 1.0)])
+    store.close()
