@@ -91,8 +91,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-            # Queued trainings are dropped: their cycles stay `training` in the
-            # database and the next start trains them.
+            # A running training stops at its next epoch and queued ones are dropped:
+            # their cycles stay `training` in the database and the next start trains them.
+            runtime.stopping.set()
             await asyncio.to_thread(runtime.executor.shutdown, wait=True, cancel_futures=True)
             runtime.engine.dispose()
             log_event("server.stopped")

@@ -35,6 +35,8 @@ class Runtime:
     #: cycles queued or training in this process, so a cycle is never queued twice
     training_ids: set[int] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: set at shutdown: a running training stops at its next epoch, left `training`
+    stopping: threading.Event = field(default_factory=threading.Event)
 
 
 __all__ = ["Runtime"]

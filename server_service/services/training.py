@@ -30,6 +30,10 @@ from server_service.services.models import get_model, load_model, model_row, nex
 _VERSION_ATTEMPTS = 3
 
 
+class TrainingInterrupted(Exception):
+    """The server is stopping; the cycle stays ``training`` and the next start resumes it."""
+
+
 def submit_training(rt: Runtime, cycle_id: int) -> bool:
     """Queue a cycle in ``training`` state; False when it is already queued here."""
     with rt.lock:
@@ -50,6 +54,8 @@ def submit_training(rt: Runtime, cycle_id: int) -> bool:
 def _train_guarded(rt: Runtime, cycle_id: int) -> None:
     try:
         train_cycle(rt, cycle_id)
+    except TrainingInterrupted:
+        log_event("cycle.training_interrupted", cycle_id=cycle_id)
     except Exception as exc:  # a training thread must never take the server down
         expected = isinstance(exc, FedInspectError)
         detail = exc.detail if isinstance(exc, FedInspectError) else repr(exc)
@@ -82,6 +88,8 @@ def _mark_failed(rt: Runtime, cycle_id: int, reason: str) -> None:
 def train_cycle(rt: Runtime, cycle_id: int) -> None:
     """Train a cycle in ``training`` state and register the result (or discard it
     when the cycle was cancelled meanwhile)."""
+    if rt.stopping.is_set():
+        raise TrainingInterrupted()
     started = time.perf_counter()
     with rt.sessions() as session:
         row = session.get(CycleRow, cycle_id)
@@ -104,9 +112,26 @@ def train_cycle(rt: Runtime, cycle_id: int) -> None:
         features.append(batch.features)
         labels.append(batch.labels)
         rows_per_edge[upload.edge_id] = int(batch.labels.shape[0])
+
+    def progress(fraction: float, message: str) -> None:
+        # Called after every epoch: the place where a stopping server can cut in.
+        if rt.stopping.is_set():
+            raise TrainingInterrupted()
+        log_event(
+            "cycle.training_progress",
+            logging.DEBUG,
+            cycle_id=cycle_id,
+            fraction=round(fraction, 3),
+            message=message,
+        )
+
     model = load_model(rt, base)
     report: TrainReport = train_upper(
-        model, torch.cat(features), torch.cat(labels), rt.settings.upper_train_config()
+        model,
+        torch.cat(features),
+        torch.cat(labels),
+        rt.settings.upper_train_config(),
+        progress=progress,
     )
     weights = model_to_bytes(model)
     sha = rt.blobs.put(weights)
@@ -178,4 +203,4 @@ def _register(
     return None
 
 
-__all__ = ["submit_training", "train_cycle"]
+__all__ = ["TrainingInterrupted", "submit_training", "train_cycle"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 
 import pytest
@@ -163,3 +164,13 @@ def test_cancel_done_cycle_is_409(
     resp = client.post(f"/v1/cycles/{cycle['id']}/cancel", headers=admin)
     assert resp.status_code == 409
     assert resp.json() == {"detail": f"cycle {cycle['id']} is done; it cannot become cancelled"}
+
+
+def test_concurrent_requests_share_one_cycle(client: TestClient, new_edge: EdgeFactory) -> None:
+    edges = [new_edge() for _ in range(4)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        answers = list(pool.map(lambda e: client.post("/v1/cycles", headers=e.headers), edges))
+    assert sorted(a.status_code for a in answers) == [200, 200, 200, 201]
+    assert len({a.json()["id"] for a in answers}) == 1
+    final = client.get(f"/v1/cycles/{answers[0].json()['id']}", headers=edges[0].headers).json()
+    assert sorted(final["joined_edges"]) == sorted(e.edge_id for e in edges)

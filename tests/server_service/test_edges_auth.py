@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from server_service.db import EdgeRow
 from server_service.services.auth import hash_token
 from tests.server_service.conftest import EdgeFactory
-from tests.server_service.helpers import TestClient
+from tests.server_service.helpers import ADMIN_TOKEN, TestClient
 
 # Every route but /health, with a method; ids exist or not, auth comes first.
 PROTECTED = [
@@ -180,3 +182,16 @@ def test_metrics_counts_requests_by_route(
     assert 'fedinspect_server_cycles{state="collecting"} 0.0' in text
     assert "fedinspect_server_upload_bytes_total 0.0" in text
     assert "fedinspect_server_training_seconds_count 0.0" in text
+
+
+def test_tokens_are_never_logged(
+    client: TestClient, admin: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG):
+        created = client.post("/v1/edges", json={"name": "quiet"}, headers=admin).json()
+        rotated = client.post(f"/v1/edges/{created['edge_id']}/token", headers=admin).json()
+        client.get("/v1/models", headers={"Authorization": "Bearer wrong-token-value"})
+    text = caplog.text
+    assert f"edge_id={created['edge_id']}" in text
+    for secret in (created["token"], rotated["token"], ADMIN_TOKEN, "wrong-token-value"):
+        assert secret not in text

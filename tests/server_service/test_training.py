@@ -203,3 +203,30 @@ def test_restart_trains_a_cycle_left_in_training(data_dir: Path) -> None:
         done = wait_for_state(client, cycle["id"], {"done", "failed"})
         assert done["state"] == "done", done["reason"]
         assert done["result_model_version"] == 2
+
+
+def test_shutdown_interrupts_training_and_the_next_start_resumes_it(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(data_dir)
+    started = threading.Event()
+
+    def endless(*_args: Any, progress: Any = None, **_kwargs: Any) -> TrainReport:
+        started.set()
+        for epoch in range(3000):  # bounded: about 30 s if never interrupted
+            progress(epoch / 3000, f"epoch {epoch}")
+            time.sleep(0.01)
+        raise AssertionError("training was not interrupted by the shutdown")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "train_upper", endless)
+        with running(settings) as client:
+            edge = _register(client, "a")
+            cycle = client.post("/v1/cycles", headers=edge.headers).json()
+            put_features(client, cycle["id"], edge, make_upload(cycle, edge.edge_id))
+            assert started.wait(timeout=10)
+            stopping_at = time.monotonic()
+        assert time.monotonic() - stopping_at < 10
+    with running(settings) as client:
+        done = wait_for_state(client, cycle["id"], {"done", "failed"})
+        assert done["state"] == "done", done["reason"]
