@@ -116,7 +116,6 @@ class ServerClient:
         http: httpx.Client,
         token: str | None,
         policy: RetryPolicy,
-        timeout_s: float = 30.0,
         sleep: Sleep = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
@@ -125,7 +124,6 @@ class ServerClient:
         self.http = http
         self._token = token
         self.policy = policy
-        self.timeout_s = timeout_s
         self.sleep = sleep
         self.clock = clock
         self.rand = rand
@@ -161,9 +159,8 @@ class ServerClient:
             wait_hint: float | None = None
             status: int | None = None
             try:
-                response = self.http.request(
-                    method, path, content=content, headers=all_headers, timeout=self.timeout_s
-                )
+                # the timeout is the injected client's own (settings, or a test's choice)
+                response = self.http.request(method, path, content=content, headers=all_headers)
             except httpx.TimeoutException as exc:
                 failure = f"timed out ({type(exc).__name__})"
             except httpx.TransportError as exc:

@@ -96,7 +96,6 @@ def build_context(settings: Settings, http: httpx.Client | None = None) -> EdgeC
         http_client,
         settings.token.get_secret_value() if settings.token else None,
         RetryPolicy.from_settings(settings),
-        timeout_s=settings.request_timeout_s,
         sleep=interruptible_sleep(runner.stop),
         on_transfer=metrics.on_transfer,
     )

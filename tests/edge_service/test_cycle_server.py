@@ -1,0 +1,86 @@
+"""A whole cycle against the real server app, in process: the server's TestClient is
+the edge's server client (TestClient is an httpx.Client), the edge is driven through its
+own TestClient, exactly as an operator would over HTTP."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import SecretStr
+
+from edge_service.main import create_app
+from server_service.config import Settings as ServerSettings
+from server_service.main import create_app as create_server_app
+from tests.edge_service.conftest import AUTH, CLASSES, TestClient, make_settings, wait_job
+
+SERVER_ADMIN = {"Authorization": "Bearer server-admin-token-0123456789"}
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[TestClient]:
+    settings = ServerSettings(
+        admin_token=SecretStr("server-admin-token-0123456789"),
+        data_dir=tmp_path / "server",
+        backbone="tiny_cnn",
+        pretrained=False,
+        input_size=32,
+        head_hidden=16,
+        class_names=CLASSES,
+        train_epochs=5,
+        train_batch_size=8,
+        min_edges=1,
+        cycle_deadline_s=60.0,
+        deadline_check_interval_s=0.05,
+    )
+    with TestClient(create_server_app(settings)) as client:
+        yield client
+
+
+def test_whole_cycle_in_process(server: TestClient, tmp_path: Path, image_folder: Path) -> None:
+    registered = server.post("/v1/edges", headers=SERVER_ADMIN, json={"name": "edge-1"})
+    assert registered.status_code in (200, 201), registered.text
+    reg = registered.json()
+    settings = make_settings(
+        tmp_path / "edge",
+        image_folder,
+        token=SecretStr(reg["token"]),
+        edge_id=reg["edge_id"],
+        finetune_epochs=3,
+    )
+    with TestClient(create_app(settings, server)) as edge:
+        job = edge.post("/v1/jobs/cycle", headers=AUTH)
+        assert job.status_code == 202
+        done = wait_job(edge, job.json()["id"], timeout=120)
+        assert done["state"] == "succeeded", done["error"]
+        result = done["result"]
+        assert result["model_version"] == 2 and result["deployed"] is True
+
+        cycle = server.get(f"/v1/cycles/{result['cycle_id']}", headers=SERVER_ADMIN).json()
+        assert cycle["state"] == "done" and cycle["result_model_version"] == 2
+        assert [u["edge_id"] for u in cycle["uploads"]] == [reg["edge_id"]]
+        assert cycle["uploads"][0]["rows"] == result["n_train"]
+
+        pixels = np.clip(np.random.default_rng(1).normal(200, 25, (32, 32)), 0, 255)
+        out = io.BytesIO()
+        Image.fromarray(pixels.astype(np.uint8)).save(out, format="PNG")
+        predicted = edge.post(
+            "/v1/predict?heatmap=true",
+            headers=AUTH,
+            files={"files": ("part.png", out.getvalue(), "image/png")},
+        )
+        assert predicted.status_code == 200, predicted.text
+        body = predicted.json()
+        assert body["model_id"] == result["local_model_id"] and body["model_version"] == 2
+        assert body["predictions"][0]["label"] in CLASSES
+        assert body["predictions"][0]["heatmap_png_base64"]
+
+        # a second cycle: the edge joins a new one, reuses nothing stale, and gates
+        again = wait_job(edge, edge.post("/v1/jobs/cycle", headers=AUTH).json()["id"], 120)
+        assert again["state"] == "succeeded", again["error"]
+        assert again["result"]["cycle_id"] != result["cycle_id"]
+        assert again["result"]["metrics"]["previous"] is not None

@@ -1,0 +1,1 @@
+"""Integration tests: real server and edge processes on loopback."""

@@ -1,0 +1,188 @@
+"""One whole cycle with REAL processes: a server and an edge started as ``python -c
+"from ... import run; run()"`` with settings in the environment, talking HTTP on
+127.0.0.1, driven over HTTP as an operator would. Uses a small real partition of elpv
+(48 solar-cell images) and the pretrained EfficientNet-Lite0 at 64 px."""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import pytest
+
+pytest.importorskip("elpv_dataset")
+
+from fl_core.data import ELPV_CLASSES, load_dataset_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+HOST = "127.0.0.1"
+JOB_TIMEOUT_S = 240.0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Process:
+    """A child process with its output in a log file, shown when a test fails."""
+
+    def __init__(self, name: str, code: str, env: Mapping[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log: IO[bytes] = self.log_path.open("wb")
+        base = {k: v for k, v in os.environ.items() if not k.startswith("FEDINSPECT_")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            env={**base, "OMP_NUM_THREADS": "2", **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def check_alive(self) -> None:
+        code = self.proc.poll()
+        if code is not None:
+            raise AssertionError(f"{self.name} exited with {code}:\n{self.tail()}")
+
+    def tail(self, chars: int = 4000) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log.close()
+
+
+def _wait_healthy(url: str, proc: Process, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.check_alive()
+        try:
+            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{proc.name} not healthy after {timeout}s:\n{proc.tail()}")
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[list[Process]]:
+    started: list[Process] = []
+    yield started
+    for proc in reversed(started):
+        proc.stop()
+
+
+@pytest.mark.slow
+def test_cycle_with_real_processes(tmp_path: Path, processes: list[Process]) -> None:
+    server_admin = secrets.token_urlsafe(24)
+    edge_admin = secrets.token_urlsafe(24)
+    server_port, edge_port = _free_port(), _free_port()
+    server_url, edge_url = f"http://{HOST}:{server_port}", f"http://{HOST}:{edge_port}"
+
+    server = Process(
+        "server",
+        "from server_service.main import run; run()",
+        {
+            "FEDINSPECT_SERVER_ADMIN_TOKEN": server_admin,
+            "FEDINSPECT_SERVER_DATA_DIR": str(tmp_path / "server"),
+            "FEDINSPECT_SERVER_HOST": HOST,
+            "FEDINSPECT_SERVER_PORT": str(server_port),
+            "FEDINSPECT_SERVER_BACKBONE": "efficientnet_lite0",
+            "FEDINSPECT_SERVER_INPUT_SIZE": "64",
+            "FEDINSPECT_SERVER_MIN_EDGES": "1",
+            "FEDINSPECT_SERVER_TRAIN_EPOCHS": "20",
+            "FEDINSPECT_SERVER_CYCLE_DEADLINE_S": "120",
+        },
+        tmp_path,
+    )
+    processes.append(server)
+    _wait_healthy(server_url, server)
+
+    admin = {"Authorization": f"Bearer {server_admin}"}
+    reg = httpx.post(f"{server_url}/v1/edges", headers=admin, json={"name": "edge-1"}, timeout=30)
+    assert reg.status_code in (200, 201), reg.text
+    edge_reg: dict[str, Any] = reg.json()
+
+    edge = Process(
+        "edge",
+        "from edge_service.main import run; run()",
+        {
+            "FEDINSPECT_EDGE_SERVER_URL": server_url,
+            "FEDINSPECT_EDGE_TOKEN": edge_reg["token"],
+            "FEDINSPECT_EDGE_EDGE_ID": edge_reg["edge_id"],
+            "FEDINSPECT_EDGE_ADMIN_TOKEN": edge_admin,
+            "FEDINSPECT_EDGE_NAME": "edge-1",
+            "FEDINSPECT_EDGE_HOST": HOST,
+            "FEDINSPECT_EDGE_PORT": str(edge_port),
+            "FEDINSPECT_EDGE_DATA_DIR": str(tmp_path / "edge"),
+            "FEDINSPECT_EDGE_DATASET": "elpv:limit=48",
+            "FEDINSPECT_EDGE_BATCH_SIZE": "16",
+            "FEDINSPECT_EDGE_FINETUNE_EPOCHS": "2",
+            "FEDINSPECT_EDGE_FINETUNE_VIEWS": "2",
+            "FEDINSPECT_EDGE_POLL_INTERVAL_S": "0.5",
+            "FEDINSPECT_EDGE_POLL_MAX_INTERVAL_S": "2",
+        },
+        tmp_path,
+    )
+    processes.append(edge)
+    _wait_healthy(edge_url, edge)
+
+    auth = {"Authorization": f"Bearer {edge_admin}"}
+    with httpx.Client(base_url=edge_url, headers=auth, timeout=30.0) as client:
+        assert client.get("/v1/status", headers={"Authorization": "Bearer nope"}).status_code == 401
+        started = client.post("/v1/jobs/cycle")
+        assert started.status_code == 202, started.text
+        job_id = started.json()["id"]
+
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        job: dict[str, Any] = {}
+        progress: list[float] = []
+        while time.monotonic() < deadline:
+            server.check_alive()
+            edge.check_alive()
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            progress.append(job["progress"])
+            if job["state"] in ("succeeded", "failed"):
+                break
+            time.sleep(0.5)
+        assert job.get("state") == "succeeded", (
+            f"job ended as {job}\n--- edge ---\n{edge.tail()}\n--- server ---\n{server.tail()}"
+        )
+        assert progress == sorted(progress)
+        result = job["result"]
+        assert result["model_version"] == 2 and result["n_train"] > 0
+        assert result["bytes_uploaded"] < result["raw_train_bytes"]
+        assert result["deployed"] is True
+
+        image = load_dataset_spec("elpv:limit=48").records[0].path
+        predicted = client.post(
+            "/v1/predict?heatmap=true",
+            files={"files": (image.name, io.BytesIO(image.read_bytes()), "image/png")},
+        )
+        assert predicted.status_code == 200, predicted.text
+        body = predicted.json()
+        assert body["predictions"][0]["label"] in ELPV_CLASSES
+        assert body["model_version"] == 2
+        status = client.get("/v1/status").json()
+        assert status["deployed_model"]["id"] == body["model_id"]
+        assert status["last_cycle_id"] == result["cycle_id"]
