@@ -161,12 +161,17 @@ class ServerClient:
             try:
                 # the timeout is the injected client's own (settings, or a test's choice)
                 response = self.http.request(method, path, content=content, headers=all_headers)
+            except httpx.UnsupportedProtocol as exc:
+                # a wrong URL does not heal by waiting: fail at once
+                raise ConfigError(
+                    f"FEDINSPECT_EDGE_SERVER_URL is not a usable URL: {self.http.base_url} ({exc})"
+                ) from None
             except httpx.TimeoutException as exc:
                 failure = f"timed out ({type(exc).__name__})"
             except httpx.TransportError as exc:
                 failure = f"connection failed ({type(exc).__name__}: {exc})"
             else:
-                if response.status_code in ok or response.status_code == 304:
+                if response.status_code in ok:
                     return response
                 status = response.status_code
                 detail = _detail(response)

@@ -197,3 +197,22 @@ def test_weights_with_the_wrong_digest_are_refused() -> None:
     assert client.download_weights(1, sha256_bytes(data)) == data
     with pytest.raises(IntegrityError, match="expected"):
         client.download_weights(1, "0" * 64)
+
+
+def test_a_wrong_server_url_fails_at_once() -> None:
+    t = FakeTime()
+    handler, seen = scripted(httpx.UnsupportedProtocol)
+    with pytest.raises(ConfigError, match="SERVER_URL"):
+        make_client(handler, t).request("GET", "/x")
+    assert len(seen) == 1 and t.sleeps == []
+
+
+def test_retry_after_beyond_the_budget_gives_up_without_waiting() -> None:
+    t = FakeTime()
+    busy = httpx.Response(
+        503, json={"detail": "down for maintenance"}, headers={"Retry-After": "3600"}
+    )
+    handler, seen = scripted(busy)
+    with pytest.raises(RemoteError, match="down for maintenance"):
+        make_client(handler, t, budget=60.0).request("GET", "/x")
+    assert len(seen) == 1 and t.sleeps == []
