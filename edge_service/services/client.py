@@ -185,6 +185,7 @@ class ServerClient:
             elapsed = self.clock() - started
             delay = self.policy.backoff(attempt, self.rand())
             if wait_hint is not None:
+                # the server knows best; the floor keeps "Retry-After: 0" from spinning
                 delay = max(wait_hint, min(delay, self.policy.base_s))
             if elapsed + delay > self.policy.budget_s:
                 message = (
