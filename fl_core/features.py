@@ -118,7 +118,6 @@ def dequantize(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
 # --------------------------------------------------------------------------- extraction
 
 
-@torch.inference_mode()
 def extract_features(
     model: SplitModel,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -130,17 +129,20 @@ def extract_features(
     Images are float tensors in [0, 1], [B, 1 or 3, H, W]. Only features are kept.
     """
     model.eval()
-    # channels-last runs this CPU's convolutions about twice as fast as NCHW
+    # channels-last runs this CPU's convolutions about twice as fast as NCHW; converted
+    # outside inference mode so the model's parameters stay trainable afterwards
     model.to(memory_format=torch.channels_last)
     feats: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     done = 0
-    for images, y in batches:
-        feats.append(model.lower(images.contiguous(memory_format=torch.channels_last)).float())
-        labels.append(y.long())
-        done += images.shape[0]
-        if progress is not None:
-            progress(done, total if total is not None else done)
+    with torch.inference_mode():
+        for images, y in batches:
+            x = images.contiguous(memory_format=torch.channels_last)
+            feats.append(model.lower(x).float())
+            labels.append(y.long())
+            done += images.shape[0]
+            if progress is not None:
+                progress(done, total if total is not None else done)
     if not feats:
         raise InvalidInput("no images to extract features from")
     return torch.cat(feats), torch.cat(labels)

@@ -15,6 +15,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,6 +54,8 @@ class FinetuneConfig:
     augment: bool = True
     #: augmented views cached per image (the first one is the plain image)
     views: int = 3
+    #: learning rate of pretrained backbone stages, relative to ``lr`` (the head's)
+    backbone_lr_scale: float = 0.1
     patience: int = 3
     label_smoothing: float = 0.05
     seed: int = 0
@@ -97,22 +100,35 @@ def _fit(
     label_smoothing: float,
     gen: torch.Generator,
     progress: Progress | None,
+    param_groups: list[dict[str, Any]] | None = None,
 ) -> TrainReport:
-    """Mini-batch AdamW with cosine decay and early stopping on validation loss."""
-    params = [p for p in trainable.parameters() if p.requires_grad]
-    if not params:
+    """Mini-batch AdamW with one-cycle decay and early stopping on validation loss.
+
+    The starting weights are a candidate too (epoch 0): when no epoch beats them on the
+    validation set, training changes nothing, so fine-tuning can never make a model
+    worse on held-out data than the one it started from.
+    """
+    groups = param_groups or [{"params": list(trainable.parameters()), "lr": lr}]
+    groups = [g | {"params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
         raise InvalidInput("nothing to train: no trainable parameters")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     steps = max(1, epochs * math.ceil(len(x_train) / batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[g["lr"] for g in groups], total_steps=steps, pct_start=0.1
+    )
     loss_fn = nn.CrossEntropyLoss(
         weight=class_weights(y_train, n_classes), label_smoothing=label_smoothing
     )
     best_loss, best_epoch, best_state = math.inf, 0, copy.deepcopy(trainable.state_dict())
     history: list[dict[str, float]] = []
+    if x_val is not None and y_val is not None and len(x_val):
+        best_loss, val_acc = _val_loss(trainable, forward, x_val, y_val, loss_fn, batch_size)
+        history.append({"epoch": 0, "val_loss": best_loss, "val_accuracy": val_acc})
     epoch = 0
     for epoch in range(1, epochs + 1):
-        trainable.train()
+        _train_mode(trainable)
         order = torch.randperm(len(x_train), generator=gen)
         total = 0.0
         for start in range(0, len(order), batch_size):
@@ -150,6 +166,20 @@ def _fit(
         )
     n_val = len(x_val) if x_val is not None else 0
     return TrainReport(metrics, epoch, best_epoch, history, len(x_train), n_val)
+
+
+def _train_mode(module: nn.Module) -> None:
+    """Training mode with batch-norm statistics frozen.
+
+    Fine-tuning batches are small and their images unlike ImageNet's; updating the
+    running statistics from them (or normalising by batch statistics) makes the model
+    behave differently in evaluation than in training. Frozen statistics keep the two
+    the same; the affine weights of batch norm still learn.
+    """
+    module.train()
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
 
 
 @torch.inference_mode()
@@ -306,6 +336,13 @@ def finetune(
         if progress is not None:
             progress(0.5 + 0.5 * frac, msg)
 
+    # pretrained blocks move slowly, the head fast: large steps on a few hundred
+    # images would wash out what the blocks learned on ImageNet and on other edges
+    groups = [
+        {"params": list(trainable.stages.parameters()), "lr": cfg.lr * cfg.backbone_lr_scale},
+        {"params": list(trainable.head.parameters()), "lr": cfg.lr},
+    ]
+
     report = _fit(
         trainable,
         trainable,
@@ -323,6 +360,7 @@ def finetune(
         cfg.label_smoothing,
         gen,
         on_epoch,
+        groups,
     )
     for p in model.parameters():
         p.requires_grad_(True)
