@@ -152,23 +152,23 @@ def plan_demo(options: DemoOptions) -> DemoPlan:
         else:
             specs = [f"elpv:dirichlet={k}/{n}:alpha=1.0" for k in range(1, n + 1)]
         if options.quick:
-            limits = [160, 160, 80] if n == 3 else [120] * n
+            limits = [120, 120, 60] if n == 3 else [100] * n
             specs = [f"{s}:limit={m}" for s, m in zip(specs, limits, strict=True)]
     else:
         root = Path(options.dataset)
         class_names = load_dataset_spec(str(root)).class_names
         specs = [f"{root}:dirichlet={k}/{n}:alpha=1.0" for k in range(1, n + 1)]
         if options.quick:
-            specs = [f"{s}:limit=120" for s in specs]
+            specs = [f"{s}:limit=100" for s in specs]
     specs = [f"{s}:seed={options.seed}" for s in specs]
     if options.quick:
         return DemoPlan(
             specs,
             class_names,
-            input_size=128,
+            input_size=96,
             seed=options.seed,
             upper=UpperTrainConfig(epochs=40, seed=options.seed),
-            finetune=FinetuneConfig(epochs=6, views=2, seed=options.seed),
+            finetune=FinetuneConfig(epochs=5, views=2, seed=options.seed),
         )
     return DemoPlan(
         specs,
@@ -250,6 +250,35 @@ def wait_healthy(url: str, procs: Processes, timeout_s: float = 120) -> None:
     raise TimeoutError(f"{url} did not become healthy within {timeout_s:.0f} s")
 
 
+class JobProgress:
+    """One progress bar per edge on a terminal; one line per stage change elsewhere."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.tty = sys.stderr.isatty()
+        self.stages: dict[str, str] = {}
+        self.bars = (
+            {n: tqdm(total=100, desc=n, position=i, leave=True) for i, n in enumerate(names)}
+            if self.tty
+            else {}
+        )
+
+    def update(self, name: str, job: Mapping[str, Any]) -> None:
+        if self.tty:
+            bar = self.bars[name]
+            bar.n = round(100 * job["progress"])
+            bar.set_postfix_str(f"{job['stage']}: {job['message']}"[:60], refresh=True)
+        elif self.stages.get(name) != job["stage"]:
+            self.stages[name] = job["stage"]
+            print(
+                f"{name}: {100 * job['progress']:3.0f}% {job['stage']}: {job['message']}",
+                file=sys.stderr,
+            )
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
 def _raise_for(resp: httpx.Response) -> httpx.Response:
     if resp.is_error:
         raise RuntimeError(
@@ -325,10 +354,7 @@ def run_cycle(plan: DemoPlan, work: Path, procs: Processes) -> dict[str, Any]:
             f"{e['url']}/v1/jobs/cycle", headers={"Authorization": f"Bearer {e['token']}"}
         )
         jobs[e["name"]] = _raise_for(resp).json()["id"]
-    bars = {
-        e["name"]: tqdm(total=100, desc=e["name"], position=i, leave=True, mininterval=1.0)
-        for i, e in enumerate(edges)
-    }
+    shown = JobProgress([e["name"] for e in edges])
     final: dict[str, dict[str, Any]] = {}
     try:
         while len(final) < len(edges):
@@ -342,15 +368,12 @@ def run_cycle(plan: DemoPlan, work: Path, procs: Processes) -> dict[str, Any]:
                         headers={"Authorization": f"Bearer {e['token']}"},
                     )
                 ).json()
-                bar = bars[e["name"]]
-                bar.n = round(100 * job["progress"])
-                bar.set_postfix_str(f"{job['stage']}: {job['message']}"[:60], refresh=True)
+                shown.update(e["name"], job)
                 if job["state"] in ("succeeded", "failed"):
                     final[e["name"]] = job
             time.sleep(1.0)
     finally:
-        for bar in bars.values():
-            bar.close()
+        shown.close()
     seconds = time.monotonic() - started
     failed = {n: j.get("error") for n, j in final.items() if j["state"] != "succeeded"}
     if failed:

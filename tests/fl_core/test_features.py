@@ -118,3 +118,11 @@ def test_pack_refuses_rows_of_the_wrong_shape() -> None:
     _, spec = _spec()
     with pytest.raises(InvalidInput, match="spec says"):
         pack_features(torch.randn(2, 5), torch.zeros(2).long(), spec, "e")
+
+
+def test_model_stays_trainable_after_extraction() -> None:
+    from fl_core.training import UpperTrainConfig, train_upper
+
+    model, _ = _spec()
+    feats, labels = extract_features(model, iter([(torch.rand(8, 3, 32, 32), torch.arange(8) % 2)]))
+    train_upper(model, feats, labels, UpperTrainConfig(epochs=1, val_fraction=0))
