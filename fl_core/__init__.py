@@ -2,7 +2,8 @@
 
 Plain PyTorch, no web framework: usable from a notebook. Modules: ``backbones``
 (registry, cut points), ``model`` (split model), ``features`` (extraction, privacy,
-wire packing), ``training`` (train_upper, finetune, evaluate), ``data`` (datasets,
+wire packing), ``privacy`` (privacy modes: per-class statistics and virtual
+features), ``training`` (train_upper, finetune, evaluate), ``data`` (datasets,
 splits, partitions), ``metrics``, ``serialization`` (safetensors + sha256),
 ``schemas`` (wire models) and ``errors`` (one exception tree).
 """

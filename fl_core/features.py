@@ -49,13 +49,16 @@ def make_spec(
     base_model_sha256: str,
     privacy: PrivacyConfig | None = None,
 ) -> FeatureSpec:
-    """The spec an edge must follow to extract features with ``model``."""
+    """The spec an edge must follow to extract features with ``model``.
+
+    The privacy mode is checked against the model's cut (see ``PrivacyConfig.for_cut``).
+    """
     return FeatureSpec(
         backbone=model.arch.backbone,
         cut=model.arch.cut,
         input_size=model.arch.input_size,
         feature_shape=model.feature_shape(),
-        privacy=privacy or PrivacyConfig(),
+        privacy=(privacy or PrivacyConfig()).for_cut(model.arch.cut),
         class_names=model.class_names,
         base_model_version=base_model_version,
         base_model_sha256=base_model_sha256,

@@ -14,8 +14,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fl_core.errors import InvalidInput
+
 FeatureDType = Literal["float32", "float16", "int8"]
-PrivacyMode = Literal["pooled", "spatial"]
+PrivacyMode = Literal["pooled", "spatial", "stats"]
+"""What leaves an edge: ``pooled`` one pooled vector per image (the cut is ``pooled``),
+``spatial`` one map per image from an intermediate block (the cut names it), ``stats``
+per-class statistics of the pooled vectors (count, mean, variance) and no rows at all."""
 
 
 class ErrorResponse(BaseModel):
@@ -28,10 +33,21 @@ class ErrorResponse(BaseModel):
 
 
 class PrivacyConfig(BaseModel):
-    """What the edge does to features after the cut, before they leave it."""
+    """What the edge sends and what it does to features before they leave it.
+
+    Clipping and noise apply to each feature row, in every mode (in ``stats`` mode to
+    the rows the statistics are computed from). ``dtype`` is the wire dtype of rows;
+    statistics always travel as float32.
+    """
 
     model_config = ConfigDict(frozen=True)
 
+    mode: PrivacyMode = Field(
+        default="pooled",
+        description="pooled: a pooled vector per image; spatial: an intermediate block's "
+        "map per image (the cut names the block); stats: per-class count, mean and "
+        "variance of the pooled vectors instead of rows",
+    )
     dtype: FeatureDType = "float32"
     clip_norm: float | None = Field(
         default=None, gt=0, description="L2 bound each feature row is clipped to"
@@ -39,6 +55,37 @@ class PrivacyConfig(BaseModel):
     noise_sigma: float = Field(
         default=0.0, ge=0, description="std of Gaussian noise added after clipping"
     )
+    stats_min_count: int = Field(
+        default=10,
+        ge=1,
+        description="stats mode: a class with fewer rows than this at an edge is sent "
+        "as count 0 (a mean of very few rows describes those few images)",
+    )
+
+    def for_cut(self, cut: str) -> PrivacyConfig:
+        """This config, checked against a cut point (mode inferred when not given).
+
+        A config that does not name its mode takes ``pooled`` at the ``pooled`` cut and
+        ``spatial`` at any other, as before modes existed. A mode that contradicts the
+        cut is an error rather than a silent change of what leaves the edge.
+        """
+        if "mode" not in self.model_fields_set:
+            return self.model_copy(update={"mode": "pooled" if cut == "pooled" else "spatial"})
+        if self.mode == "spatial" and cut == "pooled":
+            raise InvalidInput(
+                "privacy mode 'spatial' sends an intermediate block's map: "
+                "the cut must name a block, not 'pooled'"
+            )
+        if self.mode in ("pooled", "stats") and cut != "pooled":
+            raise InvalidInput(
+                f"privacy mode {self.mode!r} works on the pooled vector: the cut must be "
+                f"'pooled', not {cut!r} (mode 'spatial' sends a block's map)"
+            )
+        if self.mode == "stats" and self.dtype != "float32":
+            raise InvalidInput(
+                "privacy mode 'stats' sends float32 statistics: dtype must be float32"
+            )
+        return self
 
 
 class FeatureSpec(BaseModel):

@@ -1,0 +1,271 @@
+"""Privacy modes on the wire: per-class statistics instead of rows, and what the server
+makes of them.
+
+In ``stats`` mode an edge sends, for each class, how many pooled feature rows it has,
+their mean and their per-dimension (diagonal) variance, computed after the spec's
+clipping and noise; no row leaves the edge. The server trains the part above the cut
+on *virtual features* drawn from one Gaussian per edge and class, as CCVR (Luo et al.,
+NeurIPS 2021) and FedPFT do. A class with fewer rows at an edge than the spec's
+``stats_min_count`` is sent as count 0 (zero mean and variance): the mean of one or two
+rows describes those images.
+
+A stats upload is a safetensors file with tensors ``counts`` [C] int64, ``means`` [C, D]
+float32 and ``vars`` [C, D] float32 (C classes, D the pooled width) and the same
+metadata as a row upload (spec hash, edge id, class names).
+
+:func:`pack_upload`, :func:`unpack_upload` and :func:`training_rows` choose rows or
+statistics from the spec's mode, so the services need not.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fl_core import serialization
+from fl_core.errors import InvalidInput
+from fl_core.features import (
+    CLASSES_KEY,
+    EDGE_KEY,
+    SPEC_HASH_KEY,
+    FeatureBatch,
+    apply_privacy,
+    pack_features,
+    unpack_features,
+)
+from fl_core.schemas import FeatureSpec
+
+STATS_TENSORS = ("counts", "means", "vars")
+
+
+@dataclass
+class ClassStats:
+    """Per-class statistics of one edge's pooled feature rows."""
+
+    counts: torch.Tensor  # [C] int64
+    means: torch.Tensor  # [C, D] float32
+    vars: torch.Tensor  # [C, D] float32, unbiased; 0 where a class has fewer than 2 rows
+    spec_hash: str = ""
+    edge_id: str = ""
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+
+Upload = FeatureBatch | ClassStats
+
+
+def compute_stats(
+    features: torch.Tensor, labels: torch.Tensor, n_classes: int, min_count: int = 1
+) -> ClassStats:
+    """Count, mean and variance of the rows of each class; classes with fewer than
+    ``min_count`` rows are reported as count 0 with zero mean and variance."""
+    if features.dim() != 2:
+        raise InvalidInput(f"statistics need [N, D] rows, got shape {list(features.shape)}")
+    if features.shape[0] != labels.shape[0]:
+        raise InvalidInput("features and labels differ in length")
+    x = features.double()
+    dim = x.shape[1]
+    counts = torch.zeros(n_classes, dtype=torch.int64)
+    means = torch.zeros(n_classes, dim, dtype=torch.float64)
+    variances = torch.zeros(n_classes, dim, dtype=torch.float64)
+    for c in range(n_classes):
+        rows = x[labels == c]
+        n = rows.shape[0]
+        if n == 0 or n < min_count:
+            continue
+        counts[c] = n
+        means[c] = rows.mean(0)
+        if n > 1:
+            variances[c] = rows.var(0, unbiased=True)
+    return ClassStats(counts, means.float(), variances.float())
+
+
+def _check_stats_spec(spec: FeatureSpec) -> int:
+    if spec.privacy.mode != "stats":
+        raise InvalidInput(f"the spec's privacy mode is {spec.privacy.mode!r}, not 'stats'")
+    if len(spec.feature_shape) != 1:
+        raise InvalidInput(f"stats need pooled rows; the spec's rows are {spec.feature_shape}")
+    return int(spec.feature_shape[0])
+
+
+def pack_stats(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    spec: FeatureSpec,
+    edge_id: str,
+    seed: int | None = None,
+) -> bytes:
+    """Clip and noise the rows as the spec says, then serialise their class statistics."""
+    dim = _check_stats_spec(spec)
+    if list(features.shape[1:]) != [dim]:
+        raise InvalidInput(
+            f"feature rows have shape {list(features.shape[1:])}, spec says {spec.feature_shape}"
+        )
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    private = apply_privacy(features, spec.privacy, gen)
+    stats = compute_stats(
+        private, labels.long(), len(spec.class_names), spec.privacy.stats_min_count
+    )
+    if stats.total == 0:
+        raise InvalidInput(
+            f"no class has {spec.privacy.stats_min_count} or more rows: no statistics to send"
+        )
+    meta = {
+        SPEC_HASH_KEY: spec.spec_hash(),
+        EDGE_KEY: edge_id,
+        CLASSES_KEY: json.dumps(spec.class_names),
+    }
+    tensors = {"counts": stats.counts, "means": stats.means, "vars": stats.vars}
+    return serialization.dumps(tensors, meta)
+
+
+def validate_stats_header(data: bytes, spec: FeatureSpec) -> None:
+    """Check a stats upload's header against the spec without building tensors."""
+    dim = _check_stats_spec(spec)
+    header, meta = serialization.inspect_header(data)
+    if meta.get(SPEC_HASH_KEY) != spec.spec_hash():
+        raise InvalidInput("spec hash does not match this cycle's feature spec")
+    if set(header) != set(STATS_TENSORS):
+        raise InvalidInput(f"a stats upload must hold exactly the tensors {sorted(STATS_TENSORS)}")
+    n_classes = len(spec.class_names)
+    expected = {
+        "counts": ("I64", [n_classes]),
+        "means": ("F32", [n_classes, dim]),
+        "vars": ("F32", [n_classes, dim]),
+    }
+    for name, (dtype, shape) in expected.items():
+        if header[name]["dtype"] != dtype or header[name]["shape"] != shape:
+            kind = {"I64": "int64", "F32": "float32"}[dtype]
+            raise InvalidInput(f"{name} must be {kind} of shape {shape}")
+
+
+def unpack_stats(data: bytes, spec: FeatureSpec, max_rows: int) -> ClassStats:
+    """Validate a stats upload fully (header, counts, finite values) and decode it."""
+    validate_stats_header(data, spec)
+    tensors, meta = serialization.loads(data)
+    counts, means, variances = (tensors[k] for k in STATS_TENSORS)
+    min_count = spec.privacy.stats_min_count
+    if bool((counts < 0).any()):
+        raise InvalidInput("counts must not be negative")
+    if bool(((counts > 0) & (counts < min_count)).any()):
+        raise InvalidInput(f"a class count must be 0 or at least {min_count}")
+    total = int(counts.sum())
+    if total < 1:
+        raise InvalidInput("upload holds no rows")
+    if total > max_rows:
+        raise InvalidInput(f"upload holds {total} rows; the limit is {max_rows}")
+    if not bool(torch.isfinite(means).all() and torch.isfinite(variances).all()):
+        raise InvalidInput("means and vars must be finite")
+    if bool((variances < 0).any()):
+        raise InvalidInput("vars must not be negative")
+    return ClassStats(
+        counts=counts,
+        means=means,
+        vars=variances,
+        spec_hash=meta.get(SPEC_HASH_KEY, ""),
+        edge_id=meta.get(EDGE_KEY, ""),
+    )
+
+
+def pool_stats(stats: Sequence[ClassStats]) -> ClassStats:
+    """The statistics of all edges' rows together (law of total variance)."""
+    if not stats:
+        raise InvalidInput("no statistics to pool")
+    counts = torch.stack([s.counts for s in stats]).double()  # [E, C]
+    means = torch.stack([s.means for s in stats]).double()  # [E, C, D]
+    variances = torch.stack([s.vars for s in stats]).double()
+    n = counts.sum(0)  # [C]
+    w = counts / n.clamp_min(1)
+    mean = (w[..., None] * means).sum(0)
+    # sum of squares about each edge's mean, plus each edge's offset from the pool's
+    within = ((counts - 1).clamp_min(0)[..., None] * variances).sum(0)
+    between = (counts[..., None] * (means - mean) ** 2).sum(0)
+    var = (within + between) / (n - 1).clamp_min(1)[:, None]
+    return ClassStats(n.long(), mean.float(), var.float())
+
+
+def sample_virtual_features(
+    stats: Sequence[ClassStats], seed: int, rows_per_row: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Virtual feature rows and labels: for each edge and class, ``count * rows_per_row``
+    draws from a Gaussian with that class's mean and diagonal variance (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    feats: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    for s in stats:
+        for c, count in enumerate(s.counts.tolist()):
+            if count <= 0:
+                continue
+            n = max(1, round(count * rows_per_row))
+            noise = torch.randn((n, s.means.shape[1]), generator=gen)
+            feats.append(s.means[c] + noise * s.vars[c].clamp_min(0).sqrt())
+            labels.append(torch.full((n,), c, dtype=torch.int64))
+    if not feats:
+        raise InvalidInput("the statistics hold no rows to sample from")
+    return torch.cat(feats), torch.cat(labels)
+
+
+# --------------------------------------------------------------------------- by mode
+
+
+def pack_upload(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    spec: FeatureSpec,
+    edge_id: str,
+    seed: int | None = None,
+) -> bytes:
+    """What the edge uploads in the spec's privacy mode: statistics or rows."""
+    if spec.privacy.mode == "stats":
+        return pack_stats(features, labels, spec, edge_id, seed)
+    return pack_features(features, labels, spec, edge_id, seed)
+
+
+def unpack_upload(data: bytes, spec: FeatureSpec, max_rows: int) -> Upload:
+    """Validate and decode an upload in the spec's privacy mode."""
+    if spec.privacy.mode == "stats":
+        return unpack_stats(data, spec, max_rows)
+    return unpack_features(data, spec, max_rows)
+
+
+def upload_rows(upload: Upload) -> int:
+    """Rows an upload stands for (for statistics: the rows they were computed from)."""
+    if isinstance(upload, ClassStats):
+        return upload.total
+    return int(upload.labels.shape[0])
+
+
+def training_rows(uploads: Sequence[Upload], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows the server trains on: uploaded rows, or virtual rows sampled from
+    uploaded statistics (one Gaussian per edge and class, seeded)."""
+    if not uploads:
+        raise InvalidInput("no uploads to train on")
+    stats = [u for u in uploads if isinstance(u, ClassStats)]
+    rows = [u for u in uploads if isinstance(u, FeatureBatch)]
+    if stats and rows:
+        raise InvalidInput("uploads mix statistics and rows")
+    if stats:
+        return sample_virtual_features(stats, seed)
+    return torch.cat([u.features for u in rows]), torch.cat([u.labels for u in rows])
+
+
+__all__ = [
+    "STATS_TENSORS",
+    "ClassStats",
+    "Upload",
+    "compute_stats",
+    "pack_stats",
+    "pack_upload",
+    "pool_stats",
+    "sample_virtual_features",
+    "training_rows",
+    "unpack_stats",
+    "unpack_upload",
+    "upload_rows",
+    "validate_stats_header",
+]

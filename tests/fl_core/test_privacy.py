@@ -1,0 +1,213 @@
+"""Privacy modes: mode against cut, per-class statistics on the wire, virtual features."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fl_core import serialization
+from fl_core.errors import InvalidInput
+from fl_core.features import SPEC_HASH_KEY, FeatureBatch, make_spec
+from fl_core.model import build_split_model
+from fl_core.privacy import (
+    ClassStats,
+    compute_stats,
+    pack_stats,
+    pack_upload,
+    pool_stats,
+    sample_virtual_features,
+    training_rows,
+    unpack_stats,
+    unpack_upload,
+    upload_rows,
+)
+from fl_core.schemas import FeatureSpec, PrivacyConfig
+
+CLASSES = ["ok", "bad", "worse"]
+
+
+def _spec(privacy: PrivacyConfig | None = None, cut: str = "pooled") -> FeatureSpec:
+    model = build_split_model(CLASSES, "tiny_cnn", cut, pretrained=False)
+    return make_spec(model, 1, "ab" * 32, privacy)
+
+
+def _rows(n: int = 60, dim: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % len(CLASSES)
+    features = torch.randn(n, dim, generator=gen) + labels[:, None].float() * 3.0
+    return features, labels
+
+
+def _stats_body(spec: FeatureSpec, **tensors: torch.Tensor) -> bytes:
+    dim = spec.feature_shape[0]
+    values = {
+        "counts": torch.tensor([20, 20, 20]),
+        "means": torch.zeros(3, dim),
+        "vars": torch.ones(3, dim),
+    } | tensors
+    return serialization.dumps(values, {SPEC_HASH_KEY: spec.spec_hash()})
+
+
+# --------------------------------------------------------------------------- modes
+
+
+def test_mode_is_inferred_from_the_cut_when_not_given() -> None:
+    assert _spec().privacy.mode == "pooled"
+    assert _spec(cut="b1").privacy.mode == "spatial"
+    assert _spec(PrivacyConfig(dtype="float16"), cut="b1").privacy.mode == "spatial"
+
+
+def test_a_mode_that_contradicts_the_cut_is_refused() -> None:
+    with pytest.raises(InvalidInput, match="cut must be 'pooled'"):
+        _spec(PrivacyConfig(mode="stats"), cut="b1")
+    with pytest.raises(InvalidInput, match="cut must name a block"):
+        _spec(PrivacyConfig(mode="spatial"))
+    with pytest.raises(InvalidInput, match="dtype must be float32"):
+        _spec(PrivacyConfig(mode="stats", dtype="int8"))
+
+
+def test_mode_and_noise_are_part_of_the_spec_hash() -> None:
+    hashes = {
+        _spec(PrivacyConfig(mode="pooled")).spec_hash(),
+        _spec(PrivacyConfig(mode="stats")).spec_hash(),
+        _spec(PrivacyConfig(mode="stats", noise_sigma=0.1)).spec_hash(),
+    }
+    assert len(hashes) == 3
+    spec = _spec(PrivacyConfig(mode="stats"))
+    assert FeatureSpec.model_validate_json(spec.model_dump_json()) == spec
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def test_compute_stats_matches_torch_and_hides_small_classes() -> None:
+    features, labels = _rows(n=20)
+    labels[-1] = 2  # class 2: 7 rows; class 1: 6
+    labels[labels == 2] = torch.tensor([2] * 6 + [1])
+    stats = compute_stats(features, labels, 3, min_count=7)
+    counts = torch.bincount(labels, minlength=3)
+    for c in range(3):
+        rows = features[labels == c]
+        if len(rows) >= 7:
+            assert int(stats.counts[c]) == len(rows)
+            assert torch.allclose(stats.means[c], rows.mean(0), atol=1e-5)
+            assert torch.allclose(stats.vars[c], rows.var(0), atol=1e-4)
+        else:
+            assert int(stats.counts[c]) == 0
+            assert not stats.means[c].any() and not stats.vars[c].any()
+    assert stats.total == int(counts[counts >= 7].sum())
+
+
+def test_pack_unpack_stats_round_trip_carries_no_rows() -> None:
+    spec = _spec(PrivacyConfig(mode="stats", stats_min_count=5))
+    features, labels = _rows()
+    body = pack_upload(features, labels, spec, "edge-1")
+    tensors, _ = serialization.loads(body)
+    assert set(tensors) == {"counts", "means", "vars"}
+    assert tensors["means"].shape == (3, 32)
+    stats = unpack_upload(body, spec, max_rows=100)
+    assert isinstance(stats, ClassStats)
+    assert stats.edge_id == "edge-1" and stats.spec_hash == spec.spec_hash()
+    assert stats.counts.tolist() == [20, 20, 20] and upload_rows(stats) == 60
+    assert torch.allclose(stats.means[1], features[labels == 1].mean(0), atol=1e-5)
+
+
+def test_stats_are_computed_after_clipping_and_noise() -> None:
+    features, labels = _rows()
+    plain = unpack_stats(
+        pack_stats(features, labels, _spec(PrivacyConfig(mode="stats")), "e"),
+        _spec(PrivacyConfig(mode="stats")),
+        100,
+    )
+    spec = _spec(PrivacyConfig(mode="stats", clip_norm=0.1, noise_sigma=0.5))
+    noised = unpack_stats(pack_stats(features, labels, spec, "e", seed=0), spec, 100)
+    # rows clipped to norm 0.1 vary by far less than the noise: variance about 0.5**2
+    assert 0.2 < float(noised.vars.mean()) < 0.35
+    assert not torch.allclose(plain.means, noised.means)
+
+
+def test_pack_stats_refuses_what_it_cannot_summarise() -> None:
+    spec = _spec(PrivacyConfig(mode="stats", stats_min_count=30))
+    features, labels = _rows()
+    with pytest.raises(InvalidInput, match="no class has 30 or more rows"):
+        pack_stats(features, labels, spec, "e")
+    with pytest.raises(InvalidInput, match="not 'stats'"):
+        pack_stats(features, labels, _spec(), "e")
+    with pytest.raises(InvalidInput, match="feature rows have shape"):
+        pack_stats(torch.randn(60, 8), labels, spec, "e")
+
+
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        ({"counts": torch.tensor([20, 20])}, r"counts must be int64 of shape \[3\]"),
+        ({"counts": torch.tensor([20.0, 20.0, 20.0])}, "counts must be int64"),
+        ({"means": torch.zeros(3, 31)}, r"means must be float32 of shape \[3, 32\]"),
+        ({"vars": torch.ones(3, 32, dtype=torch.float64)}, "vars must be float32"),
+        ({"counts": torch.tensor([20, -1, 20])}, "counts must not be negative"),
+        ({"counts": torch.tensor([20, 3, 20])}, "a class count must be 0 or at least 10"),
+        ({"counts": torch.tensor([0, 0, 0])}, "upload holds no rows"),
+        ({"counts": torch.tensor([200, 0, 0])}, "upload holds 200 rows; the limit is 100"),
+        ({"means": torch.full((3, 32), float("nan"))}, "means and vars must be finite"),
+        ({"vars": torch.full((3, 32), float("inf"))}, "means and vars must be finite"),
+        ({"vars": -torch.ones(3, 32)}, "vars must not be negative"),
+        ({"labels": torch.zeros(3, dtype=torch.int64)}, "must hold exactly the tensors"),
+    ],
+)
+def test_unpack_stats_refuses_malformed_uploads(
+    tensors: dict[str, torch.Tensor], message: str
+) -> None:
+    spec = _spec(PrivacyConfig(mode="stats"))
+    with pytest.raises(InvalidInput, match=message):
+        unpack_stats(_stats_body(spec, **tensors), spec, max_rows=100)
+
+
+def test_unpack_stats_refuses_another_spec_and_row_uploads() -> None:
+    spec = _spec(PrivacyConfig(mode="stats"))
+    other = _spec(PrivacyConfig(mode="stats", noise_sigma=1.0))
+    with pytest.raises(InvalidInput, match="spec hash"):
+        unpack_stats(_stats_body(other), spec, 100)
+    features, labels = _rows()
+    rows = pack_upload(features, labels, _spec(), "e")
+    assert isinstance(unpack_upload(rows, _spec(), 100), FeatureBatch)
+    with pytest.raises(InvalidInput):
+        unpack_upload(rows, spec, 100)
+
+
+# --------------------------------------------------------------------------- virtual rows
+
+
+def test_pool_stats_equals_statistics_of_all_rows() -> None:
+    features, labels = _rows(n=90)
+    parts = [slice(0, 30), slice(30, 75), slice(75, 90)]
+    stats = [compute_stats(features[p], labels[p], 3) for p in parts]
+    pooled = pool_stats(stats)
+    whole = compute_stats(features, labels, 3)
+    assert torch.equal(pooled.counts, whole.counts)
+    assert torch.allclose(pooled.means, whole.means, atol=1e-5)
+    assert torch.allclose(pooled.vars, whole.vars, atol=1e-4)
+
+
+def test_virtual_features_follow_the_statistics_and_are_seeded() -> None:
+    features, labels = _rows(n=3000)
+    stats = compute_stats(features, labels, 3)
+    x, y = sample_virtual_features([stats, stats], seed=1)
+    assert torch.bincount(y).tolist() == [2000, 2000, 2000]
+    for c in range(3):
+        assert torch.allclose(x[y == c].mean(0), stats.means[c], atol=0.1)
+        assert torch.allclose(x[y == c].var(0), stats.vars[c], atol=0.15)
+    again, _ = sample_virtual_features([stats, stats], seed=1)
+    other, _ = sample_virtual_features([stats, stats], seed=2)
+    assert torch.equal(x, again) and not torch.equal(x, other)
+
+
+def test_training_rows_take_rows_or_sample_statistics() -> None:
+    features, labels = _rows()
+    batch = FeatureBatch(features, labels, "h", "e")
+    x, y = training_rows([batch, batch], seed=0)
+    assert x.shape == (120, 32) and torch.equal(y[:60], labels)
+    stats = compute_stats(features, labels, 3)
+    x, y = training_rows([stats], seed=0)
+    assert x.shape == (60, 32) and torch.bincount(y).tolist() == [20, 20, 20]
+    with pytest.raises(InvalidInput, match="mix"):
+        training_rows([batch, stats], seed=0)
