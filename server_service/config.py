@@ -12,10 +12,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from fl_core.errors import ConfigError
+from fl_core.errors import ConfigError, InvalidInput
 from fl_core.schemas import PrivacyConfig
 from fl_core.training import UpperTrainConfig
 
@@ -72,8 +72,11 @@ class Settings(BaseSettings):
     )
     privacy: PrivacyConfig = Field(
         default_factory=PrivacyConfig,
-        description="Privacy transform edges apply to features (PRIVACY__DTYPE, "
-        "PRIVACY__CLIP_NORM, PRIVACY__NOISE_SIGMA).",
+        description="What edges send and the transform they apply to it: PRIVACY__MODE "
+        "(pooled: a pooled vector per image; spatial: a block's map per image, the "
+        "backbone's default block unless CUT names one; stats: per-class statistics, "
+        "no rows), PRIVACY__DTYPE, PRIVACY__CLIP_NORM, PRIVACY__NOISE_SIGMA, "
+        "PRIVACY__STATS_MIN_COUNT.",
     )
     min_edges: int = Field(
         default=1, ge=1, description="Uploads needed before a cycle trains (quorum)."
@@ -109,6 +112,18 @@ class Settings(BaseSettings):
     def _long_enough(cls, value: SecretStr) -> SecretStr:
         if len(value.get_secret_value()) < MIN_ADMIN_TOKEN_CHARS:
             raise ValueError(f"must be at least {MIN_ADMIN_TOKEN_CHARS} characters")
+        return value
+
+    @field_validator("privacy")
+    @classmethod
+    def _mode_fits_cut(cls, value: PrivacyConfig, info: ValidationInfo) -> PrivacyConfig:
+        cut = info.data.get("cut", "pooled")
+        if value.mode == "spatial" and cut == "pooled":
+            return value  # the base model is cut at the backbone's default spatial block
+        try:
+            value.for_cut(cut)
+        except InvalidInput as exc:
+            raise ValueError(f"{exc.detail} (CUT={cut})") from None
         return value
 
     @property

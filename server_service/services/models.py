@@ -8,6 +8,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
+from fl_core.backbones import build_backbone
 from fl_core.errors import NotFound
 from fl_core.features import make_spec
 from fl_core.model import (
@@ -76,10 +77,13 @@ def ensure_base_model(rt: Runtime) -> None:
         if session.scalar(select(func.count()).select_from(ModelRow)):
             return
     s = rt.settings
+    cut = s.cut
+    if s.privacy.mode == "spatial" and cut == "pooled":
+        cut = build_backbone(s.backbone, pretrained=False).info.spatial_cut
     model = build_split_model(
         s.class_names,
         backbone=s.backbone,
-        cut=s.cut,
+        cut=cut,
         input_size=s.input_size,
         head=HeadConfig(hidden=s.head_hidden),
         pretrained=s.pretrained,

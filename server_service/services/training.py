@@ -1,8 +1,9 @@
 """Server-side training of a cycle, off the event loop.
 
 :func:`submit_training` queues a cycle that was claimed (``collecting -> training``)
-on the runtime's single-worker executor. :func:`train_cycle` pools the uploads,
-trains the part above the cut and registers the next model version; whatever goes
+on the runtime's single-worker executor. :func:`train_cycle` pools the uploads (in
+``stats`` privacy mode: virtual rows sampled, seeded, from each edge's per-class
+statistics), trains the part above the cut and registers the next model version; whatever goes
 wrong, the cycle ends ``failed`` with a reason and the server keeps running.
 """
 
@@ -11,13 +12,12 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
 from fl_core.errors import FedInspectError
-from fl_core.features import unpack_features
 from fl_core.model import SplitModel, model_to_bytes
+from fl_core.privacy import Upload, training_rows, unpack_upload, upload_rows
 from fl_core.schemas import CycleState, EvalMetrics, FeatureSpec, TrainedFrom
 from fl_core.training import TrainReport, train_upper
 from server_service.db import CycleRow, UploadRow
@@ -104,14 +104,14 @@ def train_cycle(rt: Runtime, cycle_id: int) -> None:
         raise FedInspectError("the cycle has no uploads")
     log_event("cycle.training_started", cycle_id=cycle_id, uploads=len(uploads))
 
-    features: list[torch.Tensor] = []
-    labels: list[torch.Tensor] = []
+    decoded: list[Upload] = []
     rows_per_edge: dict[str, int] = {}
     for upload in uploads:
-        batch = unpack_features(rt.blobs.get(upload.sha256), spec, rt.settings.max_upload_rows)
-        features.append(batch.features)
-        labels.append(batch.labels)
-        rows_per_edge[upload.edge_id] = int(batch.labels.shape[0])
+        batch = unpack_upload(rt.blobs.get(upload.sha256), spec, rt.settings.max_upload_rows)
+        decoded.append(batch)
+        rows_per_edge[upload.edge_id] = upload_rows(batch)
+    features, labels = training_rows(decoded, seed=rt.settings.train_seed)
+    del decoded
 
     def progress(fraction: float, message: str) -> None:
         # Called after every epoch: the place where a stopping server can cut in.
@@ -128,8 +128,8 @@ def train_cycle(rt: Runtime, cycle_id: int) -> None:
     model = load_model(rt, base)
     report: TrainReport = train_upper(
         model,
-        torch.cat(features),
-        torch.cat(labels),
+        features,
+        labels,
         rt.settings.upper_train_config(),
         progress=progress,
     )
