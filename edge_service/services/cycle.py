@@ -2,7 +2,9 @@
 
 Stage 2 (``extract`` job): request a cycle, download the base model (sha256 checked,
 cached in the blob store), extract features of the local training split with the
-cycle's spec, upload them. Nothing but features and labels leaves the edge.
+cycle's spec, upload them (in the spec's ``stats`` privacy mode: per-class statistics
+of the features instead of rows). Nothing but features and labels, or their
+statistics, leaves the edge.
 
 Stage 3 (``finetune`` job): download the server's new base model, evaluate it on the
 local test split, fine-tune it on the local training split (validation split for early
@@ -28,8 +30,9 @@ from edge_service.services.jobs import JobContext, Plan
 from edge_service.services.registry import ModelRegistry
 from fl_core.data import ImageSet, batches
 from fl_core.errors import Conflict, InvalidInput, RemoteError, Unavailable
-from fl_core.features import check_model_matches_spec, extract_features, pack_features
+from fl_core.features import check_model_matches_spec, extract_features
 from fl_core.model import SplitModel, model_from_bytes
+from fl_core.privacy import pack_upload
 from fl_core.schemas import Cycle, CycleState, EvalMetrics, FeatureSpec, LocalModel
 from fl_core.training import FinetuneConfig, evaluate, finetune
 
@@ -198,7 +201,8 @@ class CycleService:
         )
 
         ctx.begin("upload", f"uploading {len(labels)} feature rows")
-        body = pack_features(features, labels, spec, self.settings.effective_edge_id)
+        # rows, or per-class statistics of them, as the spec's privacy mode says
+        body = pack_upload(features, labels, spec, self.settings.effective_edge_id)
         ack = self.client.upload_features(cycle.id, body)
         result["rows_uploaded"] = ack.rows
         result["upload_sha256"] = ack.sha256
