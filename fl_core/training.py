@@ -114,9 +114,13 @@ def _fit(
     if not groups:
         raise InvalidInput("nothing to train: no trainable parameters")
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    steps = max(1, epochs * math.ceil(len(x_train) / batch_size))
+    steps = max(4, epochs * math.ceil(len(x_train) / batch_size))
+    # at least two warm-up steps: OneCycleLR divides by (warm-up steps - 1)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=[g["lr"] for g in groups], total_steps=steps, pct_start=0.1
+        opt,
+        max_lr=[g["lr"] for g in groups],
+        total_steps=steps,
+        pct_start=min(0.5, max(0.1, 2.0 / steps)),
     )
     loss_fn = nn.CrossEntropyLoss(
         weight=class_weights(y_train, n_classes), label_smoothing=label_smoothing

@@ -47,6 +47,14 @@ def test_train_upper_learns_and_is_deterministic() -> None:
     assert evaluate_features(m1, xt, yt).accuracy > 0.85
 
 
+def test_train_upper_on_a_handful_of_rows_in_one_batch_per_epoch() -> None:
+    x, y = _separable(n=12)
+    for epochs in (1, 2, 10):
+        model = build_split_model(["a", "b"], "tiny_cnn", pretrained=False)
+        report = train_upper(model, x, y, UpperTrainConfig(epochs=epochs, batch_size=64))
+        assert report.epochs_run >= 1
+
+
 def test_train_upper_leaves_the_lower_part_alone() -> None:
     x, y = _separable()
     model = build_split_model(["a", "b"], "tiny_cnn", pretrained=False)

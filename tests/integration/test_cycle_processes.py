@@ -6,15 +6,11 @@
 from __future__ import annotations
 
 import io
-import os
 import secrets
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import pytest
@@ -22,66 +18,9 @@ import pytest
 pytest.importorskip("elpv_dataset")
 
 from fl_core.data import ELPV_CLASSES, load_dataset_spec
+from tests.integration.processes import HOST, Process, free_port, wait_healthy
 
-ROOT = Path(__file__).resolve().parents[2]
-HOST = "127.0.0.1"
 JOB_TIMEOUT_S = 240.0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class Process:
-    """A child process with its output in a log file, shown when a test fails."""
-
-    def __init__(self, name: str, code: str, env: Mapping[str, str], log_dir: Path) -> None:
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self._log: IO[bytes] = self.log_path.open("wb")
-        base = {k: v for k, v in os.environ.items() if not k.startswith("FEDINSPECT_")}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", code],
-            cwd=ROOT,
-            env={**base, "OMP_NUM_THREADS": "2", **env},
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def check_alive(self) -> None:
-        code = self.proc.poll()
-        if code is not None:
-            raise AssertionError(f"{self.name} exited with {code}:\n{self.tail()}")
-
-    def tail(self, chars: int = 4000) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._log.close()
-
-
-def _wait_healthy(url: str, proc: Process, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        proc.check_alive()
-        try:
-            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{proc.name} not healthy after {timeout}s:\n{proc.tail()}")
 
 
 @pytest.fixture
@@ -96,7 +35,7 @@ def processes(tmp_path: Path) -> Iterator[list[Process]]:
 def test_cycle_with_real_processes(tmp_path: Path, processes: list[Process]) -> None:
     server_admin = secrets.token_urlsafe(24)
     edge_admin = secrets.token_urlsafe(24)
-    server_port, edge_port = _free_port(), _free_port()
+    server_port, edge_port = free_port(), free_port()
     server_url, edge_url = f"http://{HOST}:{server_port}", f"http://{HOST}:{edge_port}"
 
     server = Process(
@@ -116,7 +55,7 @@ def test_cycle_with_real_processes(tmp_path: Path, processes: list[Process]) -> 
         tmp_path,
     )
     processes.append(server)
-    _wait_healthy(server_url, server)
+    wait_healthy(server_url, server)
 
     admin = {"Authorization": f"Bearer {server_admin}"}
     reg = httpx.post(f"{server_url}/v1/edges", headers=admin, json={"name": "edge-1"}, timeout=30)
@@ -145,7 +84,7 @@ def test_cycle_with_real_processes(tmp_path: Path, processes: list[Process]) -> 
         tmp_path,
     )
     processes.append(edge)
-    _wait_healthy(edge_url, edge)
+    wait_healthy(edge_url, edge)
 
     auth = {"Authorization": f"Bearer {edge_admin}"}
     with httpx.Client(base_url=edge_url, headers=auth, timeout=30.0) as client:
