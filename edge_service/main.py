@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -100,6 +101,16 @@ async def _fedinspect_error(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": exc.detail}, status_code=exc.http_status, headers=headers)
 
 
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    # One string, like every other error of the API (ErrorResponse), not FastAPI's list.
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err.get("loc", ()))
+        problems.append(f"{where}: {err.get('msg', 'invalid')}")
+    return JSONResponse({"detail": "; ".join(problems) or "invalid request"}, status_code=422)
+
+
 def create_app(
     settings: Settings | None = None, server_client: httpx.Client | None = None
 ) -> FastAPI:
@@ -133,6 +144,7 @@ def create_app(
     )
     app.dependency_overrides[get_settings] = lambda: settings
     app.add_exception_handler(FedInspectError, _fedinspect_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_middleware(
         BodySizeLimit, max_bytes=settings.max_predict_bytes, paths=frozenset({"/v1/predict"})
     )

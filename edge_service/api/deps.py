@@ -46,6 +46,7 @@ def require_admin(
 
 
 _ERROR_DESCRIPTIONS = {
+    400: "Malformed request body (not parseable JSON or multipart)",
     401: "Missing or wrong admin token",
     404: "No such resource",
     409: "Conflicts with the edge's current state",

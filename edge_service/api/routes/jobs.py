@@ -15,7 +15,10 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 class FinetuneRequest(BaseModel):
     model_version: int | None = Field(
-        default=None, ge=1, description="server model to fine-tune; default: the latest"
+        default=None,
+        ge=1,
+        le=2**31 - 1,
+        description="server model to fine-tune; default: the latest",
     )
 
 
@@ -46,12 +49,13 @@ def start_extract(ctx: ContextDep) -> Job:
     response_model=Job,
     status_code=202,
     summary="Stage 3 only: fine-tune a server model on local data, evaluate, gate, deploy",
-    responses=error_responses(409, 422),
+    responses=error_responses(400, 409, 422),
 )
 def start_finetune(
     ctx: ContextDep,
     model_version: Annotated[
-        int | None, Query(ge=1, description="server model version; default: the latest")
+        int | None,
+        Query(ge=1, le=2**31 - 1, description="server model version; default: the latest"),
     ] = None,
     body: Annotated[FinetuneRequest | None, Body()] = None,
 ) -> Job:
@@ -59,7 +63,9 @@ def start_finetune(
     return ctx.start_job(JobKind.finetune, version)
 
 
-@router.get("", response_model=list[Job], summary="Jobs, newest first", responses=error_responses())
+@router.get(
+    "", response_model=list[Job], summary="Jobs, newest first", responses=error_responses(422)
+)
 def list_jobs(ctx: ContextDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[Job]:
     return ctx.store.list_jobs(limit)
 

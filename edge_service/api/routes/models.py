@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path
 
 from edge_service.api.deps import ContextDep, error_responses
 from fl_core.schemas import Evaluation, LocalModel
 
 router = APIRouter(prefix="/v1", tags=["models"])
+
+# SQLite integers are 64-bit (and PostgreSQL's 32): a larger id is invalid input, not a 500.
+LocalModelId = Annotated[int, Path(ge=1, le=2**31 - 1, description="local model id")]
 
 
 @router.get(
@@ -24,9 +29,9 @@ def list_models(ctx: ContextDep) -> list[LocalModel]:
     "/models/{model_id}/activate",
     response_model=LocalModel,
     summary="Deploy a recorded local model (rollback or roll forward)",
-    responses=error_responses(404, 409),
+    responses=error_responses(404, 409, 422),
 )
-def activate_model(model_id: int, ctx: ContextDep) -> LocalModel:
+def activate_model(model_id: LocalModelId, ctx: ContextDep) -> LocalModel:
     return ctx.registry.activate(model_id)
 
 

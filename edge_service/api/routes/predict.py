@@ -17,7 +17,7 @@ router = APIRouter(prefix="/v1", tags=["predict"])
     "/predict",
     response_model=PredictResponse,
     summary="Classify one or more images with the deployed model",
-    responses=error_responses(409, 413, 422),
+    responses=error_responses(400, 409, 413, 422),
 )
 def predict(
     ctx: ContextDep,

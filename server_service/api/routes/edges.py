@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v1/edges", tags=["edges"])
     summary="Register an edge and issue its token (shown once)",
     status_code=201,
     response_model=EdgeCreated,
-    responses=errors(409, 422, base=ADMIN_ERRORS),
+    responses=errors(400, 409, 422, base=ADMIN_ERRORS),
 )
 def create_edge(body: EdgeCreate, session: SessionDep, _admin: AdminDep) -> EdgeCreated:
     return edges.create_edge(session, body)

@@ -1,0 +1,1 @@
+"""Hardening tests (issue #7): authorization, fuzzing, hostile input, crashes, load."""
