@@ -12,11 +12,14 @@ A dataset spec string names a source and a partition, as the edge's settings do:
 
 from __future__ import annotations
 
+import queue
 import random
+import threading
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from fl_core.errors import ConfigError, InvalidInput
+
+_T = TypeVar("_T")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 ELPV_CLASSES = ["functional", "defective"]
@@ -319,6 +324,51 @@ def batches(
     yield from loader
 
 
+def prefetch(items: Iterable[_T], depth: int = 2) -> Iterator[_T]:
+    """Iterate ``items`` on a background thread, ``depth`` items ahead of the consumer.
+
+    Decoding the next batch then overlaps with whatever the consumer does with this one
+    (image decoding and ONNX Runtime both release the GIL). An exception in the
+    producer is raised in the consumer; a consumer that stops early stops the producer.
+    """
+    slots: queue.Queue[tuple[str, object]] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item: tuple[str, object]) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+        except BaseException as exc:
+            put(("error", exc))
+        else:
+            put(("end", None))
+
+    worker = threading.Thread(target=produce, name="fedinspect-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = slots.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                assert isinstance(value, BaseException)
+                raise value
+            yield value  # type: ignore[misc]
+    finally:
+        stop.set()
+        worker.join(timeout=5)
+
+
 __all__ = [
     "ELPV_CLASSES",
     "ImageDataset",
@@ -336,6 +386,7 @@ __all__ = [
     "partition_by_attribute",
     "partition_dirichlet",
     "partition_iid",
+    "prefetch",
     "split",
     "stratified_indices",
 ]

@@ -1,0 +1,122 @@
+"""The lower part run by ONNX Runtime: same features as torch, a checked export, a
+clean fallback to torch, and the edge's overlapped extraction path."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fl_core import onnx_runtime
+from fl_core.data import batches, load_image_folder, prefetch
+from fl_core.features import extract_features, extract_images
+from fl_core.model import build_split_model
+from fl_core.onnx_runtime import OnnxUnavailable, lower_runner, onnx_runner, torch_runner
+from tests.factories import make_image_folder
+
+CLASSES = ["dark", "bright"]
+
+
+def _model(cut: str = "pooled", seed: int = 0):  # type: ignore[no-untyped-def]
+    return build_split_model(CLASSES, "tiny_cnn", cut, pretrained=False, seed=seed)
+
+
+@pytest.mark.parametrize("cut", ["pooled", "b0"])
+def test_onnx_lower_matches_torch_at_any_batch_size(cut: str) -> None:
+    model = _model(cut)
+    runner = onnx_runner(model)
+    assert runner.backend == "onnxruntime"
+    assert runner.max_abs_diff is not None and runner.max_abs_diff < 1e-4
+    for n in (1, 5):
+        x = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(n))
+        with torch.inference_mode():
+            expected = model.lower(x)
+        got = runner(x)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_export_leaves_the_model_in_eval_mode_and_unchanged() -> None:
+    model = _model()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.inference_mode():
+        before = model.lower(x).clone()
+    onnx_runtime.export_lower(model)
+    assert not model.training
+    with torch.inference_mode():
+        assert torch.equal(model.lower(x), before)
+
+
+def test_a_failed_export_falls_back_to_torch_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(_model: object) -> bytes:
+        raise RuntimeError("operator not supported")
+
+    monkeypatch.setattr(onnx_runtime, "export_lower", broken)
+    runner = lower_runner(_model())
+    assert runner.backend == "torch"
+    assert "ONNX export failed" in runner.reason and "operator not supported" in runner.reason
+
+
+def test_a_session_that_disagrees_with_torch_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Wrong:
+        def run(self, _names: object, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            return [np.zeros((feeds["images"].shape[0], 32), dtype=np.float32) + 1.0]
+
+    monkeypatch.setattr(onnx_runtime, "make_session", lambda _b, _t=None: Wrong())
+    with pytest.raises(OnnxUnavailable, match="differs from torch"):
+        onnx_runner(_model())
+    assert lower_runner(_model()).backend == "torch"
+
+
+def test_torch_backend_is_used_when_asked() -> None:
+    runner = lower_runner(_model(), "torch")
+    assert runner.backend == "torch" and runner.max_abs_diff is None
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_folder(
+        tmp_path_factory.mktemp("imgs"), per_class=10, size=40, classes=("dark", "bright")
+    )
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_edge_extraction_path_gives_torchs_features(folder: Path, overlap: bool) -> None:
+    images = load_image_folder(folder)
+    model = _model()
+    want_x, want_y = extract_features(model, batches(images, 32, 6))
+    threads = torch.get_num_threads()
+    got_x, got_y = extract_images(model, images, 6, lower=onnx_runner(model), overlap=overlap)
+    assert torch.get_num_threads() == threads  # restored after extraction
+    assert torch.equal(got_y, want_y)
+    torch.testing.assert_close(got_x, want_x, atol=1e-4, rtol=1e-4)
+    tx, ty = extract_images(model, images, 6, lower=torch_runner(model), overlap=overlap)
+    assert torch.equal(ty, want_y) and torch.equal(tx, want_x)
+
+
+def test_prefetch_keeps_order_and_raises_the_producers_error() -> None:
+    assert list(prefetch(range(10), depth=3)) == list(range(10))
+
+    def failing():  # type: ignore[no-untyped-def]
+        yield 1
+        raise ValueError("bad image")
+
+    got = []
+    with pytest.raises(ValueError, match="bad image"):
+        for item in prefetch(failing()):
+            got.append(item)
+    assert got == [1]
+
+
+def test_prefetch_stops_its_thread_when_the_consumer_stops() -> None:
+    before = threading.active_count()
+    for i in prefetch(iter(range(1_000_000)), depth=1):
+        if i == 3:
+            break
+    # the generator's finally ran on break-and-collect: the producer has exited
+    assert threading.active_count() == before
