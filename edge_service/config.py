@@ -97,6 +97,12 @@ class Settings(BaseSettings):
     batch_size: int = Field(
         default=32, ge=1, description="Images per batch for extraction, training, inference."
     )
+    extract_backend: Literal["onnxruntime", "torch"] = Field(
+        default="onnxruntime",
+        description="Engine of the frozen lower part during feature extraction: "
+        "'onnxruntime' (exported from the base model and checked against torch; falls back "
+        "to torch, with the reason logged, when export or check fail) or 'torch'.",
+    )
     finetune_epochs: int = Field(default=8, ge=1, description="Fine-tuning epochs (stage 3).")
     finetune_lr: float = Field(default=1e-3, gt=0, description="Fine-tuning learning rate.")
     finetune_train_from: str | None = Field(

@@ -28,10 +28,11 @@ from edge_service.services.client import ServerClient
 from edge_service.services.dataset import LocalData
 from edge_service.services.jobs import JobContext, Plan
 from edge_service.services.registry import ModelRegistry
-from fl_core.data import ImageSet, batches
+from fl_core.data import ImageSet
 from fl_core.errors import Conflict, InvalidInput, RemoteError, Unavailable
-from fl_core.features import check_model_matches_spec, extract_features
+from fl_core.features import check_model_matches_spec, extract_images
 from fl_core.model import SplitModel, model_from_bytes
+from fl_core.onnx_runtime import lower_runner
 from fl_core.privacy import pack_upload
 from fl_core.schemas import Cycle, CycleState, EvalMetrics, FeatureSpec, LocalModel
 from fl_core.training import FinetuneConfig, evaluate, finetune
@@ -116,6 +117,7 @@ def _empty_result() -> dict[str, Any]:
         "bytes_uploaded": 0,
         "bytes_downloaded": 0,
         "raw_train_bytes": 0,
+        "extract_backend": None,
         "metrics": {"server_model": None, "candidate": None, "previous": None},
         "deployed": False,
         "decision": "",
@@ -191,10 +193,20 @@ class CycleService:
         )
         result["raw_train_bytes"] = train.raw_bytes()
         ctx.begin("extract", f"extracting features 0/{len(train)}")
-        features, labels = extract_features(
+        runner = lower_runner(model, self.settings.extract_backend)
+        result["extract_backend"] = runner.backend
+        log.info(
+            "cycle=%d edge=%s event=extract backend=%s reason=%r",
+            cycle.id,
+            self.settings.name,
+            runner.backend,
+            runner.reason,
+        )
+        features, labels = extract_images(
             model,
-            batches(train, spec.input_size, self.settings.batch_size),
-            total=len(train),
+            train,
+            self.settings.batch_size,
+            lower=runner,
             progress=lambda done, total: ctx.update(
                 done / max(1, total), f"extracting features {done}/{total}"
             ),
