@@ -48,11 +48,48 @@ def demo(
         Path | None, typer.Option(help="write report.md and PNG plots into this folder")
     ] = None,
     seed: Annotated[int, typer.Option(help="seed for partitions, splits and training")] = 0,
+    input_size: Annotated[
+        int | None,
+        typer.Option(min=32, help="input size in pixels; default: 96 quick, else the backbone's"),
+    ] = None,
 ) -> None:
     """Start a server and N edges on loopback, run one whole cycle over HTTP, compare."""
     from fedinspect.demo import DemoOptions, run_demo
 
-    run_demo(DemoOptions(edges, quick, dataset, json_path, report, seed))
+    run_demo(DemoOptions(edges, quick, dataset, json_path, report, seed, input_size))
+
+
+@app.command("privacy-eval")
+def privacy_eval(
+    out: Annotated[Path, typer.Option(help="folder for results.json, results.md, grid.png")],
+    quick: Annotated[
+        bool, typer.Option(help="a subset of elpv and fewer epochs (a few minutes)")
+    ] = False,
+    limit: Annotated[
+        int | None, typer.Option(min=40, help="elpv images to use (default: all; quick: 640)")
+    ] = None,
+    input_size: Annotated[
+        int | None, typer.Option(min=32, help="backbone input size (default 160; quick 128)")
+    ] = None,
+    neu_limit: Annotated[
+        int | None, typer.Option(min=10, help="NEU-DET images of the cross-domain attacker")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of splits, noise and training")] = 0,
+) -> None:
+    """Attack the uploads of each privacy mode with a trained decoder; measure
+    reconstruction (SSIM, PSNR), re-identification and federated accuracy."""
+    from fedinspect.privacy_eval import EvalOptions, run_privacy_eval
+
+    run_privacy_eval(
+        EvalOptions(
+            out=out,
+            quick=quick,
+            limit=limit,
+            input_size=input_size,
+            neu_limit=neu_limit,
+            seed=seed,
+        )
+    )
 
 
 def main() -> None:

@@ -50,6 +50,7 @@ class DemoOptions:
     json_path: Path | None = None
     report_dir: Path | None = None
     seed: int = 0
+    input_size: int | None = None
 
 
 @dataclass
@@ -165,7 +166,7 @@ def plan_demo(options: DemoOptions) -> DemoPlan:
         return DemoPlan(
             specs,
             class_names,
-            input_size=96,
+            input_size=options.input_size or 96,
             seed=options.seed,
             upper=UpperTrainConfig(epochs=40, seed=options.seed),
             finetune=FinetuneConfig(epochs=5, views=2, seed=options.seed),
@@ -173,10 +174,10 @@ def plan_demo(options: DemoOptions) -> DemoPlan:
     return DemoPlan(
         specs,
         class_names,
-        input_size=None,
+        input_size=options.input_size,
         seed=options.seed,
         upper=UpperTrainConfig(seed=options.seed),
-        finetune=FinetuneConfig(seed=options.seed),
+        finetune=FinetuneConfig(epochs=8, views=2, seed=options.seed),
     )
 
 

@@ -1,0 +1,120 @@
+"""``fedinspect demo``: the plan, the table and report, and a whole quick run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedinspect.demo import DemoOptions, format_table, plan_demo
+from fedinspect.report import write_report
+from fl_core.data import load_dataset_spec
+from tests.factories import make_image_folder
+
+pytest.importorskip("elpv_dataset")
+
+
+def _paths(spec: str) -> set[Path]:
+    return {r.path for r in load_dataset_spec(spec).records}
+
+
+def test_default_plan_is_non_iid_and_disjoint() -> None:
+    plan = plan_demo(DemoOptions(edges=3))
+    parts = [load_dataset_spec(s) for s in plan.edge_specs]
+    assert [{r.attr("type") for r in p.records} for p in parts] == [
+        {"mono"},
+        {"poly"},
+        {"mono", "poly"},
+    ]
+    paths = [{r.path for r in p.records} for p in parts]
+    assert sum(map(len, paths)) == len(set().union(*paths)) == 2624
+    assert plan.input_size is None  # the backbone's own size
+
+
+def test_quick_plan_is_small_and_disjoint() -> None:
+    plan = plan_demo(DemoOptions(edges=3, quick=True))
+    paths = [_paths(s) for s in plan.edge_specs]
+    assert [len(p) for p in paths] == [120, 120, 60]
+    assert len(set().union(*paths)) == 300
+    assert plan.input_size == 96
+
+
+def test_other_edge_counts_and_image_folders(tmp_path: Path) -> None:
+    plan = plan_demo(DemoOptions(edges=2, quick=True))
+    assert len(plan.edge_specs) == 2
+    root = make_image_folder(tmp_path / "imgs", per_class=10)
+    plan = plan_demo(DemoOptions(edges=2, dataset=str(root)))
+    assert plan.class_names == ["bright", "dark"]
+    paths = [_paths(s) for s in plan.edge_specs]
+    assert not paths[0] & paths[1] and len(paths[0] | paths[1]) == 20
+
+
+def _fake_results() -> dict[str, Any]:
+    scores = {"accuracy": 0.8, "macro_f1": 0.75}
+    edge = {
+        "name": "edge-1",
+        "n_train": 10,
+        "n_test": 5,
+        "local_only": scores,
+        "base": scores,
+        "server_model": scores,
+        "federated": {"accuracy": 0.9, "macro_f1": 0.85},
+        "federated_confusion": [[3, 0], [1, 1]],
+        "bytes": {"uploaded": 5000, "downloaded": 1_000_000, "raw_images": 2_000_000},
+        "stage_seconds": {"extract": 1.0, "finetune": 2.0},
+    }
+    return {
+        "dataset": "elpv",
+        "quick": True,
+        "seed": 0,
+        "input_size": 96,
+        "backbone": "efficientnet_lite0",
+        "class_names": ["functional", "defective"],
+        "edges": [edge, edge | {"name": "edge-2"}],
+        "centralized": scores,
+        "mean_federated_accuracy": 0.9,
+        "cycle": {"id": 1, "model_version": 2, "seconds": 12.0},
+        "references_seconds": 3.0,
+        "total_seconds": 20.0,
+    }
+
+
+def test_table_and_report(tmp_path: Path) -> None:
+    results = _fake_results()
+    table = format_table(results)
+    assert "| edge-1 | 10 | 5 | 80.0 / 75.0 | 80.0 / 75.0 | 80.0 / 75.0 | 90.0 / 85.0 |" in table
+    assert "centralized upper bound: accuracy 80.0" in table
+    report = write_report(results, tmp_path / "report")
+    assert table in report.read_text()
+    for png in ("accuracy.png", "confusion.png"):
+        assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "fedinspect", "demo", "--edges", "3", "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads(out.read_text())
+    assert len(results["edges"]) == 3
+    for edge in results["edges"]:
+        assert {"name", "n_train", "n_test", "local_only", "base", "federated"} <= set(edge)
+        for model in ("local_only", "base", "federated"):
+            assert 0.0 <= edge[model]["accuracy"] <= 1.0
+            assert 0.0 <= edge[model]["macro_f1"] <= 1.0
+        assert edge["n_train"] > 0 and edge["n_test"] > 0
+    assert set(results["centralized"]) >= {"accuracy", "macro_f1"}
+    assert results["cycle"]["model_version"] == 2 and results["cycle"]["seconds"] > 0
+    wire = results["bytes"]
+    assert 0 < wire["uploaded"] < wire["raw_images"]
+    assert wire["downloaded"] > 0
+    assert "centralized upper bound" in done.stdout
