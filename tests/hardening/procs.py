@@ -37,6 +37,8 @@ TINY_SERVER_ENV = {
     "FEDINSPECT_SERVER_TRAIN_EPOCHS": "2",
     "FEDINSPECT_SERVER_TRAIN_BATCH_SIZE": "8",
     "FEDINSPECT_SERVER_DEADLINE_CHECK_INTERVAL_S": "0.1",
+    # the classes of the hardening image folders, in ImageFolder (sorted) order
+    "FEDINSPECT_SERVER_CLASS_NAMES": '["bright", "dark"]',
 }
 
 
