@@ -218,6 +218,24 @@ class ModelInfo(BaseModel):
     privacy: PrivacyConfig | None = None
 
 
+class ModelManifest(BaseModel):
+    """Per-tensor digests of a model version's weights, so an edge can fetch only what
+    changed since a version it holds (``POST /v1/models/{version}/weights/subset``)."""
+
+    version: int
+    sha256: str = Field(description="sha256 of the full weights file (as ModelInfo.sha256)")
+    tensors: dict[str, str] = Field(
+        description="tensor name -> sha256 of its dtype, shape and bytes "
+        "(fl_core.serialization.tensor_digests)"
+    )
+
+
+class TensorSubset(BaseModel):
+    """The tensors an edge asks for."""
+
+    names: list[str] = Field(min_length=1, max_length=10_000)
+
+
 # --------------------------------------------------------------------------- edge
 
 
@@ -319,11 +337,13 @@ __all__ = [
     "JobState",
     "LocalModel",
     "ModelInfo",
+    "ModelManifest",
     "PredictResponse",
     "PrivacyConfig",
     "PrivacyMode",
     "ScoredLabel",
     "SplitCounts",
+    "TensorSubset",
     "TrainedFrom",
     "UploadAck",
     "UploadInfo",

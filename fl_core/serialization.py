@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import torch
@@ -137,6 +137,36 @@ def read_metadata(data: bytes) -> dict[str, str]:
     return inspect_header(data)[1]
 
 
+def tensor_digests(data: bytes) -> dict[str, str]:
+    """``{name: sha256}`` of each tensor's dtype, shape and bytes, read from the header's
+    offsets (no tensor is built). Equal digests mean interchangeable tensors."""
+    header, _ = inspect_header(data)
+    (header_len,) = struct.unpack("<Q", data[:8])
+    base = 8 + header_len
+    digests = {}
+    view = memoryview(data)
+    for name, info in header.items():
+        offsets = info["data_offsets"]
+        assert isinstance(offsets, list)  # checked by inspect_header
+        start, end = int(offsets[0]), int(offsets[1])
+        digest = hashlib.sha256(f"{info['dtype']}{info['shape']}".encode())
+        digest.update(view[base + start : base + end])
+        digests[name] = digest.hexdigest()
+    return digests
+
+
+def subset(data: bytes, names: Collection[str]) -> bytes:
+    """A safetensors file with only the tensors ``names`` of ``data`` and its metadata.
+
+    Raises KeyError naming the first tensor that ``data`` does not hold.
+    """
+    tensors, metadata = loads(data)
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise KeyError(missing[0])
+    return dumps({n: tensors[n] for n in names}, metadata)
+
+
 __all__ = [
     "MAX_HEADER_BYTES",
     "dumps",
@@ -145,4 +175,6 @@ __all__ = [
     "read_metadata",
     "sha256_bytes",
     "sha256_file",
+    "subset",
+    "tensor_digests",
 ]

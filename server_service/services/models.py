@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
+from fl_core import serialization
 from fl_core.backbones import build_backbone
-from fl_core.errors import NotFound
+from fl_core.errors import InvalidInput, NotFound
 from fl_core.features import make_spec
 from fl_core.model import (
     HeadConfig,
@@ -18,7 +20,14 @@ from fl_core.model import (
     model_from_bytes,
     model_to_bytes,
 )
-from fl_core.schemas import EvalMetrics, FeatureSpec, ModelInfo, PrivacyConfig, TrainedFrom
+from fl_core.schemas import (
+    EvalMetrics,
+    FeatureSpec,
+    ModelInfo,
+    ModelManifest,
+    PrivacyConfig,
+    TrainedFrom,
+)
 from server_service.db import ModelRow, Session, utcnow
 from server_service.logs import log_event
 from server_service.runtime import Runtime
@@ -130,6 +139,27 @@ def weights_path(rt: Runtime, row: ModelRow) -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=16)
+def _digests(sha256: str, data_source: Path) -> dict[str, str]:
+    # keyed by the content's sha256: a blob never changes, so neither do its digests
+    return serialization.tensor_digests(data_source.read_bytes())
+
+
+def manifest(rt: Runtime, row: ModelRow) -> ModelManifest:
+    """Per-tensor digests of a version's weights (what an edge needs to fetch a delta)."""
+    digests = _digests(row.sha256, weights_path(rt, row))
+    return ModelManifest(version=row.version, sha256=row.sha256, tensors=dict(digests))
+
+
+def weights_subset(rt: Runtime, row: ModelRow, names: list[str]) -> bytes:
+    """The named tensors of a version's weights, with the full file's metadata."""
+    data = weights_path(rt, row).read_bytes()
+    try:
+        return serialization.subset(data, list(dict.fromkeys(names)))
+    except KeyError as exc:
+        raise InvalidInput(f"model version {row.version} has no tensor {exc.args[0]!r}") from None
+
+
 def load_model(rt: Runtime, row: ModelRow) -> SplitModel:
     return model_from_bytes(rt.blobs.get(row.sha256))
 
@@ -153,9 +183,11 @@ __all__ = [
     "latest_model",
     "list_models",
     "load_model",
+    "manifest",
     "model_row",
     "next_version",
     "spec_for",
     "to_info",
     "weights_path",
+    "weights_subset",
 ]

@@ -53,6 +53,8 @@ SERVER_ROLES: dict[tuple[str, str], set[str]] = {
     ("GET", "/v1/models/latest"): {"edge", "admin"},
     ("GET", "/v1/models/{version}"): {"edge", "admin"},
     ("GET", "/v1/models/{version}/weights"): {"edge", "admin"},
+    ("GET", "/v1/models/{version}/manifest"): {"edge", "admin"},
+    ("POST", "/v1/models/{version}/weights/subset"): {"edge", "admin"},
 }
 
 UNAUTHENTICATED = ["none", "malformed: no scheme", "malformed: basic", "wrong token", "revoked"]
@@ -96,6 +98,8 @@ class ServerWorld:
         kwargs: dict[str, Any] = {}
         if (method, path) == ("POST", "/v1/edges"):
             kwargs["json"] = {"name": f"new-{caller.replace(' ', '-').replace(':', '')}"}
+        if path.endswith("/weights/subset"):
+            kwargs["json"] = {"names": ["head.1.bias"]}
         if path.endswith("/features"):
             kwargs["content"] = make_upload(self.cycle, self.edge.edge_id, seed=3)
             kwargs["headers"] = {"Content-Type": "application/octet-stream"}

@@ -35,6 +35,8 @@ def test_every_route_is_documented(client: TestClient) -> None:
         ("GET", "/v1/models/latest"),
         ("GET", "/v1/models/{version}"),
         ("GET", "/v1/models/{version}/weights"),
+        ("GET", "/v1/models/{version}/manifest"),
+        ("POST", "/v1/models/{version}/weights/subset"),
     }
     for key, op in ops.items():
         assert op.get("summary"), key

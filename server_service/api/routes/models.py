@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 
-from fl_core.schemas import ModelInfo
+from fl_core.schemas import ModelInfo, ModelManifest, TensorSubset
 from server_service.api.deps import (
     AUTH_ERRORS,
     EdgeOrAdminDep,
@@ -90,3 +90,41 @@ def get_weights(
         filename=f"model-v{row.version}.safetensors",
         headers={"ETag": etag},
     )
+
+
+@router.get(
+    "/{version}/manifest",
+    summary="Per-tensor sha256s of a model version's weights (to fetch only what changed)",
+    response_model=ModelManifest,
+    responses=errors(404, 422, base=AUTH_ERRORS),
+)
+def get_manifest(
+    version: ModelVersion, rt: RuntimeDep, session: SessionDep, _caller: EdgeOrAdminDep
+) -> ModelManifest:
+    return models.manifest(rt, models.get_model(session, version))
+
+
+@router.post(
+    "/{version}/weights/subset",
+    summary="Some tensors of a model version's weights (safetensors, with the full "
+    "file's metadata); the caller rebuilds the full file and checks its sha256",
+    response_class=Response,
+    response_model=None,
+    responses={
+        200: {
+            "content": {_SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}},
+            "description": "safetensors bytes holding exactly the named tensors",
+        },
+        # 400: a body that is not JSON at all (FastAPI's own answer)
+        **errors(400, 404, 422, base=AUTH_ERRORS),
+    },
+)
+def get_weights_subset(
+    version: ModelVersion,
+    body: TensorSubset,
+    rt: RuntimeDep,
+    session: SessionDep,
+    _caller: EdgeOrAdminDep,
+) -> Response:
+    row = models.get_model(session, version)
+    return Response(models.weights_subset(rt, row, body.names), media_type=_SAFETENSORS)
