@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -71,6 +72,33 @@ class TrainReport:
     rows_val: int = 0
 
 
+class _Hyper(Protocol):
+    """What both training configs share."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    patience: int
+    label_smoothing: float
+
+
+@contextmanager
+def _only_trainable(model: SplitModel, trainable: nn.Module) -> Iterator[None]:
+    """Gradients for ``trainable`` only; everything trainable again afterwards, also on
+    errors, and the model left in evaluation mode."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trainable.parameters():
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.eval()
+
+
 def class_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     """Inverse-frequency weights, so that each class weighs the same in the loss."""
     counts = torch.bincount(labels, minlength=n_classes).float()
@@ -85,19 +113,12 @@ def _set_seed(seed: int) -> torch.Generator:
 
 def _fit(
     trainable: nn.Module,
-    forward: Callable[[torch.Tensor], torch.Tensor],
     x_train: torch.Tensor,
     y_train: torch.Tensor,
     x_val: torch.Tensor | None,
     y_val: torch.Tensor | None,
-    n_classes: int,
     class_names: list[str],
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
-    patience: int,
-    label_smoothing: float,
+    cfg: _Hyper,
     gen: torch.Generator,
     progress: Progress | None,
     param_groups: list[dict[str, Any]] | None = None,
@@ -108,13 +129,13 @@ def _fit(
     validation set, training changes nothing, so fine-tuning can never make a model
     worse on held-out data than the one it started from.
     """
-    groups = param_groups or [{"params": list(trainable.parameters()), "lr": lr}]
+    groups = param_groups or [{"params": list(trainable.parameters()), "lr": cfg.lr}]
     groups = [g | {"params": [p for p in g["params"] if p.requires_grad]} for g in groups]
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise InvalidInput("nothing to train: no trainable parameters")
-    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    steps = max(4, epochs * math.ceil(len(x_train) / batch_size))
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = max(4, cfg.epochs * math.ceil(len(x_train) / cfg.batch_size))
     # at least two warm-up steps: OneCycleLR divides by (warm-up steps - 1)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt,
@@ -123,48 +144,48 @@ def _fit(
         pct_start=min(0.5, max(0.1, 2.0 / steps)),
     )
     loss_fn = nn.CrossEntropyLoss(
-        weight=class_weights(y_train, n_classes), label_smoothing=label_smoothing
+        weight=class_weights(y_train, len(class_names)), label_smoothing=cfg.label_smoothing
     )
     best_loss, best_epoch, best_state = math.inf, 0, copy.deepcopy(trainable.state_dict())
     history: list[dict[str, float]] = []
     if x_val is not None and y_val is not None and len(x_val):
-        best_loss, val_acc = _val_loss(trainable, forward, x_val, y_val, loss_fn, batch_size)
+        best_loss, val_acc = _val_loss(trainable, x_val, y_val, loss_fn, cfg.batch_size)
         history.append({"epoch": 0, "val_loss": best_loss, "val_accuracy": val_acc})
     epoch = 0
-    for epoch in range(1, epochs + 1):
+    for epoch in range(1, cfg.epochs + 1):
         _train_mode(trainable)
         order = torch.randperm(len(x_train), generator=gen)
         total = 0.0
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
             if len(idx) < 2:  # batch norm needs two rows
                 continue
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(forward(x_train[idx]), y_train[idx])
+            loss = loss_fn(trainable(x_train[idx]), y_train[idx])
             loss.backward()
             opt.step()
             sched.step()
             total += float(loss.detach()) * len(idx)
         row: dict[str, float] = {"epoch": epoch, "train_loss": total / len(x_train)}
         if x_val is not None and y_val is not None and len(x_val):
-            val_loss, val_acc = _val_loss(trainable, forward, x_val, y_val, loss_fn, batch_size)
+            val_loss, val_acc = _val_loss(trainable, x_val, y_val, loss_fn, cfg.batch_size)
             row |= {"val_loss": val_loss, "val_accuracy": val_acc}
             if val_loss < best_loss - 1e-4:
                 best_loss, best_epoch = val_loss, epoch
                 best_state = copy.deepcopy(trainable.state_dict())
-            elif epoch - best_epoch >= patience:
+            elif epoch - best_epoch >= cfg.patience:
                 history.append(row)
                 break
         else:
             best_epoch, best_state = epoch, copy.deepcopy(trainable.state_dict())
         history.append(row)
         if progress is not None:
-            progress(epoch / epochs, f"epoch {epoch}/{epochs} loss {row['train_loss']:.4f}")
+            progress(epoch / cfg.epochs, f"epoch {epoch}/{cfg.epochs} loss {row['train_loss']:.4f}")
     trainable.load_state_dict(best_state)
     trainable.eval()
     metrics = None
     if x_val is not None and y_val is not None and len(x_val):
-        probs = _predict_rows(forward, x_val, batch_size)
+        probs = _predict_rows(trainable, x_val, cfg.batch_size)
         metrics = compute_metrics(
             y_val.numpy(), probs.argmax(1).numpy(), class_names, probs.numpy()
         )
@@ -197,14 +218,13 @@ def _predict_rows(
 @torch.inference_mode()
 def _val_loss(
     trainable: nn.Module,
-    forward: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     y: torch.Tensor,
     loss_fn: nn.Module,
     batch_size: int,
 ) -> tuple[float, float]:
     trainable.eval()
-    logits = torch.cat([forward(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    logits = torch.cat([trainable(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
     return float(loss_fn(logits, y)), float((logits.argmax(1) == y).float().mean())
 
 
@@ -235,7 +255,6 @@ def train_upper(
     the reported metrics.
     """
     cfg = config or UpperTrainConfig()
-    n_classes = len(model.class_names)
     if len(features) != len(labels) or len(features) < 4:
         raise InvalidInput("train_upper needs at least 4 rows, with one label per row")
     gen = _set_seed(cfg.seed)
@@ -245,33 +264,10 @@ def train_upper(
     else:
         tr, va = list(range(len(labels))), []
     upper = _Upper(model, model.cut_index + 1)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in upper.parameters():
-        p.requires_grad_(True)
     x, y = features.float(), labels.long()
-    report = _fit(
-        upper,
-        upper,
-        x[tr],
-        y[tr],
-        x[va] if va else None,
-        y[va] if va else None,
-        n_classes,
-        model.class_names,
-        cfg.epochs,
-        cfg.batch_size,
-        cfg.lr,
-        cfg.weight_decay,
-        cfg.patience,
-        cfg.label_smoothing,
-        gen,
-        progress,
-    )
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.eval()
-    return report
+    x_val, y_val = (x[va], y[va]) if va else (None, None)
+    with _only_trainable(model, upper):
+        return _fit(upper, x[tr], y[tr], x_val, y_val, model.class_names, cfg, gen, progress)
 
 
 @torch.inference_mode()
@@ -331,10 +327,6 @@ def finetune(
     if val is not None and len(val):
         x_va, y_va = _activations(model, val, start, 1, False, cfg.batch_size, cfg.seed, on_images)
     trainable = _Upper(model, start)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in trainable.parameters():
-        p.requires_grad_(True)
 
     def on_epoch(frac: float, msg: str) -> None:
         if progress is not None:
@@ -347,29 +339,10 @@ def finetune(
         {"params": list(trainable.head.parameters()), "lr": cfg.lr},
     ]
 
-    report = _fit(
-        trainable,
-        trainable,
-        x_tr,
-        y_tr,
-        x_va,
-        y_va,
-        len(model.class_names),
-        model.class_names,
-        cfg.epochs,
-        cfg.batch_size,
-        cfg.lr,
-        cfg.weight_decay,
-        cfg.patience,
-        cfg.label_smoothing,
-        gen,
-        on_epoch,
-        groups,
-    )
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.eval()
-    return report
+    with _only_trainable(model, trainable):
+        return _fit(
+            trainable, x_tr, y_tr, x_va, y_va, model.class_names, cfg, gen, on_epoch, groups
+        )
 
 
 @torch.inference_mode()
