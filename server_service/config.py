@@ -95,6 +95,24 @@ class Settings(BaseSettings):
     max_upload_rows: int = Field(
         default=100_000, gt=0, description="Largest number of rows in one feature upload."
     )
+    max_concurrent_requests: int = Field(
+        default=32,
+        ge=1,
+        description="Requests handled at once; more wait up to ADMISSION_WAIT_S, then get "
+        "503 with Retry-After (/health is exempt).",
+    )
+    max_concurrent_uploads: int = Field(
+        default=4,
+        ge=1,
+        description="Feature uploads received at once (each body is held in memory while "
+        "it is validated); more get 503 with Retry-After.",
+    )
+    admission_wait_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="How long a request over the concurrency limits waits for a slot "
+        "before it is answered 503, in seconds.",
+    )
     train_epochs: int = Field(default=60, ge=1, description="Epochs of server-side training.")
     train_lr: float = Field(default=2e-3, gt=0, description="Peak learning rate (AdamW).")
     train_batch_size: int = Field(default=64, ge=2, description="Mini-batch size.")

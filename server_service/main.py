@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from fl_core import __version__
 from fl_core.blobstore import LocalBlobStore
 from fl_core.errors import AuthError, ConfigError, FedInspectError, Forbidden
+from server_service.admission import AdmissionControl
 from server_service.api.main import api_router
 from server_service.config import Settings, get_settings
 from server_service.db import create_schema, make_engine, make_sessionmaker
@@ -107,6 +108,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(FedInspectError, _fedinspect_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_middleware(RequestMetricsMiddleware, get_metrics=lambda: metrics)
+    # Outermost: a refused request costs no worker thread and no database connection.
+    app.add_middleware(
+        AdmissionControl,
+        max_requests=settings.max_concurrent_requests,
+        max_uploads=settings.max_concurrent_uploads,
+        wait_s=settings.admission_wait_s,
+    )
     app.include_router(api_router)
     return app
 
