@@ -30,7 +30,7 @@ from pydantic import BaseModel, ValidationError
 
 from edge_service.config import Settings
 from fl_core.errors import ConfigError, IntegrityError, RemoteError, Unavailable
-from fl_core.schemas import Cycle, ModelInfo, UploadAck
+from fl_core.schemas import Cycle, ModelInfo, ModelManifest, TensorSubset, UploadAck
 from fl_core.serialization import sha256_bytes
 
 log = logging.getLogger("edge_service.client")
@@ -248,6 +248,29 @@ class ServerClient:
                 f"weights of model {version} have sha256 {actual}, expected {sha256}: refusing them"
             )
         return data
+
+    def get_manifest(self, version: int) -> ModelManifest:
+        """Per-tensor digests of ``version``'s weights."""
+        response = self.request("GET", f"/v1/models/{version}/manifest")
+        if self.on_transfer is not None:
+            self.on_transfer("download", len(response.content))
+        return self._model(ModelManifest, response, "model manifest")
+
+    def download_tensors(self, version: int, names: list[str]) -> bytes:
+        """Only the named tensors of ``version`` (safetensors with the full metadata).
+
+        Not checked here: the caller rebuilds the full weights and checks their sha256.
+        """
+        body = TensorSubset(names=names).model_dump_json().encode()
+        response = self.request(
+            "POST",
+            f"/v1/models/{version}/weights/subset",
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
+        if self.on_transfer is not None:
+            self.on_transfer("download", len(response.content))
+        return response.content
 
 
 __all__ = [

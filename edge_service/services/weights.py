@@ -1,0 +1,111 @@
+"""Base model weights on the edge: from the blob store, as a delta, or in full.
+
+A cycle retrains the part above the cut only, so the next base model shares every
+tensor below the cut with the one the edge already holds. The edge then asks the
+server for the new version's per-tensor digests (``GET /v1/models/{v}/manifest``),
+fetches only the tensors it lacks (``POST /v1/models/{v}/weights/subset``), rebuilds
+the full safetensors file from its cached tensors and the fetched ones (the bytes are
+reproducible: ``fl_core.serialization.dumps`` is deterministic) and accepts it only if
+its sha256 is the one the server announced. When anything in that path fails (an older
+server without the routes, a digest mismatch), it downloads the full weights, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+from edge_service.services.client import ServerClient
+from edge_service.services.registry import ModelRegistry
+from fl_core import serialization
+from fl_core.errors import FedInspectError, IntegrityError
+
+log = logging.getLogger("edge_service.weights")
+
+#: sha256 of the last base model weights this edge stored (the delta's reference)
+LAST_BASE_KEY = "last_base_sha256"
+
+How = Literal["cached", "delta", "full"]
+
+
+@dataclass(frozen=True)
+class FetchedWeights:
+    data: bytes
+    #: bytes received from the server for them (0 when cached)
+    downloaded: int
+    how: How
+    #: tensors fetched / tensors in the model (delta only)
+    fetched_tensors: int = 0
+    total_tensors: int = 0
+
+
+def _delta(
+    client: ServerClient, previous: bytes, version: int, sha256: str
+) -> FetchedWeights | None:
+    """The weights of ``version`` rebuilt from ``previous`` plus the tensors that changed;
+    None when the server's manifest does not describe the expected weights."""
+    manifest = client.get_manifest(version)
+    received = len(manifest.model_dump_json())
+    if manifest.sha256 != sha256:
+        return None
+    have = serialization.tensor_digests(previous)
+    reuse = {n for n, d in manifest.tensors.items() if have.get(n) == d}
+    # at least one tensor: the subset also carries the file's metadata
+    wanted = sorted(set(manifest.tensors) - reuse) or sorted(manifest.tensors)[:1]
+    subset = client.download_tensors(version, wanted)
+    received += len(subset)
+    fetched, metadata = serialization.loads(subset)
+    if set(fetched) != set(wanted):
+        raise IntegrityError(f"the server sent other tensors than the {len(wanted)} asked for")
+    cached, _ = serialization.loads(previous)
+    tensors = {n: cached[n] for n in reuse if n not in fetched} | fetched
+    data = serialization.dumps(tensors, metadata)
+    actual = serialization.sha256_bytes(data)
+    if actual != sha256:
+        raise IntegrityError(
+            f"weights of model {version} rebuilt from a delta have sha256 {actual}, "
+            f"expected {sha256}"
+        )
+    return FetchedWeights(data, received, "delta", len(wanted), len(manifest.tensors))
+
+
+def fetch_base_weights(
+    client: ServerClient,
+    registry: ModelRegistry,
+    version: int,
+    sha256: str,
+    delta: bool = True,
+) -> FetchedWeights:
+    """Weights of base model ``version`` (sha256 checked), fetching as little as possible."""
+    blobs = registry.blobs
+    if blobs.exists(sha256):
+        return FetchedWeights(blobs.get(sha256), 0, "cached")
+    fetched: FetchedWeights | None = None
+    previous = registry.store.get_state(LAST_BASE_KEY)
+    if delta and isinstance(previous, str) and blobs.exists(previous):
+        try:
+            fetched = _delta(client, blobs.get(previous), version, sha256)
+        except FedInspectError as exc:
+            log.warning(
+                "event=delta_download_failed model=%d reason=%r; downloading in full",
+                version,
+                exc.detail,
+            )
+    if fetched is None:
+        data = client.download_weights(version, sha256)
+        fetched = FetchedWeights(data, len(data), "full")
+    blobs.put(fetched.data)
+    registry.store.set_state(LAST_BASE_KEY, sha256)
+    log.info(
+        "event=weights model=%d how=%s bytes=%d tensors=%d/%d",
+        version,
+        fetched.how,
+        fetched.downloaded,
+        fetched.fetched_tensors,
+        fetched.total_tensors,
+    )
+    return fetched
+
+
+__all__ = ["LAST_BASE_KEY", "FetchedWeights", "fetch_base_weights"]

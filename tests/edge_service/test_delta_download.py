@@ -1,0 +1,126 @@
+"""Delta download of base models: after a cycle, the edge fetches only the tensors that
+changed (the part above the cut), rebuilds the exact full weights, and falls back to a
+full download when the server cannot serve a delta or the rebuilt bytes do not check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from edge_service.db import EdgeStore
+from edge_service.main import create_app
+from edge_service.services.registry import ModelRegistry
+from edge_service.services.weights import LAST_BASE_KEY, fetch_base_weights
+from fl_core import serialization
+from fl_core.blobstore import LocalBlobStore
+from fl_core.errors import RemoteError
+from fl_core.model import model_to_bytes
+from fl_core.schemas import ModelManifest
+from tests.edge_service.conftest import AUTH, TestClient, make_settings, tiny_model, wait_job
+from tests.edge_service.test_cycle_server import SERVER_ADMIN, server  # noqa: F401  (fixture)
+
+
+def test_a_cycle_downloads_the_base_in_full_then_only_the_changed_head(
+    server: TestClient,  # noqa: F811
+    tmp_path: Path,
+    image_folder: Path,
+) -> None:
+    reg = server.post("/v1/edges", headers=SERVER_ADMIN, json={"name": "edge-1"}).json()
+    settings = make_settings(
+        tmp_path / "edge", image_folder, token=SecretStr(reg["token"]), edge_id=reg["edge_id"]
+    )
+    v1_size = server.get("/v1/models/1", headers=SERVER_ADMIN).json()["size"]
+    with TestClient(create_app(settings, server)) as edge:
+        done = wait_job(edge, edge.post("/v1/jobs/cycle", headers=AUTH).json()["id"], 120)
+        assert done["state"] == "succeeded", done["error"]
+        result = done["result"]
+    assert result["downloads"] == ["full", "delta"]
+    v2 = server.get("/v1/models/2", headers=SERVER_ADMIN).json()
+    delta_bytes = result["bytes_downloaded"] - v1_size
+    assert 0 < delta_bytes < v2["size"]
+    # the rebuilt file is the server's, byte for byte
+    blobs = LocalBlobStore(tmp_path / "edge" / "blobs")
+    assert blobs.exists(v2["sha256"])
+    assert (
+        blobs.get(v2["sha256"]) == server.get("/v1/models/2/weights", headers=SERVER_ADMIN).content
+    )
+
+
+class _StubClient:
+    """Serves version 2 of a tiny model; can lie about the subset or lack the routes."""
+
+    def __init__(self, v2: bytes, tamper: bool = False, has_delta: bool = True) -> None:
+        self.v2, self.tamper, self.has_delta = v2, tamper, has_delta
+        self.calls: list[str] = []
+
+    def get_manifest(self, version: int) -> ModelManifest:
+        self.calls.append("manifest")
+        if not self.has_delta:
+            raise RemoteError("server answered 404 to GET /v1/models/2/manifest", 404)
+        return ModelManifest(
+            version=version,
+            sha256=serialization.sha256_bytes(self.v2),
+            tensors=serialization.tensor_digests(self.v2),
+        )
+
+    def download_tensors(self, version: int, names: list[str]) -> bytes:
+        self.calls.append(f"subset:{len(names)}")
+        tensors, meta = serialization.loads(serialization.subset(self.v2, names))
+        if self.tamper:
+            tensors = {n: t + 1 for n, t in tensors.items()}
+        return serialization.dumps(tensors, meta)
+
+    def download_weights(self, version: int, sha256: str) -> bytes:
+        self.calls.append("full")
+        return self.v2
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> ModelRegistry:
+    return ModelRegistry(EdgeStore.open(tmp_path / "edge.db"), LocalBlobStore(tmp_path / "b"))
+
+
+def _versions() -> tuple[bytes, bytes]:
+    v1_model = tiny_model(0)
+    v1 = model_to_bytes(v1_model)
+    v2_model = tiny_model(0)
+    v2_model.head[-1].weight.data += 0.5  # a cycle retrains the head only
+    return v1, model_to_bytes(v2_model)
+
+
+def _hold(registry: ModelRegistry, weights: bytes) -> None:
+    registry.store.set_state(LAST_BASE_KEY, registry.blobs.put(weights))
+
+
+def test_delta_fetches_only_changed_tensors(registry: ModelRegistry) -> None:
+    v1, v2 = _versions()
+    _hold(registry, v1)
+    client = _StubClient(v2)
+    got = fetch_base_weights(client, registry, 2, serialization.sha256_bytes(v2))  # type: ignore[arg-type]
+    assert got.how == "delta" and got.data == v2
+    assert client.calls == ["manifest", "subset:1"]
+    assert got.fetched_tensors == 1 < got.total_tensors
+    assert 0 < got.downloaded < len(v2)
+    assert registry.store.get_state(LAST_BASE_KEY) == serialization.sha256_bytes(v2)
+    # held now: the next call downloads nothing
+    again = fetch_base_weights(client, registry, 2, serialization.sha256_bytes(v2))  # type: ignore[arg-type]
+    assert again.how == "cached" and again.downloaded == 0
+
+
+@pytest.mark.parametrize("stub", ["tampered subset", "no delta routes"])
+def test_delta_falls_back_to_a_full_download(registry: ModelRegistry, stub: str) -> None:
+    v1, v2 = _versions()
+    _hold(registry, v1)
+    client = _StubClient(v2, tamper=stub == "tampered subset", has_delta=stub != "no delta routes")
+    got = fetch_base_weights(client, registry, 2, serialization.sha256_bytes(v2))  # type: ignore[arg-type]
+    assert got.how == "full" and got.data == v2 and got.downloaded == len(v2)
+    assert client.calls[-1] == "full"
+
+
+def test_without_a_previous_base_the_download_is_full(registry: ModelRegistry) -> None:
+    _, v2 = _versions()
+    client = _StubClient(v2)
+    got = fetch_base_weights(client, registry, 2, serialization.sha256_bytes(v2))  # type: ignore[arg-type]
+    assert got.how == "full" and client.calls == ["full"]
