@@ -28,6 +28,7 @@ from edge_service.services.client import ServerClient
 from edge_service.services.dataset import LocalData
 from edge_service.services.jobs import JobContext, Plan
 from edge_service.services.registry import ModelRegistry
+from edge_service.services.weights import fetch_base_weights
 from fl_core.data import ImageSet
 from fl_core.errors import Conflict, InvalidInput, RemoteError, Unavailable
 from fl_core.features import check_model_matches_spec, extract_images
@@ -116,6 +117,8 @@ def _empty_result() -> dict[str, Any]:
         "upload_sha256": None,
         "bytes_uploaded": 0,
         "bytes_downloaded": 0,
+        # how each base model arrived: cached, delta (changed tensors only) or full
+        "downloads": [],
         "raw_train_bytes": 0,
         "extract_backend": None,
         "metrics": {"server_model": None, "candidate": None, "previous": None},
@@ -231,12 +234,12 @@ class CycleService:
         return cycle
 
     def _base_model(self, spec: FeatureSpec, result: dict[str, Any]) -> SplitModel:
-        weights, downloaded = self.registry.base_weights(
-            spec.base_model_sha256,
-            lambda: self.client.download_weights(spec.base_model_version, spec.base_model_sha256),
+        fetched = fetch_base_weights(
+            self.client, self.registry, spec.base_model_version, spec.base_model_sha256
         )
-        result["bytes_downloaded"] += downloaded
-        model = model_from_bytes(weights)
+        result["bytes_downloaded"] += fetched.downloaded
+        result["downloads"].append(fetched.how)
+        model = model_from_bytes(fetched.data)
         check_model_matches_spec(model, spec)
         if model.class_names != list(spec.class_names):
             raise InvalidInput(
@@ -294,10 +297,11 @@ class CycleService:
         splits = self.data.splits()
         ctx.begin("download", f"downloading model {version or 'latest'}")
         info = self.client.get_model(version if version is not None else "latest")
-        weights, downloaded = self.registry.base_weights(
-            info.sha256, lambda: self.client.download_weights(info.version, info.sha256)
-        )
-        result["bytes_downloaded"] += downloaded
+        # a cycle changes only the part above the cut: fetch the tensors that changed
+        fetched = fetch_base_weights(self.client, self.registry, info.version, info.sha256)
+        weights = fetched.data
+        result["bytes_downloaded"] += fetched.downloaded
+        result["downloads"].append(fetched.how)
         result["model_version"] = info.version
         result["n_train"], result["n_val"], result["n_test"] = (
             len(splits.train),

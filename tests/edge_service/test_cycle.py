@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import httpx
@@ -75,12 +76,16 @@ def test_the_edge_sends_only_features_never_images(
         ("PUT", r"/v1/cycles/\d+/features"),
         ("GET", r"/v1/models/(\d+|latest)"),
         ("GET", r"/v1/models/\d+/weights"),
+        ("GET", r"/v1/models/\d+/manifest"),
+        ("POST", r"/v1/models/\d+/weights/subset"),
     ]
     for request in fake_server.requests:
         assert any(request.method == m and re.fullmatch(p, request.url.path) for m, p in allowed), (
             f"unexpected request {request.method} {request.url.path}"
         )
-        if request.method != "PUT":
+        if request.url.path.endswith("/weights/subset"):  # tensor names, nothing else
+            assert set(json.loads(request.content)) == {"names"}
+        elif request.method != "PUT":
             assert request.content == b""
     puts = [r for r in fake_server.requests if r.method == "PUT"]
     assert len(puts) == 1
