@@ -82,7 +82,8 @@ class Service:
         return self.proc.pid
 
     def log(self, chars: int = 6000) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")[-chars:]
 
     def check_alive(self) -> None:
@@ -182,8 +183,8 @@ class Services:
         svc.wait_healthy()
         return svc
 
-    def logs(self) -> str:
-        return "\n".join(f"--- {s.name} ---\n{s.log()}" for s in self.started)
+    def logs(self, chars: int = 6000) -> str:
+        return "\n".join(f"--- {s.name} ---\n{s.log(chars)}" for s in self.started)
 
     def stop_all(self) -> None:
         for svc in reversed(self.started):

@@ -7,7 +7,8 @@
   the server's quorum and deadline handling, and a dead edge sends nothing.)
 - A real edge process loses the server for 30 s in the middle of its cycle job (the
   server is stopped, then restarted on the same port and DATA_DIR): the job's retries
-  carry it over the outage and it succeeds.
+  carry it over the outage and it succeeds. Both services log at DEBUG throughout, and
+  no piece of any token (including ones presented and refused) appears in their logs.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def test_deadline_trains_with_the_quorum_or_fails_without_it(tmp_path: Path) -> 
 def test_edge_job_survives_a_30_second_server_outage(tmp_path: Path, image_folder: Path) -> None:
     server_port, edge_port = free_port(), free_port()
     data_dir = tmp_path / "server"
-    settings = {"min_edges": "2", "cycle_deadline_s": "600"}
+    settings = {"min_edges": "2", "cycle_deadline_s": "600", "log_level": "DEBUG"}
     with services(tmp_path) as procs:
         server = procs.server(data_dir, server_port, **settings)
         reg, other = register_edge(server.url, "line-a"), register_edge(server.url, "line-b")
@@ -92,6 +93,7 @@ def test_edge_job_survives_a_30_second_server_outage(tmp_path: Path, image_folde
             image_folder,
             retry_budget_s="120",
             retry_max_s="3",
+            log_level="DEBUG",
         )
         edge = procs.edge("edge", edge_port, env)
         with client(edge.url, EDGE_ADMIN_TOKEN) as c:
@@ -116,6 +118,17 @@ def test_edge_job_survives_a_30_second_server_outage(tmp_path: Path, image_folde
             wait_until(lambda: job_state()["state"] != "running", 180, "the job to end")
             final = job_state()
             assert final["state"] == "succeeded", f"{final}\n{procs.logs()}"
+            guessed = {"Authorization": "Bearer guessed-token-123456"}
+            assert c.get("/v1/status", headers=guessed).status_code == 401
+        with client(server.url, "guessed-token-abcdef") as bad:
+            assert bad.get("/v1/cycles").status_code == 401
+        logs = procs.logs(chars=10**8)
     assert outage >= OUTAGE_S
     assert final["result"]["cycle_id"] == cycle["id"]
     assert final["result"]["model_version"] == 2
+    assert "event=cycle.done" in logs and "event=succeeded" in logs
+    secrets = (SERVER_ADMIN_TOKEN, reg["token"], other["token"], EDGE_ADMIN_TOKEN, "guessed-token")
+    for secret in secrets:
+        # Any 12-character piece of a token would be a leak, not just the whole token.
+        pieces = {secret[i : i + 12] for i in range(max(1, len(secret) - 11))}
+        assert not [p for p in pieces if p in logs], f"token material of {secret[:4]}... logged"
