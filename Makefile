@@ -27,7 +27,7 @@ demo-quick: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy fl_core server_service edge_service fedinspect
+	$(VENV)/bin/mypy fl_core server_service edge_service fedinspect bench
 
 test: lint
 	$(VENV)/bin/pytest -W error

@@ -92,5 +92,20 @@ def privacy_eval(
     )
 
 
+@app.command()
+def bench(
+    quick: Annotated[
+        bool, typer.Option(help="the small version: under 10 minutes on 2 cores")
+    ] = False,
+    out: Annotated[Path, typer.Option(help="folder for results.json and results.md")] = Path(
+        "bench/results/full"
+    ),
+) -> None:
+    """Benchmarks: extraction vs the CPU's limit, wire bytes, ingest, cycle, accuracy, Flower."""
+    from bench.run import run_bench
+
+    run_bench(quick, out)
+
+
 def main() -> None:
     app()

@@ -1,0 +1,103 @@
+"""Cycle time and accuracy, from whole demo runs (real processes on loopback).
+
+``fedinspect.demo.run_demo`` runs one cycle with a server and three edges and trains
+the local-only and centralized references with the same code; its results dict has the
+per-edge accuracies, bytes and stage seconds this module aggregates over seeds.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from bench.stats import summary
+from fedinspect.demo import DemoOptions, run_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+NEU_DET = ROOT.parent / "shared" / "data" / "neu-det"
+
+
+def datasets() -> tuple[list[str], list[str]]:
+    """(datasets to run, notes about skipped ones)."""
+    if NEU_DET.is_dir():
+        return ["elpv", str(NEU_DET)], []
+    return ["elpv"], [f"NEU-DET skipped: {NEU_DET} is absent"]
+
+
+def run_demos(dataset: str, quick: bool, seeds: list[int]) -> list[dict[str, Any]]:
+    return [run_demo(DemoOptions(edges=3, quick=quick, dataset=dataset, seed=s)) for s in seeds]
+
+
+def _acc(row: dict[str, Any], key: str) -> float | None:
+    value = row.get(key)
+    return None if value is None else float(value["accuracy"])
+
+
+def accuracy_table(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per edge and mean: local-only, base, stage-2 server model, federated; centralized."""
+    keys = ("local_only", "base", "server_model", "federated")
+    edges = []
+    for i, first in enumerate(runs[0]["edges"]):
+        row: dict[str, Any] = {"name": first["name"], "dataset": first["dataset"]}
+        for key in keys:
+            values = [v for r in runs if (v := _acc(r["edges"][i], key)) is not None]
+            row[key] = summary(values, 4)
+        edges.append(row)
+    mean = {
+        key: summary([statistics.fmean(_acc(e, key) or 0.0 for e in r["edges"]) for r in runs], 4)
+        for key in keys
+    }
+    return {
+        "seeds": [r["seed"] for r in runs],
+        "quick": runs[0]["quick"],
+        "input_size": runs[0]["input_size"],
+        "edges": edges,
+        "mean": mean,
+        "centralized": summary([r["centralized"]["accuracy"] for r in runs], 4),
+    }
+
+
+def cycle_stages(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Seconds of each stage (median over edges and seeds) and of the whole cycle."""
+    stages: dict[str, list[float]] = {}
+    for r in runs:
+        for e in r["edges"]:
+            for stage, seconds in e["stage_seconds"].items():
+                stages.setdefault(stage, []).append(float(seconds))
+    return {
+        "cycle_s": summary([r["cycle"]["seconds"] for r in runs], 1),
+        "demo_total_s": summary([r["total_seconds"] for r in runs], 1),
+        "stages": {k: summary(v, 2) for k, v in stages.items()},
+    }
+
+
+def ours_for_flower(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Our federated result in Flower's terms: accuracy, bytes, seconds."""
+    per_edge = [
+        summary([r["edges"][i]["federated"]["accuracy"] for r in runs], 4)
+        for i in range(len(runs[0]["edges"]))
+    ]
+    compute = []
+    for r in runs:
+        total = 0.0
+        for e in r["edges"]:
+            total += sum(v for k, v in e["stage_seconds"].items() if k != "wait")
+        compute.append(total)
+    return {
+        "accuracy": {
+            "per_edge": per_edge,
+            "mean": summary([r["mean_federated_accuracy"] for r in runs], 4),
+        },
+        "bytes": summary([r["bytes"]["uploaded"] + r["bytes"]["downloaded"] for r in runs], 0),
+        "bytes_uploaded": summary([r["bytes"]["uploaded"] for r in runs], 0),
+        "bytes_downloaded": summary([r["bytes"]["downloaded"] for r in runs], 0),
+        "seconds": {
+            "wall": summary([r["cycle"]["seconds"] for r in runs], 1),
+            "edge_compute": summary(compute, 1),
+        },
+        "rounds": 1,
+    }
+
+
+__all__ = ["accuracy_table", "cycle_stages", "datasets", "ours_for_flower", "run_demos"]

@@ -1,0 +1,269 @@
+"""The same task trained with Flower's FedAvg, side by side with ours.
+
+Same backbone (EfficientNet-Lite0, ImageNet weights), same base model (seeded as the
+server's version 1), same partitions and train/val/test splits (``fedinspect.demo``'s
+plan), same input size. Two configurations:
+
+- ``flower``: FedAvg of the blocks our stage 3 fine-tunes (from ``b11``) plus the head;
+  the frozen blocks below run once per image (cached activations, the augmented views
+  our fine-tuning uses), as our fine-tuning does.
+- ``flower_head``: FedAvg of the head alone on frozen pooled features.
+
+Flower's simulation engine needs Ray (``flwr[simulation]``), which is not installed
+here, and its gRPC server/clients would add processes without changing the arithmetic;
+so the rounds are driven by a minimal in-process loop around Flower's own ``FedAvg``
+strategy (``configure``-free: every client trains every round; ``aggregate_fit``
+averages the clients' parameters weighted by their example counts, exactly as a Flower
+server does). Bytes are what Flower would put on the wire: the serialised ``Parameters``
+(numpy ``.npy`` buffers) down to and up from every client each round.
+
+Local epochs and learning rate are picked from a small grid; for each we train up to
+``max_rounds`` rounds and record the mean test accuracy after every round. The best
+(grid point, round) is reported, which favours Flower (the choice is made on the test
+split), with the first round at which it reaches our mean federated accuracy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bench.stats import summary
+from fedinspect.demo import DemoOptions, DemoPlan, plan_demo
+from fl_core.data import ImageSet, batches
+from fl_core.model import HeadConfig, SplitModel, build_split_model
+from fl_core.training import class_weights
+
+
+def _flwr() -> Any:
+    try:
+        import flwr  # noqa: F401
+    except ImportError as exc:  # the bench extra is not installed
+        raise RuntimeError(
+            "flwr is not installed: pip install --no-deps flwr==1.42.0 (see pyproject 'bench')"
+        ) from exc
+    from flwr.common import (
+        Code,
+        FitRes,
+        Status,
+        ndarrays_to_parameters,
+        parameters_to_ndarrays,
+    )
+    from flwr.server.strategy import FedAvg
+
+    return FedAvg, FitRes, Status, Code, ndarrays_to_parameters, parameters_to_ndarrays
+
+
+class _Trainable(nn.Module):
+    def __init__(self, model: SplitModel, start: int) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(list(model.stages[start:]))
+        self.head = model.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            x = stage(x)
+        return self.head(x)
+
+
+def _train_mode(module: nn.Module) -> None:
+    module.train()
+    for m in module.modules():  # frozen batch-norm statistics, as our fine-tuning
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+@torch.inference_mode()
+def _acts(
+    model: SplitModel, images: ImageSet, end: int, views: int, bs: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for view in range(views):
+        for x, y in batches(images, model.arch.input_size, bs, augment=view > 0, seed=seed):
+            xs.append(model.run_stages(model.normalize(x), 0, end))
+            ys.append(y)
+    return torch.cat(xs), torch.cat(ys).long()
+
+
+@dataclass
+class _Client:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    prep_s: float
+
+
+def _get(module: nn.Module) -> list[np.ndarray]:
+    return [v.detach().cpu().numpy().copy() for v in module.state_dict().values()]
+
+
+def _set(module: nn.Module, arrays: list[np.ndarray]) -> None:
+    keys = list(module.state_dict())
+    module.load_state_dict(
+        {k: torch.from_numpy(np.asarray(a)) for k, a in zip(keys, arrays, strict=True)}
+    )
+
+
+def _fit_local(
+    module: nn.Module, c: _Client, n_classes: int, epochs: int, lr: float, bs: int, seed: int
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights(c.y_train, n_classes), label_smoothing=0.05)
+    _train_mode(module)
+    for _ in range(epochs):
+        order = torch.randperm(len(c.x_train), generator=gen)
+        for s in range(0, len(order), bs):
+            idx = order[s : s + bs]
+            if len(idx) < 2:
+                continue
+            opt.zero_grad(set_to_none=True)
+            loss_fn(module(c.x_train[idx]), c.y_train[idx]).backward()
+            opt.step()
+    module.eval()
+
+
+@torch.inference_mode()
+def _accuracy(module: nn.Module, c: _Client) -> float:
+    module.eval()
+    pred = torch.cat(
+        [module(c.x_test[i : i + 128]).argmax(1) for i in range(0, len(c.x_test), 128)]
+    )
+    return float((pred == c.y_test).float().mean())
+
+
+def _clients(plan: DemoPlan, model: SplitModel, start: int, views: int) -> list[_Client]:
+    out = []
+    for spec in plan.edge_specs:
+        sp = plan.split(spec)
+        began = time.perf_counter()
+        train = ImageSet(sp.train.records + sp.val.records, sp.train.class_names)
+        xt, yt = _acts(model, train, start, views, plan.batch_size, plan.seed)
+        xe, ye = _acts(model, sp.test, start, 1, plan.batch_size, plan.seed)
+        out.append(_Client(xt, yt, xe, ye, time.perf_counter() - began))
+    return out
+
+
+def _fedavg(
+    plan: DemoPlan,
+    start_stage: str | None,
+    grid: list[tuple[int, float]],
+    max_rounds: int,
+    target: float | None,
+) -> dict[str, Any]:
+    FedAvg, FitRes, Status, Code, to_params, from_params = _flwr()
+    torch.manual_seed(plan.seed)
+    model = build_split_model(
+        plan.class_names, plan.backbone, plan.cut, plan.input_size, HeadConfig(plan.head_hidden)
+    )
+    start = model.cut_index + 1 if start_stage is None else model.stage_index(start_stage)
+    views = plan.finetune.views if start_stage is not None and plan.finetune.augment else 1
+    clients = _clients(plan, model, start, views)
+    n_classes = len(plan.class_names)
+    initial = _get(_Trainable(model, start))
+    best: dict[str, Any] | None = None
+    for epochs, lr in grid:
+        strategy = FedAvg(min_fit_clients=len(clients), min_available_clients=len(clients))
+        params = to_params(initial)
+        wire = sum(len(t) for t in params.tensors)
+        history: list[dict[str, Any]] = []
+        compute = 0.0
+        began = time.perf_counter()
+        for rnd in range(1, max_rounds + 1):
+            results = []
+            for i, c in enumerate(clients):
+                t0 = time.perf_counter()
+                local = _Trainable(model, start)
+                _set(local, from_params(params))
+                _fit_local(local, c, n_classes, epochs, lr, plan.batch_size, plan.seed + rnd + i)
+                fit = FitRes(Status(Code.OK, ""), to_params(_get(local)), len(c.y_train), {})
+                compute += time.perf_counter() - t0
+                results.append((None, fit))
+            params, _ = strategy.aggregate_fit(rnd, results, [])
+            glob = _Trainable(model, start)
+            _set(glob, from_params(params))
+            accs = [_accuracy(glob, c) for c in clients]
+            history.append({"round": rnd, "per_edge": accs, "mean": float(np.mean(accs))})
+        wall = time.perf_counter() - began
+        top = max(history, key=lambda h: h["mean"])
+        reach = next(
+            (h["round"] for h in history if target is not None and h["mean"] >= target), None
+        )
+        cand: dict[str, Any] = {
+            "local_epochs": epochs,
+            "lr": lr,
+            "best_round": top["round"],
+            "accuracy": {
+                "per_edge": [round(a, 4) for a in top["per_edge"]],
+                "mean": round(top["mean"], 4),
+            },
+            "rounds_to_reach_ours": reach,
+            "history_mean": [round(h["mean"], 4) for h in history],
+            "bytes_per_round": 2 * wire * len(clients),
+            "bytes": 2 * wire * len(clients) * top["round"],
+            "parameter_bytes": wire,
+            "seconds": {
+                "edge_compute_to_best": round(
+                    compute * top["round"] / max_rounds + sum(c.prep_s for c in clients), 1
+                ),
+                "wall_to_best": round(
+                    wall * top["round"] / max_rounds + sum(c.prep_s for c in clients), 1
+                ),
+                "frozen_part_once_s": round(sum(c.prep_s for c in clients), 1),
+            },
+        }
+        if best is None or cand["accuracy"]["mean"] > best["accuracy"]["mean"]:
+            best = cand
+    assert best is not None
+    best["rounds"] = best["best_round"]
+    best["trained_from"] = start_stage or "head"
+    best["grid"] = [{"local_epochs": e, "lr": lr} for e, lr in grid]
+    return best
+
+
+def run(quick: bool, dataset: str, seed: int, ours_mean: float | None) -> dict[str, Any]:
+    plan = plan_demo(DemoOptions(edges=3, quick=quick, dataset=dataset, seed=seed))
+    finetune_from = "b11"  # efficientnet_lite0's default first fine-tuned stage
+    if quick:
+        grid, rounds = [(1, 1e-3), (3, 1e-3)], 8
+    else:
+        grid, rounds = [(1, 1e-3), (3, 1e-3), (1, 3e-3)], 20
+    return {
+        "flower": _fedavg(plan, finetune_from, grid, rounds, ours_mean),
+        "flower_head": _fedavg(plan, None, grid, rounds, ours_mean),
+        "engine": "flwr.server.strategy.FedAvg (flwr 1.42) driven by an in-process round loop",
+    }
+
+
+def summarize(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Median/min/max over seeds of one configuration's figures."""
+    rs = [r[key] for r in runs]
+    n_edges = len(rs[0]["accuracy"]["per_edge"])
+    return {
+        "accuracy": {
+            "per_edge": [
+                summary([r["accuracy"]["per_edge"][i] for r in rs], 4) for i in range(n_edges)
+            ],
+            "mean": summary([r["accuracy"]["mean"] for r in rs], 4),
+        },
+        "bytes": summary([r["bytes"] for r in rs], 0),
+        "seconds": {
+            "edge_compute": summary([r["seconds"]["edge_compute_to_best"] for r in rs], 1),
+            "wall": summary([r["seconds"]["wall_to_best"] for r in rs], 1),
+        },
+        "rounds": summary([r["rounds"] for r in rs], 0),
+        "rounds_to_reach_ours": [r["rounds_to_reach_ours"] for r in rs],
+        "choice": [{"local_epochs": r["local_epochs"], "lr": r["lr"]} for r in rs],
+        "trained_from": rs[0]["trained_from"],
+        "per_seed": rs,
+    }
+
+
+__all__ = ["run", "summarize"]

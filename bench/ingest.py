@@ -1,0 +1,226 @@
+"""Server ingest under load: K simulated edges upload feature batches concurrently.
+
+One real server process (EfficientNet-Lite0 cut at ``pooled``: 1280 float32 per row,
+as edges send by default) on loopback; K edges registered through the admin API join
+one cycle (its quorum is above K, so it keeps collecting) and each uploads
+``uploads_per_edge`` different batches of ``rows`` rows, all edges at once (asyncio,
+one connection each). A 429/503 is answered as a real edge does: wait ``Retry-After``
+and send again; the latency of an upload is what the edge sees, from its first attempt
+to the acknowledgement, waits included. Errors are uploads that failed for good.
+Peak RSS is the server's ``VmHWM`` after the run (a fresh process per K).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from bench.stats import summary
+from fl_core.features import pack_features
+from fl_core.schemas import Cycle, FeatureSpec
+
+HOST = "127.0.0.1"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+def _start_server(work: Path, admin: str, port: int, min_edges: int) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDINSPECT_")}
+    env |= {
+        "FEDINSPECT_SERVER_ADMIN_TOKEN": admin,
+        "FEDINSPECT_SERVER_DATA_DIR": str(work),
+        "FEDINSPECT_SERVER_HOST": HOST,
+        "FEDINSPECT_SERVER_PORT": str(port),
+        "FEDINSPECT_SERVER_MIN_EDGES": str(min_edges),
+        "FEDINSPECT_SERVER_CYCLE_DEADLINE_S": "86400",
+        "FEDINSPECT_SERVER_LOG_LEVEL": "WARNING",
+    }
+    log = (work / "server.log").open("wb")
+    return subprocess.Popen(
+        [sys.executable, "-c", "from server_service.main import run; run()"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError("server did not become healthy")
+
+
+def _body(spec: FeatureSpec, edge_id: str, rows: int, seed: int) -> bytes:
+    gen = torch.Generator().manual_seed(seed)
+    feats = torch.randn([rows, *spec.feature_shape], generator=gen).abs()
+    labels = torch.arange(rows) % len(spec.class_names)
+    return pack_features(feats, labels, spec, edge_id)
+
+
+async def _edge(
+    client: httpx.AsyncClient,
+    token: str,
+    edge_id: str,
+    uploads: int,
+    rows: int,
+    start: asyncio.Event,
+    out: dict[str, Any],
+) -> None:
+    headers = {"Authorization": f"Bearer {token}"}
+    cycle = Cycle.model_validate_json(
+        (await client.post("/v1/cycles", headers=headers)).raise_for_status().content
+    )
+    await start.wait()
+    for i in range(uploads):
+        body = _body(cycle.spec, edge_id, rows, seed=hash((edge_id, i)) % 2**31)
+        began = time.perf_counter()
+        for _attempt in range(20):
+            try:
+                resp = await client.put(
+                    f"/v1/cycles/{cycle.id}/features",
+                    content=body,
+                    headers={**headers, "Content-Type": "application/octet-stream"},
+                )
+            except httpx.TransportError as exc:
+                out["transport_errors"] += 1
+                out["last_error"] = f"{type(exc).__name__}"
+                await asyncio.sleep(0.5)
+                continue
+            if resp.status_code in (429, 503):
+                out["retries"] += 1
+                await asyncio.sleep(float(resp.headers.get("Retry-After", "1")))
+                continue
+            if resp.status_code in (200, 201):
+                out["latencies"].append(time.perf_counter() - began)
+                out["bytes"] += len(body)
+            else:
+                out["errors"] += 1
+                out["last_error"] = f"{resp.status_code} {resp.text[:200]}"
+            break
+        else:
+            out["errors"] += 1
+
+
+async def _load(url: str, admin: str, edges: int, uploads: int, rows: int) -> dict[str, Any]:
+    limits = httpx.Limits(max_connections=edges + 4, max_keepalive_connections=edges + 4)
+    timeout = httpx.Timeout(300.0)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
+        tokens = []
+        for i in range(edges):
+            resp = await client.post(
+                "/v1/edges",
+                json={"name": f"bench-{i}"},
+                headers={"Authorization": f"Bearer {admin}"},
+            )
+            reg = resp.raise_for_status().json()
+            tokens.append((reg["token"], reg["edge_id"]))
+        out: dict[str, Any] = {
+            "latencies": [],
+            "bytes": 0,
+            "errors": 0,
+            "retries": 0,
+            "transport_errors": 0,
+            "last_error": None,
+        }
+        start = asyncio.Event()
+        tasks = [
+            asyncio.create_task(_edge(client, t, e, uploads, rows, start, out)) for t, e in tokens
+        ]
+        await asyncio.sleep(0.5)
+        began = time.perf_counter()
+        start.set()
+        await asyncio.gather(*tasks)
+        out["wall_s"] = time.perf_counter() - began
+        return out
+
+
+def run_level(edges: int, uploads: int, rows: int) -> dict[str, Any]:
+    admin = secrets.token_urlsafe(24)
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="fedinspect-ingest-") as tmp:
+        proc = _start_server(Path(tmp), admin, port, min_edges=edges + 1)
+        url = f"http://{HOST}:{port}"
+        try:
+            _wait_healthy(url, proc)
+            out = asyncio.run(_load(url, admin, edges, uploads, rows))
+            peak = _peak_rss_mb(proc.pid)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    lat_ms = sorted(1000 * x for x in out["latencies"])
+    done = len(lat_ms)
+
+    def pct(q: float) -> float | None:
+        return round(lat_ms[min(done - 1, int(q * done))], 1) if done else None
+
+    return {
+        "edges": edges,
+        "uploads": done,
+        "rows_per_upload": rows,
+        "upload_bytes": round(out["bytes"] / max(1, done)),
+        "uploads_per_s": round(done / out["wall_s"], 2),
+        "mb_per_s": round(out["bytes"] / 1e6 / out["wall_s"], 2),
+        "p50_ms": pct(0.5),
+        "p99_ms": pct(0.99),
+        "mean_ms": round(statistics.fmean(lat_ms), 1) if lat_ms else None,
+        "errors": out["errors"] + 0,
+        "retries_429_503": out["retries"],
+        "transport_errors_retried": out["transport_errors"],
+        "last_error": out["last_error"],
+        "peak_rss_mb": peak,
+        "wall_s": round(out["wall_s"], 2),
+    }
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    levels = [10, 50, 200]
+    uploads, rows = (2, 300) if quick else (5, 300)
+    repeats = 1 if quick else 3
+    results = []
+    for k in levels:
+        runs = [run_level(k, uploads, rows) for _ in range(repeats)]
+        best = sorted(runs, key=lambda r: r["uploads_per_s"])[len(runs) // 2]
+        best = dict(best)
+        best["uploads_per_s_runs"] = summary([r["uploads_per_s"] for r in runs], 2)
+        best["p99_ms_runs"] = summary([r["p99_ms"] or 0 for r in runs], 1)
+        results.append(best)
+    return results
+
+
+__all__ = ["run", "run_level"]

@@ -1,0 +1,206 @@
+"""results.json -> results.md: the same numbers as Markdown tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.stats import fmt
+
+
+def _pct(s: dict[str, Any] | None) -> str:
+    if not s or s.get("median") is None:
+        return "-"
+    return f"{100 * s['median']:.1f} ({100 * s['min']:.1f}-{100 * s['max']:.1f})"
+
+
+def _extraction(e: dict[str, Any]) -> list[str]:
+    lines = ["## 1. Extraction against the CPU's limit", ""]
+    for size in e["sizes"]:
+        lines += [
+            f"{size['input_size']} px, batch {size['batch_size']}, {size['threads']} threads, "
+            f"{size['images']} elpv images; img/s, median (min-max):",
+            "",
+            "| what | img/s |",
+            "|---|---:|",
+            f"| reference: torch eager NCHW on decoded tensors | {fmt(size['torch_nchw_img_s'])} |",
+            f"| reference: torch eager channels-last on decoded tensors | {fmt(size['torch_img_s'])} |",
+            f"| reference: ONNX Runtime on decoded tensors | {fmt(size['onnxruntime_img_s'])} |",
+        ]
+        for name, value in size["breakdown"].items():
+            lines.append(f"| edge path: {name} | {fmt(value)} |")
+        lines += [
+            "",
+            f"ratio (edge path / fastest reference, medians of the same run): **{size['ratio']}**; "
+            f"ONNX export + check once per base model: {size['onnx_setup_s']} s "
+            f"(max abs diff {size['onnx_max_abs_diff']:.1e}).",
+            "",
+        ]
+    return lines
+
+
+def _wire(w: dict[str, Any]) -> list[str]:
+    d = w["download_bytes_per_cycle"]
+    lines = [
+        "## 2. Bytes on the wire",
+        "",
+        f"raw image bytes on disk: {w['raw_bytes_per_image']:.0f} per image (elpv PNG).",
+        "",
+        "| privacy dtype | upload bytes / image | / raw |",
+        "|---|---:|---:|",
+    ]
+    for dtype, value in w["upload_bytes_per_image"].items():
+        lines.append(f"| {dtype} | {value:.0f} | {w['ratio'][dtype]:.4f} |")
+    lines += [
+        "",
+        f"download per cycle: first cycle {d['first_cycle']} bytes (base in full "
+        f"{d['full_model']} + delta {d['delta']}: {d['changed_tensors']} of "
+        f"{d['total_tensors']} tensors), later cycles {d['later_cycles']} bytes; "
+        f"without the delta a first cycle cost {d['without_delta_first_cycle']} bytes.",
+        "",
+    ]
+    if w.get("measured_in_demo"):
+        lines += [
+            "measured in the demo (elpv, seed 0):",
+            "",
+            "| edge | train images | up | down | raw |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for e in w["measured_in_demo"]:
+            lines.append(
+                f"| {e['name']} | {e['n_train']} | {e['uploaded']} | {e['downloaded']} | {e['raw_images']} |"
+            )
+        lines.append("")
+    return lines
+
+
+def _ingest(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "## 3. Server ingest under load",
+        "",
+        "| edges | uploads | bytes/upload | uploads/s | MB/s | p50 ms | p99 ms | errors | 429/503 retried | peak RSS MB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['edges']} | {r['uploads']} | {r['upload_bytes']} | {r['uploads_per_s']} | "
+            f"{r['mb_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | "
+            f"{r['retries_429_503']} | {r['peak_rss_mb']} |"
+        )
+    return [*lines, ""]
+
+
+def _cycle(c: dict[str, Any]) -> list[str]:
+    lines = [
+        "## 4. Cycle time",
+        "",
+        f"quick demo cycle: {fmt(c.get('quick_s'), ' s')}; full demo cycle: {fmt(c.get('full_s'), ' s')}",
+        "",
+        "| stage (per edge) | seconds |",
+        "|---|---:|",
+    ]
+    for k, v in c.get("stages", {}).items():
+        lines.append(f"| {k} | {fmt(v)} |")
+    return [*lines, ""]
+
+
+def _accuracy(acc: dict[str, Any]) -> list[str]:
+    lines = ["## 5. Accuracy (test accuracy %, median (min-max) over seeds)", ""]
+    for name, t in acc.items():
+        lines += [
+            f"### {name} ({'quick' if t['quick'] else 'full'}, {t['input_size']} px, seeds {t['seeds']})",
+            "",
+            "| edge | local-only | base | stage 2 (server) | federated |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for e in t["edges"]:
+            lines.append(
+                f"| {e['name']} | {_pct(e['local_only'])} | {_pct(e['base'])} | "
+                f"{_pct(e['server_model'])} | {_pct(e['federated'])} |"
+            )
+        m = t["mean"]
+        lines += [
+            f"| **mean** | {_pct(m['local_only'])} | {_pct(m['base'])} | "
+            f"{_pct(m['server_model'])} | {_pct(m['federated'])} |",
+            "",
+            f"centralized upper bound: {_pct(t['centralized'])}",
+            "",
+        ]
+    return lines
+
+
+def _flower(block: dict[str, Any], title: str) -> list[str]:
+    lines = [
+        f"## 6. Against Flower ({title})",
+        "",
+        "| | mean acc % | per edge acc % | rounds | bytes moved | edge compute s | wall s |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    o = block["ours"]
+    lines.append(
+        f"| ours (1 cycle) | {_pct(o['accuracy']['mean'])} | "
+        + ", ".join(_pct(a) for a in o["accuracy"]["per_edge"])
+        + f" | 1 | {fmt(o['bytes'])} | {fmt(o['seconds']['edge_compute'])} | {fmt(o['seconds']['wall'])} |"
+    )
+    for key, label in (
+        ("flower", "Flower FedAvg, b11+ and head"),
+        ("flower_head", "Flower FedAvg, head on pooled"),
+    ):
+        f = block.get(key)
+        if not f:
+            continue
+        lines.append(
+            f"| {label} | {_pct(f['accuracy']['mean'])} | "
+            + ", ".join(_pct(a) for a in f["accuracy"]["per_edge"])
+            + f" | {fmt(f['rounds'])} | {fmt(f['bytes'])} | {fmt(f['seconds']['edge_compute'])} | "
+            f"{fmt(f['seconds']['wall'])} |"
+        )
+    for key in ("flower", "flower_head"):
+        f = block.get(key)
+        if f:
+            lines.append(
+                f"\n{key}: rounds to reach our mean accuracy per seed: {f['rounds_to_reach_ours']}; "
+                f"chosen (local epochs, lr): {f['choice']}"
+            )
+    if block.get("engine"):
+        lines.append(f"\nengine: {block['engine']}")
+    return [*lines, ""]
+
+
+def to_markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    lines = [
+        f"# FedInspect benchmarks ({r['mode']})",
+        "",
+        f"Command: `{r['command']}`  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, torch {m['torch']}, "
+        f"onnxruntime {m['onnxruntime']}; load average at start {m['load_average_at_start']} "
+        "(shared machine: compare only numbers from the same run).  ",
+        f"Started {r['started_at']}; total {r.get('total_seconds', '-')} s.",
+        "",
+        "Every figure is the median of repeated runs with (min-max); ratios compare numbers "
+        "measured in the same run.",
+        "",
+    ]
+    for note in r.get("notes", []):
+        lines.append(f"- {note}")
+    if r.get("extraction"):
+        lines += _extraction(r["extraction"])
+    if r.get("wire"):
+        lines += _wire(r["wire"])
+    if r.get("ingest"):
+        lines += _ingest(r["ingest"])
+    if r.get("cycle"):
+        lines += _cycle(r["cycle"])
+    if r.get("accuracy"):
+        lines += _accuracy(r["accuracy"])
+    if r.get("ours"):
+        lines += _flower(r, "elpv")
+    if r.get("neu_det_flower"):
+        lines += _flower(r["neu_det_flower"], "NEU-DET")
+    if r.get("errors"):
+        lines += ["## Sections that failed", ""]
+        lines += [f"- {k}: {v}" for k, v in r["errors"].items()]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["to_markdown"]

@@ -1,0 +1,159 @@
+"""``fedinspect bench``: run every benchmark and write results.json and results.md.
+
+Quick (``--quick``, under 10 minutes on 2 cores): one size for extraction, K = 10, 50,
+200 edges with 2 uploads each, the quick demo on elpv and NEU-DET with one seed, and
+Flower on the quick plan. Full: 224 and 160 px, 5 uploads per edge and 3 repeats per
+K, the full demo on both datasets over 3 seeds (plus the quick demo for its cycle time),
+Flower on the full plan for every seed. Sections that fail are recorded with their
+error and the rest still runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import demo_runs, extraction, flower, ingest, wire
+from bench.report import to_markdown
+
+
+def _machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": ort_version,
+        "platform": platform.platform(),
+        "load_average_at_start": list(os.getloadavg()),
+    }
+
+
+def _section(name: str, results: dict[str, Any], work: Callable[[], Any]) -> Any:
+    print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+    began = time.monotonic()
+    try:
+        value = work()
+    except Exception as exc:  # one broken section must not lose the others
+        traceback.print_exc()
+        results.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
+        value = None
+    results.setdefault("section_seconds", {})[name] = round(time.monotonic() - began, 1)
+    print(f"[bench] {name} done in {time.monotonic() - began:.0f} s", file=sys.stderr, flush=True)
+    return value
+
+
+def run_bench(quick: bool, out: Path) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "mode": "quick" if quick else "full",
+        "command": f"fedinspect bench{' --quick' if quick else ''} --out {out}",
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "notes": [],
+    }
+
+    def save() -> None:
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / "results.md").write_text(to_markdown(results))
+
+    results["extraction"] = _section("extraction", results, lambda: extraction.run(quick))
+    save()
+    results["wire"] = _section("wire", results, lambda: wire.run(quick))
+    save()
+    results["ingest"] = _section("ingest", results, lambda: ingest.run(quick))
+    save()
+
+    names, notes = demo_runs.datasets()
+    results["notes"] += notes
+    seeds = [0] if quick else [0, 1, 2]
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for ds in names:
+        label = "elpv" if ds == "elpv" else "neu-det"
+
+        def demos(ds: str = ds) -> list[dict[str, Any]]:
+            return demo_runs.run_demos(ds, quick, seeds)
+
+        got = _section(f"demo {label}", results, demos)
+        if got:
+            runs[label] = got
+    accuracy = {k: demo_runs.accuracy_table(v) for k, v in runs.items()}
+    results["accuracy"] = accuracy
+    cycle: dict[str, Any] = {}
+    if "elpv" in runs:
+        stages = demo_runs.cycle_stages(runs["elpv"])
+        if quick:
+            cycle["quick_s"] = stages["cycle_s"]
+            cycle["full_s"] = None
+        else:
+            cycle["full_s"] = stages["cycle_s"]
+            quick_runs = _section(
+                "demo elpv quick (cycle time)",
+                results,
+                lambda: demo_runs.run_demos("elpv", True, [0]),
+            )
+            cycle["quick_s"] = demo_runs.cycle_stages(quick_runs)["cycle_s"] if quick_runs else None
+        cycle["stages"] = stages["stages"]
+        cycle["demo_total_s"] = stages["demo_total_s"]
+        measured = [
+            {k: e["bytes"][k] for k in ("uploaded", "downloaded", "raw_images")}
+            | {"name": e["name"], "n_train": e["n_train"]}
+            for e in runs["elpv"][0]["edges"]
+        ]
+        if results.get("wire"):
+            results["wire"]["measured_in_demo"] = measured
+    results["cycle"] = cycle
+    save()
+
+    for label, label_runs in runs.items():
+        ours = demo_runs.ours_for_flower(label_runs)
+        target = ours["accuracy"]["mean"]["median"]
+        ds = "elpv" if label == "elpv" else str(demo_runs.NEU_DET)
+
+        def flowers(
+            ds: str = ds, label_runs: list[dict[str, Any]] = label_runs, target: float = target
+        ) -> list[dict[str, Any]]:
+            return [flower.run(quick, ds, r["seed"], target) for r in label_runs]
+
+        fl_runs = _section(f"flower {label}", results, flowers)
+        block: dict[str, Any] = {"ours": ours}
+        if fl_runs:
+            block["flower"] = flower.summarize(fl_runs, "flower")
+            block["flower_head"] = flower.summarize(fl_runs, "flower_head")
+            block["engine"] = fl_runs[0]["engine"]
+        if label == "elpv":
+            results.update(block)
+        else:
+            results["neu_det_flower"] = block
+        save()
+    results["total_seconds"] = round(time.monotonic() - started, 1)
+    save()
+    return results
+
+
+__all__ = ["run_bench"]
