@@ -170,7 +170,11 @@ def _fedavg(
     initial = _get(_Trainable(model, start))
     best: dict[str, Any] | None = None
     for epochs, lr in grid:
-        strategy = FedAvg(min_fit_clients=len(clients), min_available_clients=len(clients))
+        strategy = FedAvg(
+            min_fit_clients=len(clients),
+            min_available_clients=len(clients),
+            fit_metrics_aggregation_fn=lambda _metrics: {},
+        )
         params = to_params(initial)
         wire = sum(len(t) for t in params.tensors)
         history: list[dict[str, Any]] = []
