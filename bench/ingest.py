@@ -89,20 +89,29 @@ def _body(spec: FeatureSpec, edge_id: str, rows: int, seed: int) -> bytes:
     return pack_features(feats, labels, spec, edge_id)
 
 
+async def _call(
+    client: httpx.AsyncClient, method: str, path: str, out: dict[str, Any], **kwargs: Any
+) -> httpx.Response:
+    """One request, sent again after 429/503 as a real edge does (Retry-After)."""
+    for _attempt in range(50):
+        resp = await client.request(method, path, **kwargs)
+        if resp.status_code not in (429, 503):
+            return resp.raise_for_status()
+        out["retries"] += 1
+        await asyncio.sleep(float(resp.headers.get("Retry-After", "1")))
+    return resp.raise_for_status()
+
+
 async def _edge(
     client: httpx.AsyncClient,
     token: str,
     edge_id: str,
     uploads: int,
     rows: int,
-    start: asyncio.Event,
+    cycle: Cycle,
     out: dict[str, Any],
 ) -> None:
     headers = {"Authorization": f"Bearer {token}"}
-    cycle = Cycle.model_validate_json(
-        (await client.post("/v1/cycles", headers=headers)).raise_for_status().content
-    )
-    await start.wait()
     for i in range(uploads):
         body = _body(cycle.spec, edge_id, rows, seed=hash((edge_id, i)) % 2**31)
         began = time.perf_counter()
@@ -137,15 +146,6 @@ async def _load(url: str, admin: str, edges: int, uploads: int, rows: int) -> di
     limits = httpx.Limits(max_connections=edges + 4, max_keepalive_connections=edges + 4)
     timeout = httpx.Timeout(300.0)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
-        tokens = []
-        for i in range(edges):
-            resp = await client.post(
-                "/v1/edges",
-                json={"name": f"bench-{i}"},
-                headers={"Authorization": f"Bearer {admin}"},
-            )
-            reg = resp.raise_for_status().json()
-            tokens.append((reg["token"], reg["edge_id"]))
         out: dict[str, Any] = {
             "latencies": [],
             "bytes": 0,
@@ -154,14 +154,29 @@ async def _load(url: str, admin: str, edges: int, uploads: int, rows: int) -> di
             "transport_errors": 0,
             "last_error": None,
         }
-        start = asyncio.Event()
-        tasks = [
-            asyncio.create_task(_edge(client, t, e, uploads, rows, start, out)) for t, e in tokens
-        ]
-        await asyncio.sleep(0.5)
+        tokens = []
+        admin_headers = {"Authorization": f"Bearer {admin}"}
+        for i in range(edges):
+            resp = await _call(
+                client, "POST", "/v1/edges", out, json={"name": f"bench-{i}"}, headers=admin_headers
+            )
+            reg = resp.json()
+            tokens.append((reg["token"], reg["edge_id"]))
+        joins = await asyncio.gather(
+            *(
+                _call(client, "POST", "/v1/cycles", out, headers={"Authorization": f"Bearer {t}"})
+                for t, _ in tokens
+            )
+        )
+        cycles = [Cycle.model_validate_json(r.content) for r in joins]
+        out["retries"] = 0  # count the uploads' retries only, not the joins'
         began = time.perf_counter()
-        start.set()
-        await asyncio.gather(*tasks)
+        await asyncio.gather(
+            *(
+                _edge(client, t, e, uploads, rows, c, out)
+                for (t, e), c in zip(tokens, cycles, strict=True)
+            )
+        )
         out["wall_s"] = time.perf_counter() - began
         return out
 

@@ -183,6 +183,11 @@ def to_markdown(r: dict[str, Any]) -> str:
     ]
     for note in r.get("notes", []):
         lines.append(f"- {note}")
+    for rerun in r.get("reruns", []):
+        lines.append(
+            f"- sections {rerun['sections']} rerun at {rerun['at']} "
+            f"(load average then {rerun['machine']['load_average_at_start']})"
+        )
     if r.get("extraction"):
         lines += _extraction(r["extraction"])
     if r.get("wire"):

@@ -67,30 +67,68 @@ def _section(name: str, results: dict[str, Any], work: Callable[[], Any]) -> Any
     return value
 
 
-def run_bench(quick: bool, out: Path) -> dict[str, Any]:
+SECTIONS = ("extraction", "wire", "ingest", "demos")
+
+
+def run_bench(quick: bool, out: Path, only: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmarks; with ``only``, rerun those sections into DIR's results.json."""
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    results: dict[str, Any] = {
-        "mode": "quick" if quick else "full",
-        "command": f"fedinspect bench{' --quick' if quick else ''} --out {out}",
-        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": _machine(),
-        "notes": [],
-    }
+    unknown = sorted(set(only or []) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
+    path = out / "results.json"
+    if only and path.is_file():
+        results: dict[str, Any] = json.loads(path.read_text())
+        results.setdefault("reruns", []).append(
+            {
+                "sections": only,
+                "at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "machine": _machine(),
+            }
+        )
+        for name in only:
+            results.get("errors", {}).pop(name, None)
+    else:
+        results = {
+            "mode": "quick" if quick else "full",
+            "command": f"fedinspect bench{' --quick' if quick else ''} --out {out}",
+            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": _machine(),
+            "notes": [],
+        }
+
+    def want(section: str) -> bool:
+        return not only or section in only
 
     def save() -> None:
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         (out / "results.md").write_text(to_markdown(results))
 
-    results["extraction"] = _section("extraction", results, lambda: extraction.run(quick))
+    if want("extraction"):
+        results["extraction"] = _section("extraction", results, lambda: extraction.run(quick))
+        save()
+    if want("wire"):
+        measured = (results.get("wire") or {}).get("measured_in_demo")
+        results["wire"] = _section("wire", results, lambda: wire.run(quick))
+        if measured and results["wire"]:
+            results["wire"]["measured_in_demo"] = measured
+        save()
+    if want("ingest"):
+        results["ingest"] = _section("ingest", results, lambda: ingest.run(quick))
+        save()
+    if want("demos"):
+        _demos(quick, results, save)
+    if not only:
+        results["total_seconds"] = round(time.monotonic() - started, 1)
     save()
-    results["wire"] = _section("wire", results, lambda: wire.run(quick))
-    save()
-    results["ingest"] = _section("ingest", results, lambda: ingest.run(quick))
-    save()
+    return results
 
+
+def _demos(quick: bool, results: dict[str, Any], save: Callable[[], None]) -> None:
+    """Cycle time, accuracy and Flower: all from whole demo runs."""
     names, notes = demo_runs.datasets()
-    results["notes"] += notes
+    results["notes"] = sorted(set(results.get("notes", [])) | set(notes))
     seeds = [0] if quick else [0, 1, 2]
     runs: dict[str, list[dict[str, Any]]] = {}
     for ds in names:
@@ -151,9 +189,6 @@ def run_bench(quick: bool, out: Path) -> dict[str, Any]:
         else:
             results["neu_det_flower"] = block
         save()
-    results["total_seconds"] = round(time.monotonic() - started, 1)
-    save()
-    return results
 
 
-__all__ = ["run_bench"]
+__all__ = ["SECTIONS", "run_bench"]

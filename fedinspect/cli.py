@@ -100,11 +100,18 @@ def bench(
     out: Annotated[Path, typer.Option(help="folder for results.json and results.md")] = Path(
         "bench/results/full"
     ),
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="rerun only these sections (extraction, wire, ingest, demos) into an "
+            "existing results.json"
+        ),
+    ] = None,
 ) -> None:
     """Benchmarks: extraction vs the CPU's limit, wire bytes, ingest, cycle, accuracy, Flower."""
     from bench.run import run_bench
 
-    run_bench(quick, out)
+    run_bench(quick, out, only)
 
 
 def main() -> None:
