@@ -1,0 +1,686 @@
+"""``fedinspect privacy-eval``: what an attacker recovers from what edges upload, and
+what each privacy mode costs in federated accuracy.
+
+The threat: an honest-but-curious server (or anyone who reads the uploads) who knows
+the base model and the feature spec, and owns images like the edges' own. It trains a
+decoder from features back to images on its own data (features passed through the
+same privacy transform the spec states, fresh noise every epoch), then decodes what
+the edges uploaded. Attackers: a disjoint half of elpv (in-domain), and NEU-DET steel
+images (cross-domain, when ``../shared/data/neu-det`` is present).
+
+Measured, for each mode, cut and noise level:
+
+- ``ssim``, ``psnr``: of the reconstructions against the uploaded originals (64x64
+  grey); ``psnr_gain_db`` over the attacker's best guess without features, the mean
+  image of its own data (``baseline``).
+- ``reid_top1``: share of reconstructions whose nearest uploaded original (normalised
+  correlation) is the right one; ``reid_chance`` = 1 / uploads.
+- ``accuracy``: the federated stage-2 accuracy: the part above the cut trained, as the
+  server does, on the uploads (decoded from the wire format), evaluated on clean
+  features of a held-out test split.
+
+In ``stats`` mode there are no per-image rows: re-identification is impossible by
+construction (reported as 0), and the attacker's best per-image guess is the decoded
+class mean of the image's edge (the attacker is even told each image's class).
+
+Everything runs in process on the CPU with fl_core's own packing, training and
+evaluation; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fl_core import serialization
+from fl_core.data import ImageSet, batches, load_elpv, load_image_folder, stratified_indices
+from fl_core.features import FeatureBatch, apply_privacy, make_spec
+from fl_core.model import SplitModel, build_split_model
+from fl_core.privacy import ClassStats, pack_upload, training_rows, unpack_upload
+from fl_core.schemas import PrivacyConfig
+from fl_core.training import UpperTrainConfig, evaluate_features, train_upper
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NEU_DET = REPO_ROOT.parent / "shared" / "data" / "neu-det"
+IMAGE_SIZE = 64
+N_EDGES = 3
+
+Log = Callable[[str], None]
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+@dataclass
+class EvalOptions:
+    out: Path
+    quick: bool = False
+    #: elpv images used in all (None: all 2,624); half attack, half are the edges'
+    limit: int | None = None
+    input_size: int | None = None
+    seed: int = 0
+    neu_root: Path = NEU_DET
+    neu_limit: int | None = None
+    #: noise sigmas of the trade-off curve (pooled rows clipped to ``clip_norm``)
+    sigmas: Sequence[float] = (0.5, 1.0, 2.0)
+    clip_norm: float = 24.0
+    decoder_epochs: int | None = None
+    upper_epochs: int | None = None
+    accuracy_seeds: int | None = None
+
+    def resolved(self) -> EvalOptions:
+        q = self.quick
+        return EvalOptions(
+            out=self.out,
+            quick=q,
+            limit=self.limit if self.limit is not None else (640 if q else None),
+            input_size=self.input_size or (128 if q else 160),
+            seed=self.seed,
+            neu_root=self.neu_root,
+            neu_limit=self.neu_limit if self.neu_limit is not None else (120 if q else 600),
+            sigmas=tuple(self.sigmas) if not q else (1.0,),
+            clip_norm=self.clip_norm,
+            decoder_epochs=self.decoder_epochs or (8 if q else 20),
+            upper_epochs=self.upper_epochs or (30 if q else 60),
+            accuracy_seeds=self.accuracy_seeds or (1 if q else 3),
+        )
+
+
+@dataclass(frozen=True)
+class Config:
+    """One row of the evaluation: what the edges upload, and who attacks it."""
+
+    mode: str
+    cut: str
+    privacy: PrivacyConfig
+    attacker: str = "elpv"
+
+    @property
+    def key(self) -> str:
+        return f"{self.attacker}/{self.cut}/{self.privacy.model_dump_json()}"
+
+
+@dataclass
+class Data:
+    """Features at every cut needed, and the 64x64 grey images, of one image set."""
+
+    feats: dict[str, torch.Tensor]
+    images: torch.Tensor  # [N, 1, 64, 64] in [0, 1]
+    labels: torch.Tensor
+
+
+@dataclass
+class Row:
+    mode: str
+    cut: str
+    attacker: str
+    noise_sigma: float
+    clip_norm: float | None
+    accuracy: float
+    ssim: float
+    psnr: float
+    psnr_gain_db: float
+    reid_top1: float
+    reid_chance: float
+    default: bool = False
+    note: str = ""
+    examples: list[int] = field(default_factory=list, repr=False)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Mean SSIM per image (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5,
+    K1 0.01, K2 0.03, valid region only), for [N, 1, H, W] images."""
+    a, b = a.double(), b.double()
+    g = _gaussian_window().to(a)
+    gx, gy = g.view(1, 1, 1, -1), g.view(1, 1, -1, 1)
+
+    def blur(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(x, gx), gy)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
+        (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
+    )
+    return s.mean(dim=(1, 2, 3)).float()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """PSNR in dB per image."""
+    mse = ((a.double() - b.double()) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-12)
+    return (10 * torch.log10(data_range**2 / mse)).float()
+
+
+def reid_top1(reconstructions: torch.Tensor, originals: torch.Tensor) -> float:
+    """Share of reconstructions whose most correlated original is their own."""
+
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(x.shape[0], -1).double()
+        flat = flat - flat.mean(1, keepdim=True)
+        return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    corr = unit(reconstructions) @ unit(originals).T
+    hits = corr.argmax(1) == torch.arange(len(corr))
+    return float(hits.double().mean())
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _extract(
+    model: SplitModel, images: ImageSet, cuts: Sequence[str], batch_size: int = 32
+) -> Data:
+    """One pass of the lower stages: features at each cut, and the image at 64 px."""
+    model.eval()
+    model.to(memory_format=torch.channels_last)
+    wanted = {model.stage_index(c): c for c in cuts}
+    last = max(wanted) + 1
+    feats: dict[str, list[torch.Tensor]] = {c: [] for c in cuts}
+    small: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for x, y in batches(images, model.arch.input_size, batch_size):
+            grey = x.mean(1, keepdim=True)
+            small.append(F.interpolate(grey, size=(IMAGE_SIZE, IMAGE_SIZE), mode="area"))
+            h = model.normalize(x).contiguous(memory_format=torch.channels_last)
+            for i, stage in enumerate(model.stages[:last]):
+                h = stage(h)
+                if i in wanted:
+                    feats[wanted[i]].append(h.float().contiguous())
+            labels.append(y.long())
+    return Data({c: torch.cat(v) for c, v in feats.items()}, torch.cat(small), torch.cat(labels))
+
+
+def _subset(data: Data, idx: Sequence[int]) -> Data:
+    t = torch.as_tensor(list(idx), dtype=torch.long)
+    return Data({c: v[t] for c, v in data.feats.items()}, data.images[t], data.labels[t])
+
+
+def _limit(ds: ImageSet, n: int | None, seed: int) -> ImageSet:
+    if n is None or n >= len(ds):
+        return ds
+    keep, _ = stratified_indices(ds.labels, [n, len(ds) - n], seed)
+    return ds.subset(keep)
+
+
+def _cached_extract(
+    model: SplitModel, images: ImageSet, cuts: Sequence[str], cache: Path, log: Log
+) -> Data:
+    """Extraction is most of the run's time: keep it (safetensors) for re-runs."""
+    ident = json.dumps(
+        [str(r.path) for r in images.records] + [model.arch.to_json(), *cuts], sort_keys=True
+    )
+    path = cache / f"{images.name}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.safetensors"
+    if path.is_file():
+        tensors, _ = serialization.loads(path.read_bytes())
+        log(f"features of {len(images)} {images.name} images from {path.name}")
+        feats = {c: tensors[f"feat.{c}"] for c in cuts}
+        return Data(feats, tensors["images"], tensors["labels"])
+    started = time.perf_counter()
+    data = _extract(model, images, cuts)
+    log(f"extracted {len(images)} {images.name} images in {time.perf_counter() - started:.0f}s")
+    cache.mkdir(parents=True, exist_ok=True)
+    tensors = {f"feat.{c}": v for c, v in data.feats.items()}
+    tensors |= {"images": data.images, "labels": data.labels}
+    path.write_bytes(serialization.dumps(tensors))
+    return data
+
+
+# --------------------------------------------------------------------------- decoder
+
+
+class Decoder(nn.Module):
+    """Features (a vector or a map) -> a 64x64 grey image: a small up-sampling net.
+
+    Sized for two CPU cores: 48 channels at 8x8, 24 at 16x16, 12 at 32x32, then bilinear
+    up to 64x64 (what pooled or 5x5 features hold about a cell is coarser than that).
+    """
+
+    def __init__(self, feature_shape: Sequence[int], mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mu", mean)
+        self.register_buffer("sd", std)
+        self.is_map = len(feature_shape) == 3
+        if self.is_map:
+            self.inp: nn.Module = nn.Sequential(
+                nn.Conv2d(feature_shape[0], 48, 3, padding=1), nn.BatchNorm2d(48), nn.ReLU()
+            )
+        else:
+            self.inp = nn.Sequential(nn.Linear(feature_shape[0], 48 * 8 * 8), nn.ReLU())
+        layers: list[nn.Module] = []
+        for c_in, c_out in ((48, 24), (24, 12)):
+            layers += [
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(c_in, c_out, 3, padding=1),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(),
+            ]
+        layers += [
+            nn.Conv2d(12, 1, 3, padding=1),
+            nn.Upsample(size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False),
+            nn.Sigmoid(),
+        ]
+        self.up = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mu: torch.Tensor = self.mu  # type: ignore[assignment]
+        sd: torch.Tensor = self.sd  # type: ignore[assignment]
+        x = (x - mu) / sd
+        if self.is_map:
+            x = F.interpolate(x, size=(8, 8), mode="bilinear", align_corners=False)
+            h = self.inp(x)
+        else:
+            h = self.inp(x).view(-1, 48, 8, 8)
+        out: torch.Tensor = self.up(h)
+        return out
+
+
+def train_decoder(
+    feats: torch.Tensor,
+    images: torch.Tensor,
+    privacy: PrivacyConfig,
+    epochs: int,
+    seed: int,
+    batch_size: int = 64,
+) -> Decoder:
+    """Fit a decoder on the attacker's own (features, image) pairs; the features go
+    through the spec's privacy transform with fresh noise every epoch."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    sample = apply_privacy(feats, privacy, gen)
+    dims = [0, 2, 3] if feats.dim() == 4 else [0]
+    mean = sample.mean(dim=dims, keepdim=True)[0]
+    std = sample.std(dim=dims, keepdim=True)[0].clamp_min(1e-3)
+    dec = Decoder(list(feats.shape[1:]), mean, std)
+    opt = torch.optim.AdamW(dec.parameters(), lr=2e-3, weight_decay=1e-4)
+    steps = epochs * math.ceil(len(feats) / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    dec.train()
+    for _ in range(epochs):
+        private = apply_privacy(feats, privacy, gen)
+        order = torch.randperm(len(feats), generator=gen)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            if len(idx) < 2:
+                continue
+            opt.zero_grad(set_to_none=True)
+            loss = F.mse_loss(dec(private[idx]), images[idx])
+            loss.backward()
+            opt.step()
+            sched.step()
+    dec.eval()
+    return dec
+
+
+@torch.inference_mode()
+def _decode(dec: Decoder, feats: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    return torch.cat([dec(feats[i : i + batch_size]) for i in range(0, len(feats), batch_size)])
+
+
+# --------------------------------------------------------------------------- the evaluation
+
+
+class _Evaluation:
+    def __init__(self, opts: EvalOptions, log: Log) -> None:
+        self.o = opts
+        self.log = log
+        self.models: dict[str, SplitModel] = {}
+        self.decoders: dict[str, Decoder] = {}
+        self.accuracies: dict[str, float] = {}
+
+    def model(self, cut: str) -> SplitModel:
+        if cut not in self.models:
+            self.models[cut] = build_split_model(
+                ["functional", "defective"], cut=cut, input_size=self.o.input_size, seed=0
+            )
+        return self.models[cut]
+
+    def uploads(
+        self, cfg: Config, data: Data, parts: list[list[int]]
+    ) -> list[FeatureBatch | ClassStats]:
+        """What each edge puts on the wire, decoded as the server decodes it."""
+        spec = make_spec(self.model(cfg.cut), 1, "0" * 64, cfg.privacy)
+        out = []
+        for e, part in enumerate(parts):
+            t = torch.as_tensor(part)
+            body = pack_upload(
+                data.feats[cfg.cut][t], data.labels[t], spec, f"edge-{e}", seed=self.o.seed + e
+            )
+            out.append(unpack_upload(body, spec, max_rows=10**6))
+        return out
+
+    def accuracy(self, cfg: Config, uploads: list[FeatureBatch | ClassStats], test: Data) -> float:
+        key = f"{cfg.cut}/{cfg.privacy.model_dump_json()}"
+        if key in self.accuracies:
+            return self.accuracies[key]
+        accs = []
+        assert self.o.accuracy_seeds is not None and self.o.upper_epochs is not None
+        seeds, epochs = self.o.accuracy_seeds, self.o.upper_epochs
+        if cfg.cut != "pooled":
+            # training blocks on maps costs far more than a head on vectors: one seed,
+            # a third of the epochs (early stopping usually ends sooner anyway)
+            seeds, epochs = 1, max(10, epochs // 3)
+        for s in range(seeds):
+            x, y = training_rows(uploads, seed=self.o.seed + s)
+            model = copy.deepcopy(self.model(cfg.cut))
+            train_upper(model, x, y, UpperTrainConfig(epochs=epochs, seed=s))
+            accs.append(evaluate_features(model, test.feats[cfg.cut], test.labels).accuracy)
+        self.accuracies[key] = float(np.mean(accs))
+        return self.accuracies[key]
+
+    def decoder(self, cfg: Config, attacker: Data) -> Decoder:
+        # in stats mode the attacker decodes means of rows, so it trains on clean rows
+        privacy = cfg.privacy if cfg.mode != "stats" else PrivacyConfig()
+        key = f"{cfg.attacker}/{cfg.cut}/{privacy.model_dump_json()}"
+        if key not in self.decoders:
+            started = time.perf_counter()
+            assert self.o.decoder_epochs is not None
+            self.decoders[key] = train_decoder(
+                attacker.feats[cfg.cut], attacker.images, privacy, self.o.decoder_epochs, 0
+            )
+            self.log(f"decoder {key[:60]}... trained in {time.perf_counter() - started:.0f}s")
+        return self.decoders[key]
+
+
+def _configs(opts: EvalOptions, default: PrivacyConfig, neu: bool) -> list[Config]:
+    clip = opts.clip_norm
+    cfgs = [Config("pooled", "pooled", PrivacyConfig(mode="pooled"))]
+    cfgs += [
+        Config("pooled", "pooled", PrivacyConfig(mode="pooled", clip_norm=clip, noise_sigma=s))
+        for s in opts.sigmas
+    ]
+    spatial_cuts = ["b13"] if opts.quick else ["b13", "b10"]
+    cfgs += [Config("spatial", c, PrivacyConfig(mode="spatial")) for c in spatial_cuts]
+    cfgs.append(Config("stats", "pooled", PrivacyConfig(mode="stats")))
+    if not opts.quick:
+        cfgs.append(
+            Config("stats", "pooled", PrivacyConfig(mode="stats", clip_norm=clip, noise_sigma=1.0))
+        )
+    default_cfg = Config(default.mode, "pooled" if default.mode != "spatial" else "b10", default)
+    if default_cfg.key not in {c.key for c in cfgs}:
+        cfgs.append(default_cfg)
+    if neu:
+        cross = [cfgs[0], default_cfg]
+        seen: set[str] = set()
+        for c in cross:
+            c2 = Config(c.mode, c.cut, c.privacy, attacker="neu-det")
+            if c2.key not in seen:
+                seen.add(c2.key)
+                cfgs.append(c2)
+    return cfgs
+
+
+def server_default_privacy() -> PrivacyConfig:
+    """The privacy config a server gets without PRIVACY__* settings."""
+    from server_service.config import POOLED_PRIVACY_DEFAULTS
+
+    return PrivacyConfig(mode="pooled", **POOLED_PRIVACY_DEFAULTS)  # type: ignore[arg-type]
+
+
+def mark_default(results: dict[str, Any], default: PrivacyConfig) -> dict[str, Any]:
+    """Flag the in-domain row measured with the server's default privacy config."""
+    results["server_default_privacy"] = default.model_dump(mode="json")
+    for m in results["modes"]:
+        m["default"] = (
+            m["attacker"] == "elpv"
+            and m["mode"] == default.mode
+            and m["cut"] == "pooled"
+            and m["clip_norm"] == default.clip_norm
+            and m["noise_sigma"] == default.noise_sigma
+        )
+    return results
+
+
+def run_privacy_eval(options: EvalOptions, log: Log = _print) -> dict[str, Any]:
+    """Run the attack for every configuration; write results.json, results.md, grid.png."""
+    started = time.perf_counter()
+    o = options.resolved()
+    o.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(o.seed)
+    default = server_default_privacy()
+
+    elpv = _limit(load_elpv(), o.limit, o.seed)
+    attack_idx, target_idx = stratified_indices(elpv.labels, [1, 1], o.seed)
+    neu_set: ImageSet | None = None
+    notes: list[str] = []
+    if o.neu_root.is_dir():
+        neu_set = _limit(load_image_folder(o.neu_root), o.neu_limit, o.seed)
+        neu_set.name = "neu-det"
+    else:
+        notes.append(
+            f"cross-domain attacker skipped: NEU-DET not found at {o.neu_root} "
+            "(it is not on users' machines)"
+        )
+    cfgs = _configs(o, default, neu_set is not None)
+    cuts = sorted({c.cut for c in cfgs}, key=lambda c: (c == "pooled", c))
+    ev = _Evaluation(o, log)
+    base = ev.model("pooled")
+    cache = o.out / "cache"
+    all_elpv = _cached_extract(base, elpv, cuts, cache, log)
+    attacker = {"elpv": _subset(all_elpv, attack_idx)}
+    if neu_set is not None:
+        attacker["neu-det"] = _cached_extract(base, neu_set, cuts, cache, log)
+    targets = _subset(all_elpv, target_idx)
+    up_idx, test_idx = stratified_indices(targets.labels.numpy(), [3, 1], o.seed)
+    uploaded, test = _subset(targets, up_idx), _subset(targets, test_idx)
+    parts = stratified_indices(uploaded.labels.numpy(), [1.0] * N_EDGES, o.seed)
+    edge_of = torch.empty(len(up_idx), dtype=torch.long)
+    for e, part in enumerate(parts):
+        edge_of[part] = e
+
+    mean_image = attacker["elpv"].images.mean(0, keepdim=True)
+    guess = mean_image.expand_as(uploaded.images)
+    baseline = {
+        "ssim": float(ssim(guess, uploaded.images).mean()),
+        "psnr": float(psnr(guess, uploaded.images).mean()),
+    }
+    chance = 1.0 / len(up_idx)
+    rows: list[Row] = []
+    recons: dict[str, torch.Tensor] = {}
+    for cfg in cfgs:
+        t0 = time.perf_counter()
+        ups = ev.uploads(cfg, uploaded, parts)
+        acc = ev.accuracy(cfg, ups, test)
+        dec = ev.decoder(cfg, attacker[cfg.attacker])
+        note = ""
+        if cfg.mode == "stats":
+            # one decoded class mean per edge and class: the best per-image guess
+            recon = torch.empty_like(uploaded.images)
+            for e, st in enumerate(ups):
+                assert isinstance(st, ClassStats)
+                decoded = _decode(dec, st.means)
+                for c in range(len(st.counts)):
+                    sel = [i for i in parts[e] if int(uploaded.labels[i]) == c]
+                    if sel:
+                        recon[sel] = decoded[c] if int(st.counts[c]) else mean_image[0]
+            reid = 0.0
+            note = "no per-image rows: re-identification impossible; guess = decoded class mean"
+        else:
+            # uploads come back in edge order: put them back in image order
+            sent = torch.empty_like(uploaded.feats[cfg.cut])
+            for part, up in zip(parts, ups, strict=True):
+                assert isinstance(up, FeatureBatch)
+                sent[part] = up.features
+            recon = _decode(dec, sent)
+            reid = reid_top1(recon, uploaded.images)
+        row = Row(
+            mode=cfg.mode,
+            cut=cfg.cut,
+            attacker=cfg.attacker,
+            noise_sigma=cfg.privacy.noise_sigma,
+            clip_norm=cfg.privacy.clip_norm,
+            accuracy=acc,
+            ssim=float(ssim(recon, uploaded.images).mean()),
+            psnr=float(psnr(recon, uploaded.images).mean()),
+            psnr_gain_db=0.0,
+            reid_top1=reid,
+            reid_chance=chance,
+            default=cfg.privacy == default and cfg.attacker == "elpv",
+            note=note,
+        )
+        row.psnr_gain_db = row.psnr - baseline["psnr"]
+        rows.append(row)
+        recons[_label(row)] = recon
+        log(
+            f"{_label(row):<40} acc {row.accuracy:.3f}  ssim {row.ssim:.3f}  "
+            f"psnr +{row.psnr_gain_db:.2f} dB  reid {100 * row.reid_top1:.1f}%  "
+            f"({time.perf_counter() - t0:.0f}s)"
+        )
+
+    seconds = time.perf_counter() - started
+    results = {
+        "command": "fedinspect privacy-eval" + (" --quick" if o.quick else ""),
+        "machine": _machine(),
+        "seconds": round(seconds, 1),
+        "options": {
+            "quick": o.quick,
+            "elpv_images": len(elpv),
+            "attacker_images": {k: len(v.labels) for k, v in attacker.items()},
+            "uploaded_images": len(up_idx),
+            "test_images": len(test_idx),
+            "edges": N_EDGES,
+            "input_size": o.input_size,
+            "image_size": IMAGE_SIZE,
+            "decoder_epochs": o.decoder_epochs,
+            "upper_epochs": o.upper_epochs,
+            "accuracy_seeds": o.accuracy_seeds,
+            "seed": o.seed,
+        },
+        "baseline": baseline,
+        "modes": [{k: v for k, v in asdict(r).items() if k != "examples"} for r in rows],
+        "notes": notes,
+    }
+    mark_default(results, default)
+    (o.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (o.out / "results.md").write_text(results_markdown(results))
+    _grid(uploaded.images, mean_image[0], recons, o.out / "grid.png", o.seed)
+    log(f"privacy-eval done in {seconds:.0f}s: {o.out / 'results.md'}")
+    return results
+
+
+def _label(row: Row) -> str:
+    noise = f" clip {row.clip_norm:g} sigma {row.noise_sigma:g}" if row.noise_sigma else ""
+    who = "" if row.attacker == "elpv" else f" [{row.attacker} attacker]"
+    cut = f" {row.cut}" if row.mode == "spatial" else ""
+    return f"{row.mode}{cut}{noise}{who}"
+
+
+def _machine() -> str:
+    import os
+
+    return (
+        f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    ).replace("  ", " ")
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    b = results["baseline"]
+    o = results["options"]
+    lines = [
+        "# Privacy evaluation",
+        "",
+        f"`{results['command']}` on {results['machine']}, {results['seconds']:.0f} s.",
+        f"{o['uploaded_images']} uploaded elpv cells from {o['edges']} edges (targets), "
+        f"{o['test_images']} held out for accuracy; attackers own "
+        + ", ".join(f"{n} {k} images" for k, n in o["attacker_images"].items())
+        + f"; features at {o['input_size']} px, reconstructions at {o['image_size']} px.",
+        "",
+        f"Baseline (the attacker's own mean image, no features): SSIM {b['ssim']:.3f}, "
+        f"PSNR {b['psnr']:.2f} dB.",
+        "",
+        "| mode | cut | clip | sigma | attacker | accuracy | SSIM | PSNR dB | gain dB "
+        "| re-id top-1 | chance |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in results["modes"]:
+        star = " **(default)**" if m["default"] else ""
+        clip = "" if m["clip_norm"] is None else f"{m['clip_norm']:g}"
+        lines.append(
+            f"| {m['mode']}{star} | {m['cut']} | {clip} | {m['noise_sigma']:g} | {m['attacker']} "
+            f"| {100 * m['accuracy']:.1f}% | {m['ssim']:.3f} | {m['psnr']:.2f} "
+            f"| {m['psnr_gain_db']:+.2f} | {100 * m['reid_top1']:.1f}% "
+            f"| {100 * m['reid_chance']:.2f}% |"
+        )
+    lines += [""]
+    lines += [f"- {n}" for n in results["notes"]]
+    if any(m["mode"] == "stats" for m in results["modes"]):
+        lines.append(
+            "- stats: no per-image rows leave the edge, so re-identification is impossible "
+            "by construction (0); the per-image guess is the decoded class mean."
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _grid(
+    originals: torch.Tensor,
+    mean_image: torch.Tensor,
+    recons: dict[str, torch.Tensor],
+    path: Path,
+    seed: int,
+    n: int = 6,
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(seed)
+    pick = sorted(rng.choice(len(originals), size=min(n, len(originals)), replace=False).tolist())
+    columns = [("original", originals), ("mean image", mean_image.expand_as(originals))]
+    columns += list(recons.items())
+    fig, axes = plt.subplots(
+        len(pick), len(columns), figsize=(1.1 * len(columns), 1.25 * len(pick)), squeeze=False
+    )
+    for j, (title, imgs) in enumerate(columns):
+        for i, k in enumerate(pick):
+            ax = axes[i][j]
+            ax.imshow(imgs[k, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(title.replace(" clip", "\nclip").replace(" [", "\n["), fontsize=5)
+    fig.tight_layout(pad=0.2)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+__all__ = [
+    "Decoder",
+    "EvalOptions",
+    "mark_default",
+    "psnr",
+    "reid_top1",
+    "results_markdown",
+    "run_privacy_eval",
+    "server_default_privacy",
+    "ssim",
+    "train_decoder",
+]

@@ -1,0 +1,61 @@
+"""``fedinspect privacy-eval``: its metrics, and a quick run on a small elpv subset
+that writes results.json (keys and value ranges checked), results.md and a grid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fedinspect.cli import app
+from fedinspect.privacy_eval import psnr, reid_top1, ssim
+
+pytest.importorskip("elpv_dataset", reason="the elpv dataset is an optional extra")
+
+
+def test_ssim_and_psnr_of_known_pairs() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(3, 1, 32, 32, generator=gen)
+    assert torch.allclose(ssim(a, a), torch.ones(3), atol=1e-6)
+    assert float(psnr(a, a).min()) > 100
+    noisy = (a + 0.1 * torch.randn(a.shape, generator=gen)).clamp(0, 1)
+    s = ssim(a, noisy)
+    assert bool(((s > 0) & (s < 1)).all())
+    # PSNR of additive noise of std 0.1 on [0, 1] images: about 20 dB
+    assert 19 < float(psnr(a, noisy).mean()) < 22
+    flat = torch.full_like(a, 0.5)
+    assert float(ssim(a, flat).mean()) < 0.1
+
+
+def test_reid_finds_each_image_among_the_others() -> None:
+    gen = torch.Generator().manual_seed(0)
+    originals = torch.rand(20, 1, 16, 16, generator=gen)
+    close = originals + 0.05 * torch.randn(originals.shape, generator=gen)
+    assert reid_top1(close, originals) == 1.0
+    assert reid_top1(close.flip(0), originals) == 0.0
+
+
+@pytest.mark.slow
+def test_quick_run_writes_results_in_range(tmp_path: Path) -> None:
+    out = tmp_path / "privacy"
+    args = ["privacy-eval", "--quick", "--limit", "400", "--input-size", "64"]
+    result = CliRunner().invoke(app, [*args, "--neu-limit", "60", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert 0 < data["baseline"]["ssim"] < 1 and 5 < data["baseline"]["psnr"] < 40
+    modes = data["modes"]
+    assert {m["mode"] for m in modes} >= {"pooled", "spatial", "stats"}
+    keys = {"mode", "cut", "noise_sigma", "accuracy", "ssim", "psnr", "psnr_gain_db"}
+    for m in modes:
+        assert keys | {"reid_top1", "reid_chance", "attacker", "default"} <= set(m)
+        assert 0 <= m["accuracy"] <= 1 and -1 <= m["ssim"] <= 1
+        assert 0 <= m["reid_top1"] <= 1 and 0 < m["reid_chance"] < 0.05
+        assert m["psnr_gain_db"] == pytest.approx(m["psnr"] - data["baseline"]["psnr"])
+        if m["mode"] == "stats":
+            assert m["reid_top1"] == 0 and "impossible" in m["note"]
+    assert sum(m["default"] for m in modes) == 1
+    assert "| mode |" in (out / "results.md").read_text()
+    assert (out / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
