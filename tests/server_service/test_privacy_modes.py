@@ -11,7 +11,7 @@ import torch
 
 from fl_core.errors import ConfigError
 from fl_core.privacy import pack_stats
-from server_service.config import load_settings
+from server_service.config import Settings, load_settings
 from tests.server_service.helpers import (
     ADMIN,
     ADMIN_TOKEN,
@@ -147,3 +147,16 @@ def test_malformed_stats_uploads_are_refused(
     assert resp.json()["detail"] == detail.format(d=d)
     got = stats_client.get(f"/v1/cycles/{cycle['id']}", headers=ADMIN).json()
     assert got["uploads"] == []
+
+
+def test_pooled_mode_is_noised_by_default(tmp_path: Path) -> None:
+    s = Settings(admin_token=ADMIN_TOKEN, data_dir=tmp_path)
+    assert (s.privacy.mode, s.privacy.clip_norm, s.privacy.noise_sigma) == ("pooled", 24.0, 2.0)
+    # a partial privacy setting keeps the default noise; an explicit one replaces it
+    assert make_settings(tmp_path, privacy={"dtype": "float16"}).privacy.noise_sigma == 2.0
+    assert make_settings(tmp_path, privacy={"noise_sigma": 0}).privacy.noise_sigma == 0
+    # other modes and a spatial cut start without the pooled rows' bound and noise
+    stats = make_settings(tmp_path, privacy={"mode": "stats"}).privacy
+    assert (stats.clip_norm, stats.noise_sigma) == (None, 0.0)
+    spatial = make_settings(tmp_path, cut="b1").privacy
+    assert (spatial.clip_norm, spatial.noise_sigma) == (None, 0.0)
