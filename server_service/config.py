@@ -33,6 +33,8 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 #: binds; it only caps outliers the noise is scaled to.
 POOLED_PRIVACY_DEFAULTS: dict[str, float] = {"clip_norm": 24.0, "noise_sigma": 2.0}
 
+_DEFAULT_PRIVACY = PrivacyConfig(**POOLED_PRIVACY_DEFAULTS)  # type: ignore[arg-type]
+
 
 class Settings(BaseSettings):
     """Configuration of ``fedinspect server``."""
@@ -79,7 +81,7 @@ class Settings(BaseSettings):
         default=256, ge=0, description="Hidden units of the classifier head; 0: one linear layer."
     )
     privacy: PrivacyConfig = Field(
-        default_factory=dict,  # completed by _pooled_defaults
+        default_factory=lambda: _DEFAULT_PRIVACY,
         validate_default=True,
         description="What edges send and the transform they apply to it: PRIVACY__MODE "
         "(pooled: a pooled vector per image; spatial: a block's map per image, the "
@@ -148,9 +150,12 @@ class Settings(BaseSettings):
         # Settings for the pooled mode start from its clipping and noise, so that
         # PRIVACY__DTYPE=float16 alone does not switch the noise off; the other modes
         # (and a CUT at a block) start from none: the bound and sigma suit pooled rows.
+        cut = info.data.get("cut", "pooled")
+        if value is _DEFAULT_PRIVACY and cut != "pooled":
+            return PrivacyConfig()
         if isinstance(value, dict):
             pooled = value.get("mode", "pooled") == "pooled"
-            if pooled and info.data.get("cut", "pooled") == "pooled":
+            if pooled and cut == "pooled":
                 return {**POOLED_PRIVACY_DEFAULTS, **value}
         return value
 
