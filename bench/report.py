@@ -13,6 +13,12 @@ def _pct(s: dict[str, Any] | None) -> str:
     return f"{100 * s['median']:.1f} ({100 * s['min']:.1f}-{100 * s['max']:.1f})"
 
 
+def _mb(s: dict[str, Any] | None) -> str:
+    if not s or s.get("median") is None:
+        return "-"
+    return f"{s['median'] / 1e6:.1f} MB ({s['min'] / 1e6:.1f}-{s['max'] / 1e6:.1f})"
+
+
 def _extraction(e: dict[str, Any]) -> list[str]:
     lines = ["## 1. Extraction against the CPU's limit", ""]
     for size in e["sizes"]:
@@ -139,7 +145,7 @@ def _flower(block: dict[str, Any], title: str) -> list[str]:
     lines.append(
         f"| ours (1 cycle) | {_pct(o['accuracy']['mean'])} | "
         + ", ".join(_pct(a) for a in o["accuracy"]["per_edge"])
-        + f" | 1 | {fmt(o['bytes'])} | {fmt(o['seconds']['edge_compute'])} | {fmt(o['seconds']['wall'])} |"
+        + f" | 1 | {_mb(o['bytes'])} | {fmt(o['seconds']['edge_compute'])} | {fmt(o['seconds']['wall'])} |"
     )
     for key, label in (
         ("flower", "Flower FedAvg, b11+ and head"),
@@ -151,7 +157,7 @@ def _flower(block: dict[str, Any], title: str) -> list[str]:
         lines.append(
             f"| {label} | {_pct(f['accuracy']['mean'])} | "
             + ", ".join(_pct(a) for a in f["accuracy"]["per_edge"])
-            + f" | {fmt(f['rounds'])} | {fmt(f['bytes'])} | {fmt(f['seconds']['edge_compute'])} | "
+            + f" | {fmt(f['rounds'])} | {_mb(f['bytes'])} | {fmt(f['seconds']['edge_compute'])} | "
             f"{fmt(f['seconds']['wall'])} |"
         )
     for key in ("flower", "flower_head"):
@@ -163,7 +169,20 @@ def _flower(block: dict[str, Any], title: str) -> list[str]:
             )
     if block.get("engine"):
         lines.append(f"\nengine: {block['engine']}")
-    return [*lines, ""]
+    lines += [
+        "",
+        "How to read this: Flower's clients train on train+val (no early stopping) and its "
+        "(local epochs, lr, round) is the best on the test split, which favours Flower; ours "
+        "is one cycle with the server's default privacy transform on the uploaded rows "
+        "(clip/noise, see the server's PRIVACY setting) and validation-based early stopping. "
+        "Bytes: ours = upload + download of every edge (first cycle: the base model in full, "
+        "then the retrained part as a delta); Flower = its serialised parameters down and up, "
+        "per client, per round, up to the reported round. Seconds: ours = the cycle's wall "
+        "time and the edges' summed stage seconds (wait excluded); Flower = client training "
+        "plus the frozen part run once, up to the reported round (in-process, sequential).",
+        "",
+    ]
+    return lines
 
 
 def to_markdown(r: dict[str, Any]) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -42,7 +43,18 @@ def _machine() -> dict[str, Any]:
         ort_version = onnxruntime.__version__
     except ImportError:
         ort_version = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=Path(__file__).resolve().parents[1],
+        ).stdout.strip()
+    except OSError:
+        commit = ""
     return {
+        "git_commit": commit or None,
         "cpu": cpu,
         "cores": os.cpu_count(),
         "python": platform.python_version(),
