@@ -107,11 +107,15 @@ def bench(
             "existing results.json"
         ),
     ] = None,
+    seeds: Annotated[
+        int | None,
+        typer.Option(min=1, help="demo seeds for accuracy and Flower (default 1 quick, 3 full)"),
+    ] = None,
 ) -> None:
     """Benchmarks: extraction vs the CPU's limit, wire bytes, ingest, cycle, accuracy, Flower."""
     from bench.run import run_bench
 
-    run_bench(quick, out, only)
+    run_bench(quick, out, only, seeds)
 
 
 def main() -> None:

@@ -1,0 +1,603 @@
+"""``fedinspect bench``'s pure parts on synthetic inputs: no demo, no training, no network.
+
+The synthetic runs have the shape of ``fedinspect.demo.run_demo``'s result; the numbers
+are picked so that the median over seeds, the mean over edges and their order of
+application give different answers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import demo_runs, extraction, flower, ingest, wire
+from bench import run as bench_run
+from bench.report import to_markdown
+from bench.stats import fmt, summary
+
+# ---------------------------------------------------------------------------- helpers
+
+EDGE_NAMES = ("edge-1", "edge-2")
+SEEDS = (0, 1, 2)
+# federated accuracy per seed (rows) and edge (columns): per-edge medians 0.7 / 0.5
+# (mean of medians 0.6), per-seed means 0.9 / 0.5 / 0.4 (median of means 0.5)
+FEDERATED = ((0.9, 0.9), (0.5, 0.5), (0.7, 0.1))
+LOCAL_ONLY = ((0.6, 0.3), (0.4, 0.2), (0.5, 0.4))
+CENTRALIZED = (0.95, 0.85, 0.9)
+CYCLE_S = (30.0, 12.0, 20.0)
+TOTAL_S = (100.0, 80.0, 90.0)
+WAIT_S = 1000.0  # idle time an edge spends waiting for the others: never compute
+
+
+def _scores(acc: float | None) -> dict[str, float] | None:
+    return None if acc is None else {"accuracy": acc, "macro_f1": round(acc - 0.05, 4)}
+
+
+def _edge(
+    i: int, seed: int, server_model: float | None = 0.55, uploaded: int = 1000
+) -> dict[str, Any]:
+    return {
+        "name": EDGE_NAMES[i],
+        "dataset": f"elpv:type=part{i}",
+        "n_train": 100 + i,
+        "n_test": 40,
+        "local_only": _scores(LOCAL_ONLY[seed][i]),
+        "base": _scores(0.5),
+        "server_model": _scores(server_model),
+        "federated": _scores(FEDERATED[seed][i]),
+        "deployed": True,
+        "decision": "deploy",
+        "bytes": {
+            "uploaded": uploaded * (i + 1) + seed,
+            "downloaded": 5000,
+            "raw_images": 200_000,
+        },
+        # every stage grows with the seed and the edge, so medians are not trivial
+        "stage_seconds": {
+            "request": 0.1,
+            "download": 1.0 + seed,
+            "extract": 2.0 * (i + 1) + seed,
+            "upload": 0.5,
+            "wait": WAIT_S,
+            "finetune": 3.0,
+            "evaluate": 0.25,
+        },
+    }
+
+
+def _run(seed: int, edges: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One ``run_demo`` result, with the totals computed the way ``run_demo`` does."""
+    rows = edges if edges is not None else [_edge(i, seed) for i in range(len(EDGE_NAMES))]
+    return {
+        "dataset": "elpv",
+        "quick": True,
+        "seed": seed,
+        "input_size": 224,
+        "backbone": "efficientnet_lite0",
+        "class_names": ["functional", "defective"],
+        "edges": rows,
+        "centralized": _scores(CENTRALIZED[seed]),
+        "mean_federated_accuracy": round(
+            sum(r["federated"]["accuracy"] for r in rows) / len(rows), 4
+        ),
+        "cycle": {"id": f"c{seed}", "model_version": 2, "seconds": CYCLE_S[seed]},
+        "bytes": {
+            k: sum(r["bytes"][k] for r in rows) for k in ("uploaded", "downloaded", "raw_images")
+        },
+        "references_seconds": 5.0,
+        "total_seconds": TOTAL_S[seed],
+    }
+
+
+def _runs() -> list[dict[str, Any]]:
+    return [_run(s) for s in SEEDS]
+
+
+def _flower_seed(seed: int, mean: float, reach: int | None) -> dict[str, Any]:
+    """One configuration of ``flower.run``'s result for one seed (``_fedavg``'s shape)."""
+    return {
+        "local_epochs": 3,
+        "lr": 1e-3 * (seed + 1),
+        "best_round": 4 + seed,
+        "rounds": 4 + seed,
+        "accuracy": {"per_edge": [mean + 0.1, mean - 0.1], "mean": mean},
+        "rounds_to_reach_ours": reach,
+        "history_mean": [mean],
+        "bytes_per_round": 1000,
+        "bytes": 1000 * (4 + seed),
+        "parameter_bytes": 250,
+        "seconds": {
+            "edge_compute_to_best": 10.0 * (seed + 1),
+            "wall_to_best": 20.0 * (seed + 1),
+            "frozen_part_once_s": 1.0,
+        },
+        "trained_from": "b11" if seed == 0 else "something-else",
+        "grid": [{"local_epochs": 3, "lr": 1e-3}],
+    }
+
+
+def _flower_runs() -> list[dict[str, Any]]:
+    means = (0.8, 0.6, 0.7)
+    reach = (2, None, 5)
+    return [
+        {
+            "flower": _flower_seed(s, means[s], reach[s]),
+            "flower_head": _flower_seed(s, means[s] - 0.2, None),
+            "engine": "flwr FedAvg",
+        }
+        for s in SEEDS
+    ]
+
+
+def _header(**extra: Any) -> dict[str, Any]:
+    """What ``run_bench`` writes before any section runs."""
+    return {
+        "mode": "quick",
+        "command": "fedinspect bench --quick --out /tmp/x",
+        "started_at": "2024-01-01T00:00:00+00:00",
+        "machine": {
+            "git_commit": "abc123",
+            "cpu": "Test CPU",
+            "cores": 2,
+            "python": "3.11.0",
+            "torch": "2.0",
+            "onnxruntime": None,
+            "platform": "Linux",
+            "load_average_at_start": [0.5, 0.4, 0.3],
+        },
+        "notes": [],
+        **extra,
+    }
+
+
+# ------------------------------------------------------------------------- bench.stats
+
+
+def test_summary_odd_list_median_is_the_middle_value() -> None:
+    assert summary([3.0, 1.0, 2.0, 10.0, 0.5]) == {
+        "median": 2.0,
+        "min": 0.5,
+        "max": 10.0,
+        "runs": 5,
+    }
+
+
+def test_summary_even_list_median_is_the_mean_of_the_middle_two() -> None:
+    s = summary((10.0, 1.0, 2.0, 4.0))  # any sequence, unsorted
+    assert s == {"median": 3.0, "min": 1.0, "max": 10.0, "runs": 4}
+
+
+def test_summary_rounds_every_figure_to_digits() -> None:
+    values = [1.23456, 2.34567, 3.45678]
+    assert summary(values, 2) == {"median": 2.35, "min": 1.23, "max": 3.46, "runs": 3}
+    assert summary([1 / 3]) == {"median": 0.333, "min": 0.333, "max": 0.333, "runs": 1}
+    assert summary([1234.4, 1300.6], 0) == {
+        "median": 1268.0,
+        "min": 1234.0,
+        "max": 1301.0,
+        "runs": 2,
+    }
+
+
+def test_summary_of_nothing_has_no_figures_and_zero_runs() -> None:
+    assert summary([]) == {"median": None, "min": None, "max": None, "runs": 0}
+
+
+def test_fmt_shows_median_and_range_and_a_dash_when_empty() -> None:
+    assert fmt(summary([2.0, 1.0, 3.5]), " s") == "2 s (1-3.5)"
+    assert fmt(summary([])) == "-"
+    assert fmt(None) == "-"
+
+
+# --------------------------------------------------------------------- bench.demo_runs
+
+
+def test_accuracy_table_takes_medians_over_seeds_per_edge() -> None:
+    t = demo_runs.accuracy_table(_runs())
+    assert t["seeds"] == [0, 1, 2]
+    assert t["quick"] is True
+    assert t["input_size"] == 224
+    assert [(e["name"], e["dataset"]) for e in t["edges"]] == [
+        ("edge-1", "elpv:type=part0"),
+        ("edge-2", "elpv:type=part1"),
+    ]
+    first, second = t["edges"]
+    assert first["federated"] == {"median": 0.7, "min": 0.5, "max": 0.9, "runs": 3}
+    assert second["federated"] == {"median": 0.5, "min": 0.1, "max": 0.9, "runs": 3}
+    assert first["local_only"] == {"median": 0.5, "min": 0.4, "max": 0.6, "runs": 3}
+    assert second["local_only"] == {"median": 0.3, "min": 0.2, "max": 0.4, "runs": 3}
+    assert first["base"] == {"median": 0.5, "min": 0.5, "max": 0.5, "runs": 3}
+    assert t["centralized"] == {"median": 0.9, "min": 0.85, "max": 0.95, "runs": 3}
+
+
+def test_accuracy_table_mean_is_median_over_seeds_of_the_edge_mean() -> None:
+    mean = demo_runs.accuracy_table(_runs())["mean"]
+    # per-seed means 0.9, 0.5, 0.4: median 0.5 (the mean of per-edge medians would be 0.6)
+    assert mean["federated"]["median"] == pytest.approx(0.5)
+    assert mean["federated"]["min"] == pytest.approx(0.4)
+    assert mean["federated"]["max"] == pytest.approx(0.9)
+    assert mean["federated"]["runs"] == 3
+    # local-only per-seed means 0.45, 0.3, 0.45
+    assert mean["local_only"]["median"] == pytest.approx(0.45)
+    assert mean["local_only"]["min"] == pytest.approx(0.3)
+    assert set(mean) == {"local_only", "base", "server_model", "federated"}
+
+
+def test_accuracy_table_per_edge_skips_seeds_without_a_score() -> None:
+    runs = _runs()
+    runs[1]["edges"][0]["server_model"] = None
+    runs[2]["edges"][0]["server_model"] = _scores(0.75)
+    first = demo_runs.accuracy_table(runs)["edges"][0]
+    assert first["server_model"] == {"median": 0.65, "min": 0.55, "max": 0.75, "runs": 2}
+
+
+def test_accuracy_table_of_one_run_has_one_run_everywhere() -> None:
+    t = demo_runs.accuracy_table([_run(2)])
+    assert t["seeds"] == [2]
+    assert t["edges"][1]["federated"] == {"median": 0.1, "min": 0.1, "max": 0.1, "runs": 1}
+    assert t["mean"]["federated"]["median"] == pytest.approx(0.4)
+    assert t["centralized"]["runs"] == 1
+
+
+def test_cycle_stages_pools_every_edge_and_seed_per_stage() -> None:
+    c = demo_runs.cycle_stages(_runs())
+    assert c["cycle_s"] == {"median": 20.0, "min": 12.0, "max": 30.0, "runs": 3}
+    assert c["demo_total_s"] == {"median": 90.0, "min": 80.0, "max": 100.0, "runs": 3}
+    stages = c["stages"]
+    assert set(stages) == {
+        "request",
+        "download",
+        "extract",
+        "upload",
+        "wait",
+        "finetune",
+        "evaluate",
+    }
+    # extract: edge 1 -> 2, 3, 4 and edge 2 -> 4, 5, 6 over seeds 0..2
+    assert stages["extract"] == {"median": 4.0, "min": 2.0, "max": 6.0, "runs": 6}
+    # download: 1, 2, 3 on both edges; even count -> mean of the middle two
+    assert stages["download"] == {"median": 2.0, "min": 1.0, "max": 3.0, "runs": 6}
+    # wait is reported as its own stage (it is excluded only from edge compute)
+    assert stages["wait"]["median"] == WAIT_S
+
+
+def test_cycle_stages_rounds_stage_seconds_to_two_digits() -> None:
+    runs = [_run(0)]
+    for e in runs[0]["edges"]:
+        e["stage_seconds"]["finetune"] = 3.14159
+    assert demo_runs.cycle_stages(runs)["stages"]["finetune"]["median"] == 3.14
+
+
+def test_ours_for_flower_edge_compute_excludes_wait() -> None:
+    ours = demo_runs.ours_for_flower(_runs())
+    # per seed: sum over both edges of every stage but wait
+    expected = [
+        sum(
+            v
+            for e in r["edges"]
+            for k, v in e["stage_seconds"].items()
+            if k != "wait"  # 1000 s each: including it would dwarf the rest
+        )
+        for r in _runs()
+    ]
+    assert expected == pytest.approx([15.7, 19.7, 23.7])
+    assert ours["seconds"]["edge_compute"] == {
+        "median": 19.7,
+        "min": 15.7,
+        "max": 23.7,
+        "runs": 3,
+    }
+    assert ours["seconds"]["wall"] == {"median": 20.0, "min": 12.0, "max": 30.0, "runs": 3}
+    assert ours["rounds"] == 1
+
+
+def test_ours_for_flower_bytes_are_upload_plus_download_over_all_edges() -> None:
+    ours = demo_runs.ours_for_flower(_runs())
+    # per seed: uploads (1000 + s) + (2000 + s), downloads 5000 + 5000
+    assert ours["bytes_uploaded"] == {"median": 3002, "min": 3000, "max": 3004, "runs": 3}
+    assert ours["bytes_downloaded"] == {"median": 10000, "min": 10000, "max": 10000, "runs": 3}
+    assert ours["bytes"] == {"median": 13002, "min": 13000, "max": 13004, "runs": 3}
+
+
+def test_ours_for_flower_accuracy_per_edge_and_mean() -> None:
+    acc = demo_runs.ours_for_flower(_runs())["accuracy"]
+    assert acc["per_edge"] == [
+        {"median": 0.7, "min": 0.5, "max": 0.9, "runs": 3},
+        {"median": 0.5, "min": 0.1, "max": 0.9, "runs": 3},
+    ]
+    # the runs' own mean_federated_accuracy (0.9, 0.5, 0.4), median over seeds
+    assert acc["mean"] == {"median": 0.5, "min": 0.4, "max": 0.9, "runs": 3}
+
+
+# ------------------------------------------------------------------------ bench.flower
+
+
+def test_flower_summarize_takes_medians_over_seeds() -> None:
+    s = flower.summarize(_flower_runs(), "flower")
+    assert s["accuracy"]["mean"] == {"median": 0.7, "min": 0.6, "max": 0.8, "runs": 3}
+    assert s["accuracy"]["per_edge"][0] == {"median": 0.8, "min": 0.7, "max": 0.9, "runs": 3}
+    assert s["accuracy"]["per_edge"][1]["median"] == pytest.approx(0.6)
+    assert len(s["accuracy"]["per_edge"]) == 2
+    assert s["bytes"] == {"median": 5000, "min": 4000, "max": 6000, "runs": 3}
+    assert s["seconds"]["edge_compute"] == {"median": 20.0, "min": 10.0, "max": 30.0, "runs": 3}
+    assert s["seconds"]["wall"] == {"median": 40.0, "min": 20.0, "max": 60.0, "runs": 3}
+    assert s["rounds"] == {"median": 5, "min": 4, "max": 6, "runs": 3}
+
+
+def test_flower_summarize_keeps_per_seed_lists_in_seed_order() -> None:
+    runs = _flower_runs()
+    s = flower.summarize(runs, "flower")
+    assert s["rounds_to_reach_ours"] == [2, None, 5]
+    assert s["choice"] == [
+        {"local_epochs": 3, "lr": pytest.approx(1e-3)},
+        {"local_epochs": 3, "lr": pytest.approx(2e-3)},
+        {"local_epochs": 3, "lr": pytest.approx(3e-3)},
+    ]
+    assert s["trained_from"] == "b11"  # the first seed's
+    assert s["per_seed"] == [r["flower"] for r in runs]
+
+
+def test_flower_summarize_reads_only_the_named_configuration() -> None:
+    head = flower.summarize(_flower_runs(), "flower_head")
+    assert head["accuracy"]["mean"]["median"] == pytest.approx(0.5)
+    assert head["rounds_to_reach_ours"] == [None, None, None]
+
+
+# ------------------------------------------------------------------------ bench.report
+
+
+def test_to_markdown_with_every_section_errored_lists_the_errors() -> None:
+    r = _header(
+        extraction=None,
+        wire=None,
+        ingest=None,
+        accuracy={},
+        cycle={},
+        errors={"extraction": "RuntimeError: boom", "demo elpv": "ValueError: no data"},
+    )
+    md = to_markdown(r)
+    assert md.startswith("# FedInspect benchmarks (quick)\n")
+    assert "Test CPU, 2 cores" in md
+    assert "total - s." in md  # no total_seconds yet
+    assert "## Sections that failed" in md
+    assert "- extraction: RuntimeError: boom" in md
+    assert "- demo elpv: ValueError: no data" in md
+    for section in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6."):
+        assert section not in md
+
+
+def test_to_markdown_of_the_bare_header_has_no_sections() -> None:
+    md = to_markdown(_header(notes=["NEU-DET skipped: absent"]))
+    assert "- NEU-DET skipped: absent" in md
+    assert "## " not in md
+    assert md.endswith("\n")
+
+
+def _extraction_size() -> dict[str, Any]:
+    return {
+        "input_size": 224,
+        "batch_size": 32,
+        "threads": 2,
+        "images": 64,
+        "torch_nchw_img_s": summary([100.0, 110.0, 90.0], 1),
+        "torch_img_s": summary([120.0, 125.0, 115.0], 1),
+        "onnxruntime_img_s": summary([150.0, 160.0, 140.0], 1),
+        "breakdown": {
+            "+overlap decode with the model (the edge now)": summary([130.5, 131.0, 129.0], 1),
+        },
+        "ratio": 0.871,
+        "onnx_setup_s": 1.25,
+        "onnx_max_abs_diff": 2.5e-6,
+    }
+
+
+def test_to_markdown_shows_the_extraction_numbers() -> None:
+    md = to_markdown(_header(extraction={"sizes": [_extraction_size()]}, total_seconds=321.5))
+    assert "## 1. Extraction against the CPU's limit" in md
+    assert "224 px, batch 32, 2 threads, 64 elpv images" in md
+    assert "| reference: ONNX Runtime on decoded tensors | 150 (140-160) |" in md
+    assert "| edge path: +overlap decode with the model (the edge now) | 130.5 (129-131) |" in md
+    assert "**0.871**" in md
+    assert "1.25 s (max abs diff 2.5e-06)" in md
+    assert "total 321.5 s." in md
+    assert "## Sections that failed" not in md
+
+
+def test_to_markdown_shows_wire_ingest_and_measured_bytes() -> None:
+    w = {
+        "raw_bytes_per_image": 12345.6,
+        "upload_bytes_per_image": {"float16": 2600.0, "int8": 1400.0},
+        "ratio": {"float16": 0.2106, "int8": 0.1134},
+        "download_bytes_per_cycle": {
+            "first_cycle": 5_600_000,
+            "later_cycles": 600_000,
+            "full_model": 5_000_000,
+            "delta": 600_000,
+            "changed_tensors": 4,
+            "total_tensors": 200,
+            "without_delta_first_cycle": 10_000_000,
+        },
+        "measured_in_demo": [
+            {"name": "edge-1", "n_train": 100, "uploaded": 1, "downloaded": 2, "raw_images": 3}
+        ],
+    }
+    row = {
+        "edges": 50,
+        "uploads": 100,
+        "upload_bytes": 4096,
+        "uploads_per_s": 77.7,
+        "mb_per_s": 0.3,
+        "p50_ms": 12.0,
+        "p99_ms": 99.0,
+        "errors": 0,
+        "retries_429_503": 3,
+        "peak_rss_mb": 321.0,
+    }
+    md = to_markdown(_header(wire=w, ingest=[row]))
+    assert "raw image bytes on disk: 12346 per image" in md
+    assert "| int8 | 1400 | 0.1134 |" in md
+    assert "4 of 200 tensors" in md
+    assert "| edge-1 | 100 | 1 | 2 | 3 |" in md
+    assert "| 50 | 100 | 4096 | 77.7 | 0.3 | 12.0 | 99.0 | 0 | 3 | 321.0 |" in md
+
+
+def test_to_markdown_shows_accuracy_cycle_and_flower_from_the_aggregates() -> None:
+    runs = _runs()
+    fl = _flower_runs()
+    stages = demo_runs.cycle_stages(runs)
+    r = _header(
+        accuracy={"elpv": demo_runs.accuracy_table(runs)},
+        cycle={"quick_s": stages["cycle_s"], "full_s": None, "stages": stages["stages"]},
+        ours=demo_runs.ours_for_flower(runs),
+        flower=flower.summarize(fl, "flower"),
+        flower_head=flower.summarize(fl, "flower_head"),
+        engine="flwr FedAvg",
+    )
+    md = to_markdown(r)
+    assert "quick demo cycle: 20 s (12-30); full demo cycle: -" in md
+    assert "| extract | 4 (2-6) |" in md
+    assert "### elpv (quick, 224 px, seeds [0, 1, 2])" in md
+    assert (
+        "| edge-1 | 50.0 (40.0-60.0) | 50.0 (50.0-50.0) | 55.0 (55.0-55.0) | 70.0 (50.0-90.0) |"
+        in md
+    )
+    assert "centralized upper bound: 90.0 (85.0-95.0)" in md
+    assert "## 6. Against Flower (elpv)" in md
+    ours_row = next(line for line in md.splitlines() if line.startswith("| ours (1 cycle)"))
+    assert "| 50.0 (40.0-90.0) |" in ours_row  # mean federated accuracy
+    assert "0.0 MB (0.0-0.0)" in ours_row  # 13 kB
+    assert "| 19.7 (15.7-23.7) | 20 (12-30) |" in ours_row
+    fl_row = next(line for line in md.splitlines() if line.startswith("| Flower FedAvg, b11+"))
+    assert "| 70.0 (60.0-80.0) |" in fl_row
+    assert "| 5 (4-6) |" in fl_row
+    assert "flower: rounds to reach our mean accuracy per seed: [2, None, 5]" in md
+    assert "engine: flwr FedAvg" in md
+
+
+def test_to_markdown_flower_block_without_flower_results_shows_only_ours() -> None:
+    """The Flower section failed: the block has ``ours`` alone (as ``_demos`` leaves it)."""
+    r = _header(
+        ours=demo_runs.ours_for_flower(_runs()),
+        neu_det_flower={"ours": demo_runs.ours_for_flower([_run(0)])},
+        errors={"flower elpv": "RuntimeError: flwr is not installed"},
+    )
+    md = to_markdown(r)
+    assert "## 6. Against Flower (elpv)" in md
+    assert "## 6. Against Flower (NEU-DET)" in md
+    assert "Flower FedAvg" not in md
+    assert "rounds to reach" not in md
+    assert "- flower elpv: RuntimeError: flwr is not installed" in md
+
+
+def test_to_markdown_lists_reruns() -> None:
+    rerun = {
+        "sections": ["wire"],
+        "at": "2024-01-02T00:00:00+00:00",
+        "machine": {"load_average_at_start": [1.5, 1.0, 0.5]},
+    }
+    md = to_markdown(_header(reruns=[rerun]))
+    assert "- sections ['wire'] rerun at 2024-01-02T00:00:00+00:00 (load average then [1.5" in md
+
+
+# --------------------------------------------------------------------------- bench.run
+
+
+@pytest.fixture
+def no_heavy_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any section that starts fails the test instead of running for minutes."""
+
+    def forbidden(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("a benchmark section ran")
+
+    monkeypatch.setattr(extraction, "run", forbidden)
+    monkeypatch.setattr(wire, "run", forbidden)
+    monkeypatch.setattr(ingest, "run", forbidden)
+    monkeypatch.setattr(demo_runs, "run_demos", forbidden)
+    monkeypatch.setattr(flower, "run", forbidden)
+    monkeypatch.setattr(bench_run, "_machine", lambda: {"load_average_at_start": [0.0, 0.0, 0.0]})
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+@pytest.mark.parametrize("only", [["nope"], ["wire", "accuracy"], ["demo"]])
+def test_run_bench_rejects_unknown_sections_before_running_any(
+    tmp_path: Path, only: list[str]
+) -> None:
+    with pytest.raises(ValueError, match="unknown sections") as err:
+        bench_run.run_bench(True, tmp_path / "out", only=only)
+    bad = sorted(set(only) - set(bench_run.SECTIONS))
+    assert str(bad) in str(err.value)
+    assert "extraction" in str(err.value)  # the valid choices are listed
+    assert not (tmp_path / "out" / "results.json").exists()
+    assert not (tmp_path / "out" / "results.md").exists()
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+def test_run_bench_unknown_section_leaves_existing_results_untouched(tmp_path: Path) -> None:
+    before = json.dumps(_header(errors={"wire": "OSError: x"})) + "\n"
+    (tmp_path / "results.json").write_text(before)
+    with pytest.raises(ValueError):
+        bench_run.run_bench(True, tmp_path, only=["wire", "bogus"])
+    assert (tmp_path / "results.json").read_text() == before
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+def test_run_bench_rerun_replaces_only_the_named_section(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--only wire`` into an existing results.json: the other sections and errors stay."""
+    measured = [{"name": "edge-1", "n_train": 1, "uploaded": 2, "downloaded": 3, "raw_images": 4}]
+    old = _header(
+        extraction=None,
+        wire={"old": True, "measured_in_demo": measured},
+        errors={"extraction": "RuntimeError: boom", "wire": "OSError: old failure"},
+    )
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    new_wire = {
+        "raw_bytes_per_image": 100.0,
+        "upload_bytes_per_image": {"int8": 10.0},
+        "ratio": {"int8": 0.1},
+        "download_bytes_per_cycle": {
+            "first_cycle": 3,
+            "later_cycles": 1,
+            "full_model": 2,
+            "delta": 1,
+            "changed_tensors": 1,
+            "total_tensors": 9,
+            "without_delta_first_cycle": 4,
+        },
+    }
+    monkeypatch.setattr(wire, "run", lambda quick: dict(new_wire))
+
+    results = bench_run.run_bench(True, tmp_path, only=["wire"])
+
+    assert results["errors"] == {"extraction": "RuntimeError: boom"}
+    assert "old" not in results["wire"]
+    assert results["wire"]["ratio"] == {"int8": 0.1}
+    assert results["wire"]["measured_in_demo"] == measured  # kept from the demo run
+    assert [r["sections"] for r in results["reruns"]] == [["wire"]]
+    assert "total_seconds" not in results
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    md = (tmp_path / "results.md").read_text()
+    assert "| int8 | 10 | 0.1000 |" in md
+    assert "- extraction: RuntimeError: boom" in md
+    assert "old failure" not in md
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+def test_run_bench_rerun_of_demos_clears_their_old_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = _header(errors={"demo elpv": "RuntimeError: old", "flower elpv": "RuntimeError: old"})
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    monkeypatch.setattr(demo_runs, "datasets", lambda: (["elpv"], []))
+    monkeypatch.setattr(demo_runs, "run_demos", lambda ds, quick, seeds: [_run(s) for s in seeds])
+    fl = {s: r for s, r in zip(SEEDS, _flower_runs(), strict=True)}
+    monkeypatch.setattr(flower, "run", lambda quick, ds, seed, target: fl[seed])
+
+    results = bench_run.run_bench(True, tmp_path, only=["demos"], seeds=3)
+
+    assert results["accuracy"]["elpv"]["seeds"] == [0, 1, 2]  # the rerun itself worked
+    assert not results.get("errors")
