@@ -277,12 +277,28 @@ def load_image(path: Path) -> Image.Image:
         return img.convert("RGB")
 
 
+def load_model_image(path: Path) -> Image.Image:
+    """Decode an image file for the model: grey images stay one-channel ("L").
+
+    ``image_transform`` resizes them in that mode and repeats the channel only at the
+    end, a third of the work of resizing three equal channels (most inspection images,
+    elpv's among them, are grey).
+    """
+    with Image.open(path) as img:
+        return img.copy() if img.mode == "L" else img.convert("RGB")
+
+
+def _three_channels(x: torch.Tensor) -> torch.Tensor:
+    return x.expand(3, -1, -1) if x.shape[-3] == 1 else x
+
+
 def image_transform(input_size: int, augment: bool) -> v2.Transform:
-    # resize first: augmenting the small image costs a fraction of the full-size one
-    steps: list[v2.Transform] = [
-        v2.PILToTensor(),
-        v2.Resize((input_size, input_size), antialias=True),
-    ]
+    """PIL image (RGB or L) to a [3, S, S] float tensor in [0, 1].
+
+    Resized first, by PIL (antialiased): augmenting the small image costs a fraction
+    of the full-size one.
+    """
+    steps: list[v2.Transform] = [v2.Resize((input_size, input_size), antialias=True)]
     if augment:
         steps += [
             v2.RandomHorizontalFlip(),
@@ -290,7 +306,11 @@ def image_transform(input_size: int, augment: bool) -> v2.Transform:
             v2.RandomAffine(degrees=8, translate=(0.04, 0.04), scale=(0.92, 1.08)),
             v2.ColorJitter(brightness=0.2, contrast=0.2),
         ]
-    steps.append(v2.ToDtype(torch.float32, scale=True))
+    steps += [
+        v2.PILToTensor(),
+        v2.Lambda(_three_channels),
+        v2.ToDtype(torch.float32, scale=True),
+    ]
     return v2.Compose(steps)
 
 
@@ -306,7 +326,7 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         rec = self.images.records[index]
-        return self.transform(load_image(rec.path)), rec.label
+        return self.transform(load_model_image(rec.path)), rec.label
 
 
 def batches(
@@ -381,6 +401,7 @@ __all__ = [
     "load_dataset_spec",
     "load_elpv",
     "load_image",
+    "load_model_image",
     "load_image_folder",
     "parse_dataset_spec",
     "partition_by_attribute",

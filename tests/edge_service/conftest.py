@@ -4,7 +4,6 @@ and an edge app driven through its TestClient (lifespan included)."""
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,7 @@ from edge_service.main import create_app
 from fl_core.model import SplitModel, build_split_model
 from tests.edge_service.fakes import EDGE_TOKEN, FakeServer
 from tests.factories import make_image_folder
-
-# starlette warns when its TestClient runs on httpx rather than httpx2; the API is the
-# same and this venv pins httpx, so the warning says nothing about our code.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", UserWarning)
-    from starlette.testclient import TestClient
+from tests.testclient import TestClient
 
 ADMIN_TOKEN = "admin-secret"
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

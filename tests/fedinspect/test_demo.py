@@ -32,7 +32,8 @@ def test_default_plan_is_non_iid_and_disjoint() -> None:
     ]
     paths = [{r.path for r in p.records} for p in parts]
     assert sum(map(len, paths)) == len(set().union(*paths)) == 2624
-    assert plan.input_size is None  # the backbone's own size
+    assert plan.input_size == 300  # elpv's own size
+    assert plan_demo(DemoOptions(edges=3, input_size=224)).input_size == 224
 
 
 def test_quick_plan_is_small_and_disjoint() -> None:
@@ -51,6 +52,7 @@ def test_other_edge_counts_and_image_folders(tmp_path: Path) -> None:
     assert plan.class_names == ["bright", "dark"]
     paths = [_paths(s) for s in plan.edge_specs]
     assert not paths[0] & paths[1] and len(paths[0] | paths[1]) == 20
+    assert plan.input_size is None  # an image folder runs at the backbone's own size
 
 
 def _fake_results() -> dict[str, Any]:

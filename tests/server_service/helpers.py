@@ -4,7 +4,6 @@ valid and hand-made feature uploads, and a bounded wait for a cycle state."""
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,13 +17,7 @@ from fl_core.features import CLASSES_KEY, EDGE_KEY, SPEC_HASH_KEY, pack_features
 from fl_core.schemas import FeatureSpec
 from server_service.config import Settings
 from server_service.main import create_app
-
-with warnings.catch_warnings():
-    # Starlette asks for httpx2 in its test client; the project pins httpx for now.
-    warnings.filterwarnings(
-        "ignore", message="Using `httpx` with `starlette.testclient` is deprecated"
-    )
-    from fastapi.testclient import TestClient
+from tests.testclient import TestClient
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
