@@ -50,7 +50,9 @@ def demo(
     seed: Annotated[int, typer.Option(help="seed for partitions, splits and training")] = 0,
     input_size: Annotated[
         int | None,
-        typer.Option(min=32, help="input size in pixels; default: 96 quick, 300 elpv, else the backbone's"),
+        typer.Option(
+            min=32, help="input size in pixels; default: 96 quick, 300 elpv, else the backbone's"
+        ),
     ] = None,
 ) -> None:
     """Start a server and N edges on loopback, run one whole cycle over HTTP, compare."""
