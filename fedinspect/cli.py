@@ -6,10 +6,17 @@ subcommand pulls in only what it runs.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+
+class Reference(StrEnum):
+    full = "full"
+    pooled = "pooled"
+
 
 app = typer.Typer(
     help="FedInspect: federated training of visual defect-inspection models.",
@@ -54,11 +61,20 @@ def demo(
             min=32, help="input size in pixels; default: 96 quick, 300 elpv, else the backbone's"
         ),
     ] = None,
+    references: Annotated[
+        Reference,
+        typer.Option(
+            help="local-only and centralized references: 'full' trains them as the federated "
+            "models (stages 2 and 3), 'pooled' stage 2 only (minutes, not an hour, on elpv)"
+        ),
+    ] = Reference.full,
 ) -> None:
     """Start a server and N edges on loopback, run one whole cycle over HTTP, compare."""
     from fedinspect.demo import DemoOptions, run_demo
 
-    run_demo(DemoOptions(edges, quick, dataset, json_path, report, seed, input_size))
+    run_demo(
+        DemoOptions(edges, quick, dataset, json_path, report, seed, input_size, references.value)
+    )
 
 
 @app.command("privacy-eval")

@@ -121,3 +121,93 @@ def test_quick_demo_end_to_end(tmp_path: Path) -> None:
     assert 0 < wire["uploaded"] < wire["raw_images"]
     assert wire["downloaded"] > 0
     assert "centralized upper bound" in done.stdout
+
+
+def test_unknown_reference_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="references must be one of"):
+        plan_demo(DemoOptions(edges=3, references="none"))
+
+
+def _metrics(acc: float) -> dict[str, Any]:
+    per_class = [
+        {"name": n, "precision": acc, "recall": acc, "f1": acc, "support": 5}
+        for n in ("bright", "dark")
+    ]
+    return {
+        "n": 10,
+        "accuracy": acc,
+        "balanced_accuracy": acc,
+        "macro_f1": acc,
+        "per_class": per_class,
+        "confusion_matrix": [[4, 1], [1, 4]],
+    }
+
+
+def _fake_cycle(names: list[str]) -> dict[str, Any]:
+    result = {
+        "cycle_id": "c1",
+        "n_train": 6,
+        "n_test": 4,
+        "metrics": {"server_model": _metrics(0.75), "candidate": _metrics(0.8)},
+        "deployed": True,
+        "decision": "deployed",
+        "bytes_uploaded": 100,
+        "bytes_downloaded": 1000,
+        "raw_train_bytes": 5000,
+        "stage_seconds": {"extract": 1.0, "finetune": 2.0},
+    }
+    return {
+        "edges": [{"name": n} for n in names],
+        "results": {n: result for n in names},
+        "cycle": {"id": "c1", "result_model_version": 2, "metrics": None},
+        "seconds": 12.0,
+    }
+
+
+def test_interrupted_references_keep_the_cycles_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cycle's table and JSON are written before the (long) references start."""
+    import fedinspect.demo as demo
+
+    root = make_image_folder(tmp_path / "imgs", per_class=12)
+    monkeypatch.setattr(demo, "run_cycle", lambda plan, work, procs: _fake_cycle(["e1", "e2"]))
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "train_reference", interrupted)
+    out = tmp_path / "out.json"
+    options = DemoOptions(edges=2, dataset=str(root), json_path=out, input_size=32)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(options)
+    saved = json.loads(out.read_text())
+    assert saved["references"] == "pending" and saved["centralized"] is None
+    assert [e["federated"]["accuracy"] for e in saved["edges"]] == [0.8, 0.8]
+    assert [e["local_only"] for e in saved["edges"]] == [None, None]
+    assert saved["cycle"]["seconds"] == 12.0 and saved["cycle"]["model_version"] == 2
+
+
+def test_pooled_references_skip_fine_tuning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedinspect.demo as demo
+
+    root = make_image_folder(tmp_path / "imgs", per_class=12)
+    monkeypatch.setattr(demo, "run_cycle", lambda plan, work, procs: _fake_cycle(["e1", "e2"]))
+
+    def no_finetune(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("pooled references must not fine-tune")
+
+    monkeypatch.setattr(demo, "finetune", no_finetune)
+    out = tmp_path / "out.json"
+    options = DemoOptions(
+        edges=2, dataset=str(root), json_path=out, input_size=32, references="pooled"
+    )
+    results = demo.run_demo(options)
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert saved["references"] == "pooled"
+    assert all(0 <= e["local_only"]["accuracy"] <= 1 for e in saved["edges"])
+    assert 0 <= saved["centralized"]["accuracy"] <= 1
+    assert saved["references_seconds"] >= 0
