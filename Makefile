@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/fedinspect demo --edges 3 --json out/demo.json --report out/report
+	$(VENV)/bin/fedinspect demo --edges 3 --references pooled --json out/demo.json --report out/report
 
 demo-quick: $(STAMP)
 	$(VENV)/bin/fedinspect demo --edges 3 --quick --json out/demo-quick.json
