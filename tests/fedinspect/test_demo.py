@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from fedinspect.demo import DemoOptions, format_table, plan_demo
+from fedinspect.demo import DemoOptions, format_table, plan_demo, run_demo
 from fedinspect.report import write_report
 from fl_core.data import load_dataset_spec
 from tests.factories import make_image_folder
@@ -164,24 +164,38 @@ def _fake_cycle(names: list[str]) -> dict[str, Any]:
     }
 
 
-def test_interrupted_references_keep_the_cycles_results(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The cycle's table and JSON are written before the (long) references start."""
+def _demo_without_cycle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **patches: Any
+) -> DemoOptions:
+    """run_demo's options on a small image folder, its cycle faked (no processes) and
+    ``patches`` applied to fedinspect.demo."""
     import fedinspect.demo as demo
 
     root = make_image_folder(tmp_path / "imgs", per_class=12)
     monkeypatch.setattr(demo, "run_cycle", lambda plan, work, procs: _fake_cycle(["e1", "e2"]))
+    for name, value in patches.items():
+        monkeypatch.setattr(demo, name, value)
+    return DemoOptions(edges=2, dataset=str(root), json_path=tmp_path / "out.json", input_size=32)
 
-    def interrupted(*args: Any, **kwargs: Any) -> None:
-        raise KeyboardInterrupt
 
-    monkeypatch.setattr(demo, "train_reference", interrupted)
-    out = tmp_path / "out.json"
-    options = DemoOptions(edges=2, dataset=str(root), json_path=out, input_size=32)
+def _raises(exc: BaseException) -> Any:
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise exc
+
+    return fail
+
+
+def test_interrupted_references_keep_the_cycles_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cycle's table and JSON are written before the (long) references start."""
+    options = _demo_without_cycle(
+        tmp_path, monkeypatch, train_reference=_raises(KeyboardInterrupt())
+    )
     with pytest.raises(KeyboardInterrupt):
-        demo.run_demo(options)
-    saved = json.loads(out.read_text())
+        run_demo(options)
+    assert options.json_path is not None
+    saved = json.loads(options.json_path.read_text())
     assert saved["references"] == "pending" and saved["centralized"] is None
     assert [e["federated"]["accuracy"] for e in saved["edges"]] == [0.8, 0.8]
     assert [e["local_only"] for e in saved["edges"]] == [None, None]
@@ -191,21 +205,13 @@ def test_interrupted_references_keep_the_cycles_results(
 def test_pooled_references_skip_fine_tuning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fedinspect.demo as demo
-
-    root = make_image_folder(tmp_path / "imgs", per_class=12)
-    monkeypatch.setattr(demo, "run_cycle", lambda plan, work, procs: _fake_cycle(["e1", "e2"]))
-
-    def no_finetune(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("pooled references must not fine-tune")
-
-    monkeypatch.setattr(demo, "finetune", no_finetune)
-    out = tmp_path / "out.json"
-    options = DemoOptions(
-        edges=2, dataset=str(root), json_path=out, input_size=32, references="pooled"
+    options = _demo_without_cycle(
+        tmp_path, monkeypatch, finetune=_raises(AssertionError("pooled must not fine-tune"))
     )
-    results = demo.run_demo(options)
-    saved = json.loads(out.read_text())
+    options.references = "pooled"
+    results = run_demo(options)
+    assert options.json_path is not None
+    saved = json.loads(options.json_path.read_text())
     assert saved == json.loads(json.dumps(results))
     assert saved["references"] == "pooled"
     assert all(0 <= e["local_only"]["accuracy"] <= 1 for e in saved["edges"])
