@@ -399,6 +399,12 @@ def run_cycle(plan: DemoPlan, work: Path, procs: Processes) -> dict[str, Any]:
     return {"edges": edges, "results": results, "cycle": cycle, "seconds": seconds}
 
 
+def _save_json(results: Mapping[str, Any], path: Path | None) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+
+
 def run_demo(options: DemoOptions) -> dict[str, Any]:
     """Run the whole demo; print the table and write JSON / report when asked."""
     plan = plan_demo(options)
@@ -472,9 +478,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     }
     # the cycle's results are kept even if the references are interrupted
     print(format_table(results), file=sys.stderr)
-    if options.json_path:
-        options.json_path.parent.mkdir(parents=True, exist_ok=True)
-        options.json_path.write_text(json.dumps(results, indent=2) + "\n")
+    _save_json(results, options.json_path)
     fine_tune = options.references == "full"
     print(
         "cycle done; training the local-only and centralized references"
@@ -498,9 +502,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     results["references_seconds"] = round(time.monotonic() - t_ref, 1)
     results["total_seconds"] = round(time.monotonic() - t0, 1)
     print(format_table(results))
-    if options.json_path:
-        options.json_path.parent.mkdir(parents=True, exist_ok=True)
-        options.json_path.write_text(json.dumps(results, indent=2) + "\n")
+    _save_json(results, options.json_path)
     if options.report_dir:
         from fedinspect.report import write_report
 
