@@ -103,6 +103,13 @@ class Settings(BaseSettings):
         "'onnxruntime' (exported from the base model and checked against torch; falls back "
         "to torch, with the reason logged, when export or check fail) or 'torch'.",
     )
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPU threads of PyTorch and ONNX Runtime in this edge process; unset: "
+        "one per core. Set it when several edges share one machine (the demo does): edges "
+        "that each start a thread per core slow each other down several times over.",
+    )
     finetune_epochs: int = Field(default=8, ge=1, description="Fine-tuning epochs (stage 3).")
     finetune_lr: float = Field(default=1e-3, gt=0, description="Fine-tuning learning rate.")
     finetune_train_from: str | None = Field(

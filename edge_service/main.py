@@ -152,6 +152,14 @@ def create_app(
     return app
 
 
+def apply_threads(settings: Settings) -> None:
+    """Size this process's PyTorch thread pool (ONNX Runtime sessions follow it)."""
+    if settings.threads is not None:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+
+
 def run(settings: Settings | None = None) -> None:
     """Serve the edge with uvicorn (``fedinspect edge``)."""
     import uvicorn
@@ -168,6 +176,7 @@ def run(settings: Settings | None = None) -> None:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    apply_threads(settings)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -176,4 +185,4 @@ def run(settings: Settings | None = None) -> None:
     )
 
 
-__all__ = ["BodySizeLimit", "create_app", "run"]
+__all__ = ["BodySizeLimit", "apply_threads", "create_app", "run"]

@@ -235,7 +235,11 @@ class CycleService:
 
     def _base_model(self, spec: FeatureSpec, result: dict[str, Any]) -> SplitModel:
         fetched = fetch_base_weights(
-            self.client, self.registry, spec.base_model_version, spec.base_model_sha256
+            self.client,
+            self.registry,
+            spec.base_model_version,
+            spec.base_model_sha256,
+            backbone=spec.backbone,
         )
         result["bytes_downloaded"] += fetched.downloaded
         result["downloads"].append(fetched.how)
@@ -298,7 +302,9 @@ class CycleService:
         ctx.begin("download", f"downloading model {version or 'latest'}")
         info = self.client.get_model(version if version is not None else "latest")
         # a cycle changes only the part above the cut: fetch the tensors that changed
-        fetched = fetch_base_weights(self.client, self.registry, info.version, info.sha256)
+        fetched = fetch_base_weights(
+            self.client, self.registry, info.version, info.sha256, backbone=info.backbone
+        )
         weights = fetched.data
         result["bytes_downloaded"] += fetched.downloaded
         result["downloads"].append(fetched.how)

