@@ -44,6 +44,16 @@ def _extraction(e: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _first_base(d: dict[str, Any]) -> str:
+    if "base_from_local_weights" not in d:  # results from before the local-weights delta
+        return f"base in full {d['full_model']}"
+    return (
+        f"base {d['base_from_local_weights']} as a delta from the local ImageNet weights, "
+        f"{d['base_changed_tensors']} tensors; {d['without_local_weights_first_cycle']} "
+        f"without them"
+    )
+
+
 def _wire(w: dict[str, Any]) -> list[str]:
     d = w["download_bytes_per_cycle"]
     lines = [
@@ -58,8 +68,8 @@ def _wire(w: dict[str, Any]) -> list[str]:
         lines.append(f"| {dtype} | {value:.0f} | {w['ratio'][dtype]:.4f} |")
     lines += [
         "",
-        f"download per cycle: first cycle {d['first_cycle']} bytes (base in full "
-        f"{d['full_model']} + delta {d['delta']}: {d['changed_tensors']} of "
+        f"download per cycle: first cycle {d['first_cycle']} bytes ({_first_base(d)} + "
+        f"retrained delta {d['delta']}: {d['changed_tensors']} of "
         f"{d['total_tensors']} tensors), later cycles {d['later_cycles']} bytes; "
         f"without the delta a first cycle cost {d['without_delta_first_cycle']} bytes.",
         "",
@@ -175,8 +185,9 @@ def _flower(block: dict[str, Any], title: str) -> list[str]:
         "(local epochs, lr, round) is the best on the test split, which favours Flower; ours "
         "is one cycle with the server's default privacy transform on the uploaded rows "
         "(clip/noise, see the server's PRIVACY setting) and validation-based early stopping. "
-        "Bytes: ours = upload + download of every edge (first cycle: the base model in full, "
-        "then the retrained part as a delta); Flower = its serialised parameters down and up, "
+        "Bytes: ours = upload + download of every edge (first cycle: the base model as a delta "
+        "from the ImageNet weights installed on the edge, then the retrained part as a "
+        "delta); Flower = its serialised parameters down and up, "
         "per client, per round, up to the reported round. Seconds: ours = the cycle's wall "
         "time and the edges' summed stage seconds (wait excluded); Flower = client training "
         "plus the frozen part run once, up to the reported round (in-process, sequential).",

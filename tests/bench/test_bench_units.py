@@ -412,8 +412,11 @@ def test_to_markdown_shows_wire_ingest_and_measured_bytes() -> None:
         "upload_bytes_per_image": {"float16": 2600.0, "int8": 1400.0},
         "ratio": {"float16": 0.2106, "int8": 0.1134},
         "download_bytes_per_cycle": {
-            "first_cycle": 5_600_000,
+            "first_cycle": 630_000,
             "later_cycles": 600_000,
+            "base_from_local_weights": 30_000,
+            "base_changed_tensors": 0,
+            "without_local_weights_first_cycle": 5_600_000,
             "full_model": 5_000_000,
             "delta": 600_000,
             "changed_tensors": 4,
@@ -440,6 +443,8 @@ def test_to_markdown_shows_wire_ingest_and_measured_bytes() -> None:
     assert "raw image bytes on disk: 12346 per image" in md
     assert "| int8 | 1400 | 0.1134 |" in md
     assert "4 of 200 tensors" in md
+    assert "base 30000 as a delta from the local ImageNet weights" in md
+    assert "5600000 without them" in md
     assert "| edge-1 | 100 | 1 | 2 | 3 |" in md
     assert "| 50 | 100 | 4096 | 77.7 | 0.3 | 12.0 | 99.0 | 0 | 3 | 321.0 |" in md
 
