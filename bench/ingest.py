@@ -92,13 +92,23 @@ def _body(spec: FeatureSpec, edge_id: str, rows: int, seed: int) -> bytes:
 async def _call(
     client: httpx.AsyncClient, method: str, path: str, out: dict[str, Any], **kwargs: Any
 ) -> httpx.Response:
-    """One request, sent again after 429/503 as a real edge does (Retry-After)."""
+    """One request, sent again after 429/503 (Retry-After) or a dropped connection, as a
+    real edge does."""
+    resp: httpx.Response | None = None
     for _attempt in range(50):
-        resp = await client.request(method, path, **kwargs)
+        try:
+            resp = await client.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            out["transport_errors"] += 1
+            out["last_error"] = type(exc).__name__
+            await asyncio.sleep(0.5)
+            continue
         if resp.status_code not in (429, 503):
             return resp.raise_for_status()
         out["retries"] += 1
         await asyncio.sleep(float(resp.headers.get("Retry-After", "1")))
+    if resp is None:
+        raise RuntimeError(f"{method} {path}: no answer in 50 tries ({out['last_error']})")
     return resp.raise_for_status()
 
 
@@ -169,7 +179,7 @@ async def _load(url: str, admin: str, edges: int, uploads: int, rows: int) -> di
             )
         )
         cycles = [Cycle.model_validate_json(r.content) for r in joins]
-        out["retries"] = 0  # count the uploads' retries only, not the joins'
+        out["retries"] = out["transport_errors"] = 0  # the uploads' only, not the joins'
         began = time.perf_counter()
         await asyncio.gather(
             *(

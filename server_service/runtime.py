@@ -32,6 +32,9 @@ class Runtime:
     executor: ThreadPoolExecutor
     #: feature specs by (model version, sha256): building one loads the model
     specs: dict[tuple[int, str], FeatureSpec] = field(default_factory=dict)
+    #: held while a spec is built, so that a burst of joins loads the model once (each
+    #: concurrent load took ~50 MB: 200 edges joining at once peaked at 2.5 GB)
+    spec_build: threading.Lock = field(default_factory=threading.Lock)
     #: cycles queued or training in this process, so a cycle is never queued twice
     training_ids: set[int] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)

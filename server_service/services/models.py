@@ -171,9 +171,14 @@ def spec_for(rt: Runtime, row: ModelRow) -> FeatureSpec:
         cached = rt.specs.get(key)
     if cached is not None:
         return cached
-    spec = make_spec(load_model(rt, row), row.version, row.sha256, rt.settings.privacy)
-    with rt.lock:
-        rt.specs[key] = spec
+    with rt.spec_build:  # one build; whoever waited finds it cached
+        with rt.lock:
+            cached = rt.specs.get(key)
+        if cached is not None:
+            return cached
+        spec = make_spec(load_model(rt, row), row.version, row.sha256, rt.settings.privacy)
+        with rt.lock:
+            rt.specs[key] = spec
     return spec
 
 

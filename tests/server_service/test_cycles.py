@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 
 from fl_core.schemas import FeatureSpec
+from server_service.services import models
 from tests.server_service.conftest import EdgeFactory
 from tests.server_service.helpers import TestClient, make_upload, put_features, wait_for_state
 
@@ -174,3 +177,25 @@ def test_concurrent_requests_share_one_cycle(client: TestClient, new_edge: EdgeF
     assert len({a.json()["id"] for a in answers}) == 1
     final = client.get(f"/v1/cycles/{answers[0].json()['id']}", headers=edges[0].headers).json()
     assert sorted(final["joined_edges"]) == sorted(e.edge_id for e in edges)
+
+
+def test_a_burst_of_joins_loads_the_base_model_once(
+    client: TestClient, new_edge: EdgeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # each load of the model costs tens of MB: 200 edges joining at once used to load it
+    # in every request thread and peaked at 2.5 GB
+    loads = []
+    real = models.load_model
+
+    def slow_load(rt: Any, row: Any) -> Any:
+        loads.append(row.version)
+        time.sleep(0.2)  # as long as a real backbone takes to build, or more
+        return real(rt, row)
+
+    monkeypatch.setattr(models, "load_model", slow_load)
+    edges = [new_edge() for _ in range(8)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda e: client.post("/v1/cycles", headers=e.headers), edges))
+    assert sorted(a.status_code for a in answers) == [200] * 7 + [201]
+    assert len({a.json()["spec"]["base_model_sha256"] for a in answers}) == 1
+    assert len(loads) <= 1
