@@ -97,6 +97,7 @@ def ours_for_flower(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "edge_compute": summary(compute, 1),
         },
         "rounds": 1,
+        "seeds": [r["seed"] for r in runs],
     }
 
 

@@ -5,7 +5,9 @@ Quick (``--quick``, under 10 minutes on 2 cores): one size for extraction, K = 1
 Flower on the quick elpv plan (6 rounds, one grid point). Full: 224 and 160 px, 5
 uploads per edge and 3 repeats per K, the full demo on both datasets over 3 seeds (plus
 the quick demo for its cycle time), Flower on the full plan for every seed. Sections
-that fail are recorded with their error and the rest still runs.
+that fail are recorded with their error and the rest still runs. ``--only`` runs some
+sections into an existing results.json; ``flower`` reads our results (``ours``) from
+the demos section's, so it can run later, on its own.
 """
 
 from __future__ import annotations
@@ -79,10 +81,29 @@ def _section(name: str, results: dict[str, Any], work: Callable[[], Any]) -> Any
     return value
 
 
-SECTIONS = ("extraction", "wire", "ingest", "demos")
+SECTIONS = ("extraction", "wire", "ingest", "demos", "flower")
+#: what the flower section writes (beside ``ours``, which the demos section writes)
+FLOWER_KEYS = ("flower", "flower_head", "engine")
 #: what the demos section writes: a rerun drops all of it first, so that old and new
-#: numbers never mix
-DEMO_KEYS = ("accuracy", "cycle", "ours", "flower", "flower_head", "engine", "neu_det_flower")
+#: numbers never mix (Flower's results too: they are compared with ours)
+DEMO_KEYS = ("accuracy", "cycle", "ours", "neu_det_flower", *FLOWER_KEYS)
+
+
+def _forget(results: dict[str, Any], name: str) -> None:
+    """Drop a section's old results and errors before it runs again."""
+    errors = results.get("errors", {})
+    errors.pop(name, None)
+    if name == "demos":  # the demo sections record errors and results by dataset
+        for key in [k for k in errors if k.startswith(("demo ", "flower "))]:
+            del errors[key]
+        for key in DEMO_KEYS:
+            results.pop(key, None)
+    if name == "flower":
+        for key in [k for k in errors if k.startswith("flower ")]:
+            del errors[key]
+        for key in FLOWER_KEYS:
+            results.pop(key, None)
+            (results.get("neu_det_flower") or {}).pop(key, None)
 
 
 def run_bench(
@@ -104,14 +125,8 @@ def run_bench(
                 "machine": _machine(),
             }
         )
-        errors = results.get("errors", {})
         for name in only:
-            errors.pop(name, None)
-            if name == "demos":  # the demo sections record errors and results by dataset
-                for key in [k for k in errors if k.startswith(("demo ", "flower "))]:
-                    del errors[key]
-                for key in DEMO_KEYS:
-                    results.pop(key, None)
+            _forget(results, name)
     else:
         results = {
             "mode": "quick" if quick else "full",
@@ -143,6 +158,8 @@ def run_bench(
         save()
     if want("demos"):
         _demos(quick, results, save, list(range(seeds or (1 if quick else 3))))
+    if want("flower"):
+        _flowers(quick, results, save)
     if not only:
         results["total_seconds"] = round(time.monotonic() - started, 1)
     save()
@@ -152,7 +169,7 @@ def run_bench(
 def _demos(
     quick: bool, results: dict[str, Any], save: Callable[[], None], seeds: list[int]
 ) -> None:
-    """Cycle time, accuracy and Flower: all from whole demo runs."""
+    """Cycle time, accuracy and our results in Flower's terms: all from whole demo runs."""
     names, notes = demo_runs.datasets()
     results["notes"] = sorted(set(results.get("notes", [])) | set(notes))
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -194,32 +211,52 @@ def _demos(
     save()
 
     for label, label_runs in runs.items():
+        ours = demo_runs.ours_for_flower(label_runs)
+        if label == "elpv":
+            results["ours"] = ours
+        else:
+            results["neu_det_flower"] = {"ours": ours}
+    save()
+
+
+def _flowers(quick: bool, results: dict[str, Any], save: Callable[[], None]) -> None:
+    """Flower's FedAvg on the demos' plans and seeds, against our results in ``results``."""
+    neu_det = results.get("neu_det_flower") or {}
+    for label, ours in (("elpv", results.get("ours")), ("neu-det", neu_det.get("ours"))):
+        if not ours:
+            if label == "elpv":
+                results.setdefault("errors", {})["flower elpv"] = (
+                    "no result of ours to compare with: run the demos section first"
+                )
+            continue
         if quick and label != "elpv":
             # Flower on NEU-DET doubles the quick bench's longest section; the full bench runs it
             results["notes"] = sorted(
-                set(results["notes"])
+                set(results.get("notes", []))
                 | {"quick: Flower runs on elpv only (the full bench adds NEU-DET)"}
             )
             continue
-        ours = demo_runs.ours_for_flower(label_runs)
         target = ours["accuracy"]["mean"]["median"]
         ds = "elpv" if label == "elpv" else str(demo_runs.NEU_DET)
 
         def flowers(
-            ds: str = ds, label_runs: list[dict[str, Any]] = label_runs, target: float = target
+            ds: str = ds,
+            seeds: list[int] = ours.get("seeds") or results["accuracy"][label]["seeds"],
+            target: float = target,
         ) -> list[dict[str, Any]]:
-            return [flower.run(quick, ds, r["seed"], target) for r in label_runs]
+            return [flower.run(quick, ds, seed, target) for seed in seeds]
 
         fl_runs = _section(f"flower {label}", results, flowers)
-        block: dict[str, Any] = {"ours": ours}
         if fl_runs:
-            block["flower"] = flower.summarize(fl_runs, "flower")
-            block["flower_head"] = flower.summarize(fl_runs, "flower_head")
-            block["engine"] = fl_runs[0]["engine"]
-        if label == "elpv":
-            results.update(block)
-        else:
-            results["neu_det_flower"] = block
+            block = {
+                "flower": flower.summarize(fl_runs, "flower"),
+                "flower_head": flower.summarize(fl_runs, "flower_head"),
+                "engine": fl_runs[0]["engine"],
+            }
+            if label == "elpv":
+                results.update(block)
+            else:
+                results["neu_det_flower"].update(block)
         save()
 
 

@@ -121,8 +121,8 @@ def bench(
     only: Annotated[
         list[str] | None,
         typer.Option(
-            help="rerun only these sections (extraction, wire, ingest, demos) into an "
-            "existing results.json"
+            help="run only these sections (extraction, wire, ingest, demos, flower) into "
+            "DIR's results.json, keeping the others; flower compares with the demos' results"
         ),
     ] = None,
     seeds: Annotated[

@@ -606,3 +606,38 @@ def test_run_bench_rerun_of_demos_clears_their_old_errors(
 
     assert results["accuracy"]["elpv"]["seeds"] == [0, 1, 2]  # the rerun itself worked
     assert not results.get("errors")
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+def test_run_bench_flower_alone_compares_with_the_saved_demo_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "results.json").write_text(json.dumps(_header()))
+    monkeypatch.setattr(demo_runs, "datasets", lambda: (["elpv"], []))
+    monkeypatch.setattr(demo_runs, "run_demos", lambda ds, quick, seeds: [_run(s) for s in seeds])
+    first = bench_run.run_bench(True, tmp_path, only=["demos"], seeds=3)
+    assert "flower" not in first and first["ours"]["seeds"] == [0, 1, 2]
+    monkeypatch.setattr(demo_runs, "run_demos", None)  # calling it would fail the test
+    asked: list[tuple[int, float]] = []
+    fl = {s: r for s, r in zip(SEEDS, _flower_runs(), strict=True)}
+
+    def fake_flower(quick: bool, ds: str, seed: int, target: float) -> dict[str, Any]:
+        asked.append((seed, target))
+        return fl[seed]
+
+    monkeypatch.setattr(flower, "run", fake_flower)
+    results = bench_run.run_bench(True, tmp_path, only=["flower"])
+    target = first["ours"]["accuracy"]["mean"]["median"]
+    assert asked == [(0, target), (1, target), (2, target)]  # our seeds, our mean
+    assert results["flower"]["rounds_to_reach_ours"] == [2, None, 5]
+    assert results["accuracy"] == first["accuracy"]  # the demos' results are kept
+    md = (tmp_path / "results.md").read_text()
+    assert "flower: rounds to reach our mean accuracy per seed: [2, None, 5]" in md
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+def test_run_bench_flower_without_demo_results_says_so_and_runs_nothing(tmp_path: Path) -> None:
+    (tmp_path / "results.json").write_text(json.dumps(_header()))
+    results = bench_run.run_bench(True, tmp_path, only=["flower"])
+    assert "run the demos section first" in results["errors"]["flower elpv"]
+    assert "flower" not in results
