@@ -131,7 +131,8 @@ def run_bench(
         results = {
             "mode": "quick" if quick else "full",
             "command": f"fedinspect bench{' --quick' if quick else ''} --out {out}"
-            + (f" --seeds {seeds}" if seeds else ""),
+            + (f" --seeds {seeds}" if seeds else "")
+            + "".join(f" --only {name}" for name in only or []),
             "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": _machine(),
             "notes": [],
