@@ -116,6 +116,8 @@ class LowerRunner:
     setup_s: float = 0.0
     #: max |ort - torch| on the probe batch (None for torch)
     max_abs_diff: float | None = None
+    #: threads the engine runs on (None: torch's intra-op pool, as it is at call time)
+    threads: int | None = None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.run(images)
@@ -183,6 +185,7 @@ def onnx_runner(
         reason=f"checked against torch: max abs diff {diff:.2e}",
         setup_s=time.perf_counter() - started,
         max_abs_diff=diff,
+        threads=threads or torch.get_num_threads(),
     )
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fl_core import onnx_runtime
+from fl_core import features, onnx_runtime
 from fl_core.data import batches, load_image_folder, prefetch
 from fl_core.features import extract_features, extract_images
 from fl_core.model import build_split_model
@@ -120,3 +120,24 @@ def test_prefetch_stops_its_thread_when_the_consumer_stops() -> None:
             break
     # the generator's finally ran on break-and-collect: the producer has exited
     assert threading.active_count() == before
+
+
+@pytest.mark.parametrize(("cores", "overlaps"), [(2, False), (4, True)])
+def test_extraction_overlaps_decoding_only_with_a_core_to_spare(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, cores: int, overlaps: bool
+) -> None:
+    images = load_image_folder(folder)
+    model = _model()
+    runner = onnx_runner(model, threads=2)
+    prefetched = []
+
+    def spy(items, depth=2):  # type: ignore[no-untyped-def]
+        prefetched.append(depth)
+        return prefetch(items, depth)
+
+    monkeypatch.setattr(features, "prefetch", spy)
+    monkeypatch.setattr(features, "usable_cores", lambda: cores)
+    _, y = extract_images(model, images, 6, lower=runner)
+    assert bool(prefetched) is overlaps and len(y) == len(images)
+    extract_images(model, images, 6, lower=runner, overlap=True)  # asked for: always
+    assert len(prefetched) == int(overlaps) + 1
