@@ -183,8 +183,14 @@ def _demos(
         got = _section(f"demo {label}", results, demos)
         if got:
             runs[label] = got
-    accuracy = {k: demo_runs.accuracy_table(v) for k, v in runs.items()}
-    results["accuracy"] = accuracy
+            # saved now: a full demo takes an hour, and an interrupted bench keeps it
+            results.setdefault("accuracy", {})[label] = demo_runs.accuracy_table(got)
+            ours = demo_runs.ours_for_flower(got)
+            if label == "elpv":
+                results["ours"] = ours
+            else:
+                results["neu_det_flower"] = {"ours": ours}
+            save()
     cycle: dict[str, Any] = {}
     if "elpv" in runs:
         stages = demo_runs.cycle_stages(runs["elpv"])
@@ -209,14 +215,6 @@ def _demos(
         if results.get("wire"):
             results["wire"]["measured_in_demo"] = measured
     results["cycle"] = cycle
-    save()
-
-    for label, label_runs in runs.items():
-        ours = demo_runs.ours_for_flower(label_runs)
-        if label == "elpv":
-            results["ours"] = ours
-        else:
-            results["neu_det_flower"] = {"ours": ours}
     save()
 
 

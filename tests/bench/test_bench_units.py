@@ -641,3 +641,23 @@ def test_run_bench_flower_without_demo_results_says_so_and_runs_nothing(tmp_path
     results = bench_run.run_bench(True, tmp_path, only=["flower"])
     assert "run the demos section first" in results["errors"]["flower elpv"]
     assert "flower" not in results
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+def test_an_interrupted_bench_keeps_the_datasets_it_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "results.json").write_text(json.dumps(_header()))
+    monkeypatch.setattr(demo_runs, "datasets", lambda: (["elpv", "/data/neu-det"], []))
+
+    def demos(ds: str, quick: bool, seeds: list[int]) -> list[dict[str, Any]]:
+        if ds != "elpv":
+            raise KeyboardInterrupt  # Ctrl-C an hour into the second dataset
+        return [_run(s) for s in seeds]
+
+    monkeypatch.setattr(demo_runs, "run_demos", demos)
+    with pytest.raises(KeyboardInterrupt):
+        bench_run.run_bench(False, tmp_path, only=["demos"], seeds=1)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["accuracy"]["elpv"]["seeds"] == [0]
+    assert saved["ours"]["seeds"] == [0]
