@@ -185,8 +185,9 @@ def extract_images(
     With ``overlap`` the next batch is decoded on a background thread while the lower
     part runs on this one. By default it overlaps only when this process may use a core
     that the lower part's threads leave free: when they fill every core, decoding beside
-    them only takes turns with them and costs hand-offs (2 cores, ONNX Runtime on 2
-    threads: 39.0 img/s overlapped, 41.9 serial).
+    them can only take turns with them. On 2 cores with ONNX Runtime on both, overlapping
+    bought nothing measurable (full bench, 5 x 192 images: 35.2 img/s overlapped against
+    37.3 serial at 224 px, 64.5 against 64.2 at 160).
 
     When ONNX Runtime runs the lower part (its own thread pool), torch only decodes and
     resizes: its intra-op pool is cut to one thread meanwhile, because tiny parallel
