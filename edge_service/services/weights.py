@@ -80,8 +80,9 @@ def _delta(
 
 
 def pretrained_reference(backbone: str) -> bytes | None:
-    """A weights file with the locally installed ImageNet weights of ``backbone`` (the
-    head is random and never matches); None when this machine has no such weights."""
+    """A weights file with the locally installed ImageNet weights of ``backbone`` and a
+    head seeded as a fresh base model's (its tensors match the server's only where the
+    server seeded them alike; digests decide); None when this machine has no weights."""
     try:
         model = build_split_model(["_", "__"], backbone, pretrained=True)
     except (FedInspectError, OSError) as exc:
