@@ -23,7 +23,7 @@ import torch
 
 from bench.stats import rate
 from fl_core.data import ImageSet, batches, load_elpv
-from fl_core.features import extract_features, extract_images, make_spec, usable_cores
+from fl_core.features import extract_features, extract_images, make_spec, overlaps_decoding
 from fl_core.model import SplitModel, build_split_model
 from fl_core.onnx_runtime import LowerRunner, onnx_runner, torch_runner
 from fl_core.privacy import pack_upload
@@ -113,7 +113,7 @@ def measure_size(size: int, n_images: int, repeats: int) -> dict[str, Any]:
         "breakdown": breakdown,
         "onnx_setup_s": round(ort.setup_s, 2),
         "onnx_max_abs_diff": ort.max_abs_diff,
-        "edge_overlaps": usable_cores() > THREADS,
+        "edge_overlaps": overlaps_decoding(ort),
     }
 
 

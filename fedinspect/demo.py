@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from fl_core.data import ImageSet, Splits, load_dataset_spec, split
 from fl_core.data import batches as image_batches
-from fl_core.features import extract_features
+from fl_core.features import extract_features, usable_cores
 from fl_core.model import HeadConfig, SplitModel, build_split_model
 from fl_core.schemas import EvalMetrics
 from fl_core.training import FinetuneConfig, UpperTrainConfig, evaluate, finetune, train_upper
@@ -144,7 +144,7 @@ class DemoPlan:
 
 def edge_threads(edges: int) -> int:
     """Threads per edge process when ``edges`` of them share this machine's cores."""
-    return max(1, (os.cpu_count() or 1) // max(1, edges))
+    return max(1, usable_cores() // max(1, edges))
 
 
 def _env(prefix: str, values: Mapping[str, Any]) -> dict[str, str]:

@@ -162,6 +162,12 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def overlaps_decoding(run: LowerRunner) -> bool:
+    """Whether decoding on a worker thread can run beside ``run``: only when this process
+    may use a core that the lower part's threads leave free (see :func:`extract_images`)."""
+    return usable_cores() > (run.threads or torch.get_num_threads())
+
+
 @contextmanager
 def _torch_threads(n: int) -> Iterator[None]:
     before = torch.get_num_threads()
@@ -199,7 +205,7 @@ def extract_images(
         images, model.arch.input_size, batch_size
     )
     if overlap is None:
-        overlap = usable_cores() > (run.threads or torch.get_num_threads())
+        overlap = overlaps_decoding(run)
     if overlap:
         source = prefetch(source, depth=2)
     threads = 1 if run.backend == "onnxruntime" else torch.get_num_threads()
@@ -303,6 +309,7 @@ __all__ = [
     "extract_features",
     "extract_images",
     "make_spec",
+    "overlaps_decoding",
     "pack_features",
     "quantize",
     "unpack_features",

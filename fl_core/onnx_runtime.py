@@ -148,6 +148,7 @@ def onnx_runner(
     Raises :class:`OnnxUnavailable` with the reason when any step fails.
     """
     started = time.perf_counter()
+    threads = threads or torch.get_num_threads()
     try:
         onnx_bytes = export_lower(model)
     except Exception as exc:  # the exporter raises many types; all mean "not exportable"
@@ -185,7 +186,7 @@ def onnx_runner(
         reason=f"checked against torch: max abs diff {diff:.2e}",
         setup_s=time.perf_counter() - started,
         max_abs_diff=diff,
-        threads=threads or torch.get_num_threads(),
+        threads=threads,
     )
 
 

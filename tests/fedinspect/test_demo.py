@@ -41,7 +41,7 @@ def test_default_plan_is_non_iid_and_disjoint() -> None:
 def test_edges_share_the_machines_cores(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cores: int, edges: int, threads: int
 ) -> None:
-    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    monkeypatch.setattr("fedinspect.demo.usable_cores", lambda: cores)
     plan = plan_demo(DemoOptions(edges=edges, quick=True))
     env = plan.edge_env(0, "edge-1", "e1", ("t", "a"), "http://127.0.0.1:1", 1, tmp_path)
     assert env["FEDINSPECT_EDGE_THREADS"] == str(threads)
