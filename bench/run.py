@@ -85,25 +85,28 @@ SECTIONS = ("extraction", "wire", "ingest", "demos", "flower")
 #: what the flower section writes (beside ``ours``, which the demos section writes)
 FLOWER_KEYS = ("flower", "flower_head", "engine")
 #: what the demos section writes: a rerun drops all of it first, so that old and new
-#: numbers never mix (Flower's results too: they are compared with ours)
-DEMO_KEYS = ("accuracy", "cycle", "ours", "neu_det_flower", *FLOWER_KEYS)
+#: numbers never mix
+DEMO_KEYS = ("accuracy", "cycle", "ours", "neu_det_flower")
 
 
 def _forget(results: dict[str, Any], name: str) -> None:
     """Drop a section's old results and errors before it runs again."""
     errors = results.get("errors", {})
     errors.pop(name, None)
-    if name == "demos":  # the demo sections record errors and results by dataset
-        for key in [k for k in errors if k.startswith(("demo ", "flower "))]:
-            del errors[key]
-        for key in DEMO_KEYS:
-            results.pop(key, None)
-    if name == "flower":
-        for key in [k for k in errors if k.startswith("flower ")]:
-            del errors[key]
-        for key in FLOWER_KEYS:
-            results.pop(key, None)
+    keys: tuple[str, ...]
+    if name == "demos":
+        _forget(results, "flower")  # compared with the old ours: stale with them
+        keys, prefix = DEMO_KEYS, "demo "
+    elif name == "flower":
+        keys, prefix = FLOWER_KEYS, "flower "
+        for key in keys:
             (results.get("neu_det_flower") or {}).pop(key, None)
+    else:
+        return
+    for key in [k for k in errors if k.startswith(prefix)]:  # errors recorded by dataset
+        del errors[key]
+    for key in keys:
+        results.pop(key, None)
 
 
 def run_bench(

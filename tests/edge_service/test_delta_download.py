@@ -13,7 +13,7 @@ from pydantic import SecretStr
 from edge_service.db import EdgeStore
 from edge_service.main import create_app
 from edge_service.services.registry import ModelRegistry
-from edge_service.services.weights import LAST_BASE_KEY, fetch_base_weights
+from edge_service.services.weights import LAST_BASE_KEY, FetchedWeights, fetch_base_weights
 from fl_core import serialization
 from fl_core.blobstore import LocalBlobStore
 from fl_core.errors import RemoteError
@@ -91,6 +91,19 @@ def _versions() -> tuple[bytes, bytes]:
     return v1, model_to_bytes(v2_model)
 
 
+def _fetch(
+    client: _StubClient, registry: ModelRegistry, weights: bytes, backbone: str | None = None
+) -> FetchedWeights:
+    """fetch_base_weights of ``weights`` (version 2) through the stub server."""
+    return fetch_base_weights(
+        client,  # type: ignore[arg-type]
+        registry,
+        2,
+        serialization.sha256_bytes(weights),
+        backbone=backbone,
+    )
+
+
 def _hold(registry: ModelRegistry, weights: bytes) -> None:
     registry.store.set_state(LAST_BASE_KEY, registry.blobs.put(weights))
 
@@ -99,14 +112,14 @@ def test_delta_fetches_only_changed_tensors(registry: ModelRegistry) -> None:
     v1, v2 = _versions()
     _hold(registry, v1)
     client = _StubClient(v2)
-    got = fetch_base_weights(client, registry, 2, serialization.sha256_bytes(v2))  # type: ignore[arg-type]
+    got = _fetch(client, registry, v2)
     assert got.how == "delta" and got.data == v2
     assert client.calls == ["manifest", "subset:1"]
     assert got.fetched_tensors == 1 < got.total_tensors
     assert 0 < got.downloaded < len(v2)
     assert registry.store.get_state(LAST_BASE_KEY) == serialization.sha256_bytes(v2)
     # held now: the next call downloads nothing
-    again = fetch_base_weights(client, registry, 2, serialization.sha256_bytes(v2))  # type: ignore[arg-type]
+    again = _fetch(client, registry, v2)
     assert again.how == "cached" and again.downloaded == 0
 
 
@@ -115,7 +128,7 @@ def test_delta_falls_back_to_a_full_download(registry: ModelRegistry, stub: str)
     v1, v2 = _versions()
     _hold(registry, v1)
     client = _StubClient(v2, tamper=stub == "tampered subset", has_delta=stub != "no delta routes")
-    got = fetch_base_weights(client, registry, 2, serialization.sha256_bytes(v2))  # type: ignore[arg-type]
+    got = _fetch(client, registry, v2)
     assert got.how == "full" and got.data == v2 and got.downloaded == len(v2)
     assert client.calls[-1] == "full"
 
@@ -123,7 +136,7 @@ def test_delta_falls_back_to_a_full_download(registry: ModelRegistry, stub: str)
 def test_without_a_previous_base_the_download_is_full(registry: ModelRegistry) -> None:
     _, v2 = _versions()
     client = _StubClient(v2)
-    got = fetch_base_weights(client, registry, 2, serialization.sha256_bytes(v2))  # type: ignore[arg-type]
+    got = _fetch(client, registry, v2)
     assert got.how == "full" and client.calls == ["full"]
 
 
@@ -136,13 +149,7 @@ def test_a_first_base_model_fetches_only_what_differs_from_the_local_imagenet_we
         next(base.stages.parameters()).add_(0.01)  # a tensor the local weights lack
     v1 = model_to_bytes(base)
     client = _StubClient(v1)
-    got = fetch_base_weights(
-        client,  # type: ignore[arg-type]
-        registry,
-        1,
-        serialization.sha256_bytes(v1),
-        backbone="efficientnet_lite0",
-    )
+    got = _fetch(client, registry, v1, backbone="efficientnet_lite0")
     assert got.how == "delta" and got.data == v1
     head = sum(p.numel() * 4 for p in base.head.parameters())
     # the head, the changed tensor, the manifest: a tenth of the file
@@ -155,11 +162,5 @@ def test_a_backbone_without_local_weights_downloads_the_first_base_in_full(
 ) -> None:
     _, v2 = _versions()  # tiny_cnn: no pretrained weights anywhere
     client = _StubClient(v2)
-    got = fetch_base_weights(
-        client,  # type: ignore[arg-type]
-        registry,
-        2,
-        serialization.sha256_bytes(v2),
-        backbone="tiny_cnn",
-    )
+    got = _fetch(client, registry, v2, backbone="tiny_cnn")
     assert got.how == "full" and got.data == v2 and client.calls == ["full"]
