@@ -50,6 +50,9 @@ def accuracy_table(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
     return {
         "seeds": [r["seed"] for r in runs],
+        # how the local-only and centralized references were trained, and at which commit
+        "references": sorted({r.get("references", "full") for r in runs}),
+        "commits": sorted({c for r in runs if (c := r.get("bench_commit"))}),
         "quick": runs[0]["quick"],
         "input_size": runs[0]["input_size"],
         "edges": edges,

@@ -138,7 +138,9 @@ def _accuracy(acc: dict[str, Any]) -> list[str]:
             f"| **mean** | {_pct(m['local_only'])} | {_pct(m['base'])} | "
             f"{_pct(m['server_model'])} | {_pct(m['federated'])} |",
             "",
-            f"centralized upper bound: {_pct(t['centralized'])}",
+            f"centralized upper bound: {_pct(t['centralized'])}; references trained "
+            f"{', '.join(t.get('references') or ['full'])}"
+            + (f"; runs at commits {', '.join(t['commits'])}" if t.get("commits") else ""),
             "",
         ]
     return lines

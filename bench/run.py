@@ -82,60 +82,95 @@ def _section(name: str, results: dict[str, Any], work: Callable[[], Any]) -> Any
 
 
 SECTIONS = ("extraction", "wire", "ingest", "demos", "flower")
+DATASET_LABELS = ("elpv", "neu-det")
 #: what the flower section writes (beside ``ours``, which the demos section writes)
 FLOWER_KEYS = ("flower", "flower_head", "engine")
-#: what the demos section writes: a rerun drops all of it first, so that old and new
-#: numbers never mix
-DEMO_KEYS = ("accuracy", "cycle", "ours", "neu_det_flower")
 
 
-def _forget(results: dict[str, Any], name: str) -> None:
-    """Drop a section's old results and errors before it runs again."""
-    errors = results.get("errors", {})
-    errors.pop(name, None)
-    keys: tuple[str, ...]
-    if name == "demos":
-        _forget(results, "flower")  # compared with the old ours: stale with them
-        keys, prefix = DEMO_KEYS, "demo "
-    elif name == "flower":
-        keys, prefix = FLOWER_KEYS, "flower "
-        for key in keys:
-            (results.get("neu_det_flower") or {}).pop(key, None)
+def _forget_flower(results: dict[str, Any], label: str) -> None:
+    """Drop one dataset's Flower results and errors: they compare with our old numbers."""
+    (results.get("errors") or {}).pop(f"flower {label}", None)
+    holder = results if label == "elpv" else (results.get("neu_det_flower") or {})
+    for key in FLOWER_KEYS:
+        holder.pop(key, None)
+
+
+def _forget_demos(results: dict[str, Any], label: str) -> None:
+    """Drop one dataset's demo runs and everything computed from them."""
+    _forget_flower(results, label)
+    (results.get("errors") or {}).pop(f"demo {label}", None)
+    (results.get("demo_runs") or {}).pop(label, None)
+    (results.get("accuracy") or {}).pop(label, None)
+    if label == "elpv":
+        results.pop("ours", None)
+        results.pop("cycle", None)
+        (results.get("errors") or {}).pop("demo elpv quick (cycle time)", None)
     else:
-        return
-    for key in [k for k in errors if k.startswith(prefix)]:  # errors recorded by dataset
-        del errors[key]
-    for key in keys:
-        results.pop(key, None)
+        results.pop("neu_det_flower", None)
+
+
+def _forget(results: dict[str, Any], name: str, datasets: list[str], resume: bool = False) -> None:
+    """Drop a section's old results and errors before it runs again.
+
+    Demos: the chosen datasets' runs, unless ``resume`` keeps them (seeds already run are
+    then skipped); old and new runs never mix otherwise.
+    """
+    (results.get("errors") or {}).pop(name, None)
+    for label in datasets:
+        if name == "flower":
+            _forget_flower(results, label)
+        elif name == "demos" and not resume:
+            _forget_demos(results, label)
 
 
 def run_bench(
-    quick: bool, out: Path, only: list[str] | None = None, seeds: int | None = None
+    quick: bool,
+    out: Path,
+    only: list[str] | None = None,
+    seeds: int | None = None,
+    datasets: list[str] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run the benchmarks; with ``only``, rerun those sections into DIR's results.json."""
+    """Run the benchmarks; with ``only``, rerun those sections into DIR's results.json.
+
+    ``datasets`` limits the demos and Flower to some of ``DATASET_LABELS``; ``resume``
+    keeps the demo runs already in results.json and runs only the missing seeds.
+    """
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     unknown = sorted(set(only or []) - set(SECTIONS))
     if unknown:
         raise ValueError(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
+    bad = sorted(set(datasets or []) - set(DATASET_LABELS))
+    if bad:
+        raise ValueError(f"unknown datasets {bad}; choose from {list(DATASET_LABELS)}")
+    if resume and "demos" not in (only or []):
+        raise ValueError("--resume adds demo runs to DIR's results.json: use it with --only demos")
+    chosen = list(datasets or DATASET_LABELS)
     path = out / "results.json"
     if only and path.is_file():
         results: dict[str, Any] = json.loads(path.read_text())
-        results.setdefault("reruns", []).append(
-            {
-                "sections": only,
-                "at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "machine": _machine(),
-            }
-        )
+        rerun: dict[str, Any] = {
+            "sections": only,
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": _machine(),
+        }
+        if datasets:
+            rerun["datasets"] = chosen
+        if resume:
+            rerun["resume"] = True
+        if seeds:
+            rerun["seeds"] = seeds
+        results.setdefault("reruns", []).append(rerun)
         for name in only:
-            _forget(results, name)
+            _forget(results, name, chosen, resume)
     else:
         results = {
             "mode": "quick" if quick else "full",
             "command": f"fedinspect bench{' --quick' if quick else ''} --out {out}"
             + (f" --seeds {seeds}" if seeds else "")
-            + "".join(f" --only {name}" for name in only or []),
+            + "".join(f" --only {name}" for name in only or [])
+            + "".join(f" --dataset {name}" for name in datasets or []),
             "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": _machine(),
             "notes": [],
@@ -161,59 +196,87 @@ def run_bench(
         results["ingest"] = _section("ingest", results, lambda: ingest.run(quick))
         save()
     if want("demos"):
-        _demos(quick, results, save, list(range(seeds or (1 if quick else 3))))
+        _demos(quick, results, save, list(range(seeds or (1 if quick else 3))), chosen)
     if want("flower"):
-        _flowers(quick, results, save)
+        _flowers(quick, results, save, chosen)
     if not only:
         results["total_seconds"] = round(time.monotonic() - started, 1)
     save()
     return results
 
 
+def _label(dataset: str) -> str:
+    return "elpv" if dataset == "elpv" else "neu-det"
+
+
 def _demos(
-    quick: bool, results: dict[str, Any], save: Callable[[], None], seeds: list[int]
+    quick: bool,
+    results: dict[str, Any],
+    save: Callable[[], None],
+    seeds: list[int],
+    datasets: list[str],
 ) -> None:
-    """Cycle time, accuracy and our results in Flower's terms: all from whole demo runs."""
+    """Cycle time, accuracy and our results in Flower's terms: all from whole demo runs.
+
+    Every finished run is kept in ``demo_runs`` and the tables are recomputed from all
+    of them, so a full bench (hours per seed) can be built up over several invocations
+    (``--resume``): seeds already there are not run again.
+    """
     names, notes = demo_runs.datasets()
     results["notes"] = sorted(set(results.get("notes", [])) | set(notes))
-    runs: dict[str, list[dict[str, Any]]] = {}
+    stored: dict[str, list[dict[str, Any]]] = results.setdefault("demo_runs", {})
+    commit = (results.get("machine") or {}).get("git_commit")
     for ds in names:
-        label = "elpv" if ds == "elpv" else "neu-det"
+        label = _label(ds)
+        if label not in datasets:
+            continue
+        runs = stored.setdefault(label, [])
+        done = {r["seed"] for r in runs}
+        todo = [s for s in seeds if s not in done]
+        if todo:
+            # new runs change our numbers: Flower's old comparison with them is stale
+            _forget_flower(results, label)
+            (results.get("errors") or {}).pop(f"demo {label}", None)
 
-        def demos(ds: str = ds) -> list[dict[str, Any]]:
-            return demo_runs.run_demos(ds, quick, seeds)
+        def one(
+            ds: str = ds, label: str = label, todo: list[int] = todo, runs: list[Any] = runs
+        ) -> None:
+            for seed in todo:
+                run = demo_runs.run_demos(ds, quick, [seed])[0]
+                run["bench_commit"] = _machine_commit() or commit
+                runs.append(run)
+                runs.sort(key=lambda done_run: done_run["seed"])
+                _aggregate(label, runs, results)
+                save()  # a full seed takes an hour or more: keep each one as it finishes
 
-        got = _section(f"demo {label}", results, demos)
-        if got:
-            runs[label] = got
-            # saved now: a full demo takes an hour, and an interrupted bench keeps it
-            results.setdefault("accuracy", {})[label] = demo_runs.accuracy_table(got)
-            ours = demo_runs.ours_for_flower(got)
-            if label == "elpv":
-                results["ours"] = ours
-            else:
-                results["neu_det_flower"] = {"ours": ours}
-            save()
-    cycle: dict[str, Any] = {}
-    if "elpv" in runs:
-        stages = demo_runs.cycle_stages(runs["elpv"])
+        if todo:
+            _section(f"demo {label}", results, one)
+        elif runs:
+            _aggregate(label, runs, results)
+    cycle: dict[str, Any] = dict(results.get("cycle") or {})
+    elpv = stored.get("elpv")
+    if elpv:
+        stages = demo_runs.cycle_stages(elpv)
         if quick:
             cycle["quick_s"] = stages["cycle_s"]
             cycle["full_s"] = None
         else:
             cycle["full_s"] = stages["cycle_s"]
-            quick_runs = _section(
-                "demo elpv quick (cycle time)",
-                results,
-                lambda: demo_runs.run_demos("elpv", True, [0]),
-            )
-            cycle["quick_s"] = demo_runs.cycle_stages(quick_runs)["cycle_s"] if quick_runs else None
+            if not cycle.get("quick_s"):
+                quick_runs = _section(
+                    "demo elpv quick (cycle time)",
+                    results,
+                    lambda: demo_runs.run_demos("elpv", True, [0]),
+                )
+                cycle["quick_s"] = (
+                    demo_runs.cycle_stages(quick_runs)["cycle_s"] if quick_runs else None
+                )
         cycle["stages"] = stages["stages"]
         cycle["demo_total_s"] = stages["demo_total_s"]
         measured = [
             {k: e["bytes"][k] for k in ("uploaded", "downloaded", "raw_images")}
             | {"name": e["name"], "n_train": e["n_train"]}
-            for e in runs["elpv"][0]["edges"]
+            for e in elpv[0]["edges"]
         ]
         if results.get("wire"):
             results["wire"]["measured_in_demo"] = measured
@@ -221,10 +284,28 @@ def _demos(
     save()
 
 
-def _flowers(quick: bool, results: dict[str, Any], save: Callable[[], None]) -> None:
+def _machine_commit() -> str | None:
+    return _machine().get("git_commit")
+
+
+def _aggregate(label: str, runs: list[dict[str, Any]], results: dict[str, Any]) -> None:
+    """The accuracy table and our Flower-side figures of one dataset, from its runs."""
+    results.setdefault("accuracy", {})[label] = demo_runs.accuracy_table(runs)
+    ours = demo_runs.ours_for_flower(runs)
+    if label == "elpv":
+        results["ours"] = ours
+    else:
+        results.setdefault("neu_det_flower", {})["ours"] = ours
+
+
+def _flowers(
+    quick: bool, results: dict[str, Any], save: Callable[[], None], datasets: list[str]
+) -> None:
     """Flower's FedAvg on the demos' plans and seeds, against our results in ``results``."""
     neu_det = results.get("neu_det_flower") or {}
     for label, ours in (("elpv", results.get("ours")), ("neu-det", neu_det.get("ours"))):
+        if label not in datasets:
+            continue
         if not ours:
             if label == "elpv":
                 results.setdefault("errors", {})["flower elpv"] = (

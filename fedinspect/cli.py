@@ -129,11 +129,25 @@ def bench(
         int | None,
         typer.Option(min=1, help="demo seeds for accuracy and Flower (default 1 quick, 3 full)"),
     ] = None,
+    dataset: Annotated[
+        list[str] | None,
+        typer.Option(help="demos and Flower on these datasets only (elpv, neu-det)"),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="with --only demos: keep the demo runs in DIR's results.json and run only "
+            "the missing seeds (a full seed takes an hour or more on 2 cores)"
+        ),
+    ] = False,
 ) -> None:
     """Benchmarks: extraction vs the CPU's limit, wire bytes, ingest, cycle, accuracy, Flower."""
     from bench.run import run_bench
 
-    run_bench(quick, out, only, seeds)
+    try:
+        run_bench(quick, out, only, seeds, dataset, resume)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
 
 
 def main() -> None:

@@ -661,3 +661,147 @@ def test_an_interrupted_bench_keeps_the_datasets_it_finished(
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["accuracy"]["elpv"]["seeds"] == [0]
     assert saved["ours"]["seeds"] == [0]
+
+
+# ------------------------------------------------------------- demos built up over runs
+
+
+def _recording_demos(
+    monkeypatch: pytest.MonkeyPatch, fail_on: int | None = None
+) -> list[tuple[str, int]]:
+    """Fake ``run_demos`` that records (dataset, seed) and Ctrl-Cs on seed ``fail_on``."""
+    asked: list[tuple[str, int]] = []
+
+    def demos(ds: str, quick: bool, seeds: list[int]) -> list[dict[str, Any]]:
+        out = []
+        for s in seeds:
+            if s == fail_on:
+                raise KeyboardInterrupt
+            asked.append((ds, s))
+            out.append(_run(s) | {"dataset": ds})
+        return out
+
+    monkeypatch.setattr(demo_runs, "run_demos", demos)
+    return asked
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+def test_resume_runs_only_the_missing_seeds_and_tables_cover_them_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(demo_runs, "datasets", lambda: (["elpv"], []))
+    (tmp_path / "results.json").write_text(json.dumps(_header()))
+    asked = _recording_demos(monkeypatch)
+    bench_run.run_bench(True, tmp_path, only=["demos"], seeds=1)
+    assert asked == [("elpv", 0)]
+
+    results = bench_run.run_bench(True, tmp_path, only=["demos"], seeds=3, resume=True)
+
+    assert asked == [("elpv", 0), ("elpv", 1), ("elpv", 2)]  # seed 0 was not run again
+    assert [r["seed"] for r in results["demo_runs"]["elpv"]] == [0, 1, 2]
+    assert results["accuracy"]["elpv"]["seeds"] == [0, 1, 2]
+    # each run remembers the commit it ran at (the header's, as _machine is stubbed)
+    assert [r["bench_commit"] for r in results["demo_runs"]["elpv"]] == ["abc123"] * 3
+    with_commit = [r | {"bench_commit": "abc123"} for r in _runs()]
+    assert results["accuracy"]["elpv"] == demo_runs.accuracy_table(with_commit)
+    assert results["ours"]["seeds"] == [0, 1, 2]
+    assert results["reruns"][-1]["resume"] is True
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+def test_each_finished_seed_is_saved_before_the_next_one_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(demo_runs, "datasets", lambda: (["elpv"], []))
+    (tmp_path / "results.json").write_text(json.dumps(_header()))
+    _recording_demos(monkeypatch, fail_on=2)
+    with pytest.raises(KeyboardInterrupt):
+        bench_run.run_bench(False, tmp_path, only=["demos"], seeds=3)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["seed"] for r in saved["demo_runs"]["elpv"]] == [0, 1]
+    assert saved["accuracy"]["elpv"]["seeds"] == [0, 1]
+
+    asked = _recording_demos(monkeypatch)
+    done = bench_run.run_bench(False, tmp_path, only=["demos"], seeds=3, resume=True)
+    assert asked == [("elpv", 2), ("elpv", 0)]  # the missing seed, then the quick cycle demo
+    assert done["accuracy"]["elpv"]["seeds"] == [0, 1, 2]
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+def test_without_resume_a_demos_rerun_replaces_the_old_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(demo_runs, "datasets", lambda: (["elpv"], []))
+    old = _run(0) | {"marker": "old"}
+    (tmp_path / "results.json").write_text(json.dumps(_header(demo_runs={"elpv": [old]})))
+    asked = _recording_demos(monkeypatch)
+    results = bench_run.run_bench(True, tmp_path, only=["demos"], seeds=1)
+    assert asked == [("elpv", 0)]
+    assert [r.get("marker") for r in results["demo_runs"]["elpv"]] == [None]
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+def test_dataset_choice_leaves_the_other_datasets_results_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(demo_runs, "datasets", lambda: (["elpv", "/data/neu-det"], []))
+    (tmp_path / "results.json").write_text(json.dumps(_header()))
+    asked = _recording_demos(monkeypatch)
+    first = bench_run.run_bench(True, tmp_path, only=["demos"], seeds=1)
+    assert asked == [("elpv", 0), ("/data/neu-det", 0)]
+
+    results = bench_run.run_bench(True, tmp_path, only=["demos"], seeds=2, datasets=["neu-det"])
+
+    assert asked[2:] == [("/data/neu-det", 0), ("/data/neu-det", 1)]
+    assert results["demo_runs"]["elpv"] == first["demo_runs"]["elpv"]
+    assert results["accuracy"]["elpv"] == first["accuracy"]["elpv"]
+    assert results["ours"] == first["ours"]
+    assert results["accuracy"]["neu-det"]["seeds"] == [0, 1]
+    assert results["neu_det_flower"]["ours"]["seeds"] == [0, 1]
+    assert results["reruns"][-1]["datasets"] == ["neu-det"]
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+def test_new_runs_of_ours_drop_the_stale_flower_comparison(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(demo_runs, "datasets", lambda: (["elpv"], []))
+    (tmp_path / "results.json").write_text(json.dumps(_header()))
+    _recording_demos(monkeypatch)
+    bench_run.run_bench(True, tmp_path, only=["demos"], seeds=1)
+    fl = {s: r for s, r in zip(SEEDS, _flower_runs(), strict=True)}
+    monkeypatch.setattr(flower, "run", lambda quick, ds, seed, target: fl[seed])
+    assert "flower" in bench_run.run_bench(True, tmp_path, only=["flower"])
+
+    again = bench_run.run_bench(True, tmp_path, only=["demos"], seeds=1, resume=True)
+    assert "flower" in again  # nothing new ran: the comparison still holds
+    more = bench_run.run_bench(True, tmp_path, only=["demos"], seeds=2, resume=True)
+    assert "flower" not in more and "flower_head" not in more
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"datasets": ["mnist"]}, "unknown datasets ['mnist']"),
+        ({"resume": True}, "use it with --only demos"),
+        ({"resume": True, "only": ["wire"]}, "use it with --only demos"),
+    ],
+)
+def test_run_bench_rejects_bad_dataset_and_resume_choices(
+    tmp_path: Path, kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError) as err:
+        bench_run.run_bench(True, tmp_path, **kwargs)
+    assert message in str(err.value)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_accuracy_table_says_how_references_were_trained_and_at_which_commits() -> None:
+    runs = [_run(0) | {"references": "full", "bench_commit": "b2"}, _run(1)]
+    runs[1] |= {"references": "pooled", "bench_commit": "a1"}
+    table = demo_runs.accuracy_table(runs)
+    assert table["references"] == ["full", "pooled"]
+    assert table["commits"] == ["a1", "b2"]
+    md = to_markdown(_header(accuracy={"elpv": table}))
+    assert "references trained full, pooled; runs at commits a1, b2" in md
