@@ -78,6 +78,24 @@ def test_weights_round_trip_exactly(tmp_path: Path) -> None:
     assert model_to_bytes(again, {"note": "x"}) == data
 
 
+def test_convolutions_run_channels_last_and_serialise_in_the_usual_order() -> None:
+    """Channels-last is the fast layout on CPU; the wire format must not notice it."""
+    model = build_split_model(CLASSES, input_size=64)
+    conv = model.stages[0].conv.weight  # type: ignore[union-attr]
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.is_contiguous()
+    x = torch.rand(2, 3, 64, 64)  # callers pass the usual NCHW tensors
+    with torch.no_grad():
+        out = model.run_stages(model.normalize(x), 0, 3)
+        reference = model.stages[2](model.stages[1](model.stages[0](model.normalize(x))))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out, reference, atol=1e-5)
+    again = model_from_bytes(model_to_bytes(model))
+    assert again.stages[0].conv.weight.is_contiguous(memory_format=torch.channels_last)  # type: ignore[union-attr]
+    assert torch.equal(again.stages[0].conv.weight, conv)  # type: ignore[union-attr]
+    assert model_to_bytes(again) == model_to_bytes(model)
+
+
 def test_weights_without_architecture_are_refused() -> None:
     from fl_core import serialization
 
