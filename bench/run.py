@@ -90,6 +90,7 @@ FLOWER_KEYS = ("flower", "flower_head", "engine")
 def _forget_flower(results: dict[str, Any], label: str) -> None:
     """Drop one dataset's Flower results and errors: they compare with our old numbers."""
     (results.get("errors") or {}).pop(f"flower {label}", None)
+    (results.get("flower_runs") or {}).pop(label, None)
     holder = results if label == "elpv" else (results.get("neu_det_flower") or {})
     for key in FLOWER_KEYS:
         holder.pop(key, None)
@@ -112,12 +113,12 @@ def _forget_demos(results: dict[str, Any], label: str) -> None:
 def _forget(results: dict[str, Any], name: str, datasets: list[str], resume: bool = False) -> None:
     """Drop a section's old results and errors before it runs again.
 
-    Demos: the chosen datasets' runs, unless ``resume`` keeps them (seeds already run are
-    then skipped); old and new runs never mix otherwise.
+    Demos and Flower: the chosen datasets' runs, unless ``resume`` keeps them (seeds
+    already run are then skipped); old and new runs never mix otherwise.
     """
     (results.get("errors") or {}).pop(name, None)
     for label in datasets:
-        if name == "flower":
+        if name == "flower" and not resume:
             _forget_flower(results, label)
         elif name == "demos" and not resume:
             _forget_demos(results, label)
@@ -144,8 +145,10 @@ def run_bench(
     bad = sorted(set(datasets or []) - set(DATASET_LABELS))
     if bad:
         raise ValueError(f"unknown datasets {bad}; choose from {list(DATASET_LABELS)}")
-    if resume and "demos" not in (only or []):
-        raise ValueError("--resume adds demo runs to DIR's results.json: use it with --only demos")
+    if resume and not {"demos", "flower"} & set(only or []):
+        raise ValueError(
+            "--resume adds seeds to DIR's results.json: use it with --only demos or --only flower"
+        )
     chosen = list(datasets or DATASET_LABELS)
     path = out / "results.json"
     if only and path.is_file():
@@ -242,8 +245,9 @@ def _demos(
             ds: str = ds, label: str = label, todo: list[int] = todo, runs: list[Any] = runs
         ) -> None:
             for seed in todo:
+                at = _machine_commit() or commit  # the code this run starts with
                 run = demo_runs.run_demos(ds, quick, [seed])[0]
-                run["bench_commit"] = _machine_commit() or commit
+                run["bench_commit"] = at
                 runs.append(run)
                 runs.sort(key=lambda done_run: done_run["seed"])
                 _aggregate(label, runs, results)
@@ -301,7 +305,12 @@ def _aggregate(label: str, runs: list[dict[str, Any]], results: dict[str, Any]) 
 def _flowers(
     quick: bool, results: dict[str, Any], save: Callable[[], None], datasets: list[str]
 ) -> None:
-    """Flower's FedAvg on the demos' plans and seeds, against our results in ``results``."""
+    """Flower's FedAvg on the demos' plans and seeds, against our results in ``results``.
+
+    Each seed's result is kept in ``flower_runs`` as it finishes; the full bench
+    searches the grid on the first seed and gives the others its winners.
+    """
+    stored: dict[str, list[dict[str, Any]]] = results.setdefault("flower_runs", {})
     neu_det = results.get("neu_det_flower") or {}
     for label, ours in (("elpv", results.get("ours")), ("neu-det", neu_det.get("ours"))):
         if label not in datasets:
@@ -321,26 +330,40 @@ def _flowers(
             continue
         target = ours["accuracy"]["mean"]["median"]
         ds = "elpv" if label == "elpv" else str(demo_runs.NEU_DET)
+        seeds = ours.get("seeds") or results["accuracy"][label]["seeds"]
+        runs = stored.setdefault(label, [])
+        todo = [s for s in seeds if s not in {r["seed"] for r in runs}]
 
         def flowers(
             ds: str = ds,
-            seeds: list[int] = ours.get("seeds") or results["accuracy"][label]["seeds"],
+            label: str = label,
+            todo: list[int] = todo,
             target: float = target,
-        ) -> list[dict[str, Any]]:
-            return [flower.run(quick, ds, seed, target) for seed in seeds]
+            runs: list[Any] = runs,
+        ) -> None:
+            for seed in todo:
+                grids = flower.winners(runs[0]) if runs and not quick else None
+                runs.append(flower.run(quick, ds, seed, target, grids))
+                _aggregate_flower(label, runs, results)
+                save()  # one seed of the full grid takes hours on two cores
 
-        fl_runs = _section(f"flower {label}", results, flowers)
-        if fl_runs:
-            block = {
-                "flower": flower.summarize(fl_runs, "flower"),
-                "flower_head": flower.summarize(fl_runs, "flower_head"),
-                "engine": fl_runs[0]["engine"],
-            }
-            if label == "elpv":
-                results.update(block)
-            else:
-                results["neu_det_flower"].update(block)
+        if todo:
+            _section(f"flower {label}", results, flowers)
+        elif runs:
+            _aggregate_flower(label, runs, results)
         save()
+
+
+def _aggregate_flower(label: str, runs: list[dict[str, Any]], results: dict[str, Any]) -> None:
+    block = {
+        "flower": flower.summarize(runs, "flower"),
+        "flower_head": flower.summarize(runs, "flower_head"),
+        "engine": runs[0]["engine"],
+    }
+    if label == "elpv":
+        results.update(block)
+    else:
+        results["neu_det_flower"].update(block)
 
 
 __all__ = ["SECTIONS", "run_bench"]

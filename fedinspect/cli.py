@@ -136,8 +136,8 @@ def bench(
     resume: Annotated[
         bool,
         typer.Option(
-            help="with --only demos: keep the demo runs in DIR's results.json and run only "
-            "the missing seeds (a full seed takes an hour or more on 2 cores)"
+            help="with --only demos or --only flower: keep the runs in DIR's results.json and "
+            "run only the missing seeds (a full seed takes an hour or more on 2 cores)"
         ),
     ] = False,
 ) -> None:

@@ -127,6 +127,7 @@ def _flower_runs() -> list[dict[str, Any]]:
             "flower": _flower_seed(s, means[s], reach[s]),
             "flower_head": _flower_seed(s, means[s] - 0.2, None),
             "engine": "flwr FedAvg",
+            "seed": s,
         }
         for s in SEEDS
     ]
@@ -600,7 +601,7 @@ def test_run_bench_rerun_of_demos_clears_their_old_errors(
     monkeypatch.setattr(demo_runs, "datasets", lambda: (["elpv"], []))
     monkeypatch.setattr(demo_runs, "run_demos", lambda ds, quick, seeds: [_run(s) for s in seeds])
     fl = {s: r for s, r in zip(SEEDS, _flower_runs(), strict=True)}
-    monkeypatch.setattr(flower, "run", lambda quick, ds, seed, target: fl[seed])
+    monkeypatch.setattr(flower, "run", lambda quick, ds, seed, target, grids=None: fl[seed])
 
     results = bench_run.run_bench(True, tmp_path, only=["demos"], seeds=3)
 
@@ -621,7 +622,9 @@ def test_run_bench_flower_alone_compares_with_the_saved_demo_results(
     asked: list[tuple[int, float]] = []
     fl = {s: r for s, r in zip(SEEDS, _flower_runs(), strict=True)}
 
-    def fake_flower(quick: bool, ds: str, seed: int, target: float) -> dict[str, Any]:
+    def fake_flower(
+        quick: bool, ds: str, seed: int, target: float, grids: Any = None
+    ) -> dict[str, Any]:
         asked.append((seed, target))
         return fl[seed]
 
@@ -770,7 +773,7 @@ def test_new_runs_of_ours_drop_the_stale_flower_comparison(
     _recording_demos(monkeypatch)
     bench_run.run_bench(True, tmp_path, only=["demos"], seeds=1)
     fl = {s: r for s, r in zip(SEEDS, _flower_runs(), strict=True)}
-    monkeypatch.setattr(flower, "run", lambda quick, ds, seed, target: fl[seed])
+    monkeypatch.setattr(flower, "run", lambda quick, ds, seed, target, grids=None: fl[seed])
     assert "flower" in bench_run.run_bench(True, tmp_path, only=["flower"])
 
     again = bench_run.run_bench(True, tmp_path, only=["demos"], seeds=1, resume=True)
@@ -784,8 +787,8 @@ def test_new_runs_of_ours_drop_the_stale_flower_comparison(
     ("kwargs", "message"),
     [
         ({"datasets": ["mnist"]}, "unknown datasets ['mnist']"),
-        ({"resume": True}, "use it with --only demos"),
-        ({"resume": True, "only": ["wire"]}, "use it with --only demos"),
+        ({"resume": True}, "use it with --only demos or --only flower"),
+        ({"resume": True, "only": ["wire"]}, "use it with --only demos or --only flower"),
     ],
 )
 def test_run_bench_rejects_bad_dataset_and_resume_choices(
@@ -805,3 +808,81 @@ def test_accuracy_table_says_how_references_were_trained_and_at_which_commits() 
     assert table["commits"] == ["a1", "b2"]
     md = to_markdown(_header(accuracy={"elpv": table}))
     assert "references trained full, pooled; runs at commits a1, b2" in md
+
+
+# ---------------------------------------------------------------- Flower's round loop
+
+
+def _steps(means: list[float]) -> tuple[list[int], Any]:
+    called: list[int] = []
+
+    def step(rnd: int) -> list[float]:
+        called.append(rnd)
+        m = means[rnd - 1]
+        return [m + 0.1, m - 0.1]
+
+    return called, step
+
+
+def test_rounds_stop_after_patience_rounds_without_a_better_mean() -> None:
+    called, step = _steps([0.5, 0.7, 0.6, 0.7, 0.65, 0.9, 0.95])
+    history = flower.rounds(step, max_rounds=7, patience=3)
+    # best 0.7 at round 2; rounds 3, 4 (equal is not better), 5 bring nothing: stop
+    assert called == [1, 2, 3, 4, 5]
+    assert [h["round"] for h in history] == [1, 2, 3, 4, 5]
+    assert history[1]["per_edge"] == [pytest.approx(0.8), pytest.approx(0.6)]
+    assert history[1]["mean"] == pytest.approx(0.7)
+
+
+def test_rounds_without_patience_run_every_round() -> None:
+    called, step = _steps([0.9, 0.1, 0.1, 0.1])
+    assert len(flower.rounds(step, max_rounds=4, patience=None)) == 4
+    assert called == [1, 2, 3, 4]
+
+
+def test_rounds_keep_going_while_the_mean_improves() -> None:
+    called, step = _steps([0.1, 0.2, 0.3, 0.4])
+    flower.rounds(step, max_rounds=4, patience=1)
+    assert called == [1, 2, 3, 4]
+
+
+def test_winners_are_each_configurations_chosen_point() -> None:
+    seed0 = _flower_runs()[0]
+    seed0["flower_head"] |= {"local_epochs": 1, "lr": 3e-3}
+    assert flower.winners(seed0) == {"flower": [(3, 1e-3)], "flower_head": [(1, 3e-3)]}
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+def test_full_flower_searches_the_grid_on_the_first_seed_only_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seeds after the first get its winners; an interrupted run keeps finished seeds."""
+    monkeypatch.setattr(demo_runs, "datasets", lambda: (["elpv"], []))
+    (tmp_path / "results.json").write_text(json.dumps(_header(mode="full")))
+    _recording_demos(monkeypatch)
+    bench_run.run_bench(False, tmp_path, only=["demos"], seeds=3)
+    fl = {s: r for s, r in zip(SEEDS, _flower_runs(), strict=True)}
+    asked: list[tuple[int, Any]] = []
+    interrupt_on: list[int] = [2]  # Ctrl-C during seed 2, the first time
+
+    def fake(quick: bool, ds: str, seed: int, target: float, grids: Any = None) -> Any:
+        if seed in interrupt_on:
+            asked.append((seed, "interrupted"))
+            raise KeyboardInterrupt
+        asked.append((seed, grids))
+        return fl[seed]
+
+    monkeypatch.setattr(flower, "run", fake)
+    with pytest.raises(KeyboardInterrupt):
+        bench_run.run_bench(False, tmp_path, only=["flower"])
+    winner = flower.winners(fl[0])
+    assert asked == [(0, None), (1, winner), (2, "interrupted")]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["seed"] for r in saved["flower_runs"]["elpv"]] == [0, 1]
+    assert saved["flower"]["rounds_to_reach_ours"] == [2, None]
+
+    interrupt_on.clear()
+    done = bench_run.run_bench(False, tmp_path, only=["flower"], resume=True)
+    assert asked[-1] == (2, winner)  # only the missing seed, with seed 0's winners
+    assert done["flower"]["rounds_to_reach_ours"] == [2, None, 5]
+    assert [r["seed"] for r in done["flower_runs"]["elpv"]] == [0, 1, 2]
