@@ -149,6 +149,11 @@ def run_bench(
         raise ValueError(
             "--resume adds seeds to DIR's results.json: use it with --only demos or --only flower"
         )
+    if datasets and {"demos", "flower"} & set(only or SECTIONS):
+        found, notes = demo_runs.datasets()
+        absent = sorted(set(datasets) - {_label(ds) for ds in found})
+        if absent:  # asked for by name: fail now, not after an hour of other sections
+            raise ValueError(f"datasets {absent} are not available: {'; '.join(notes)}")
     chosen = list(datasets or DATASET_LABELS)
     path = out / "results.json"
     if only and path.is_file():

@@ -886,3 +886,15 @@ def test_full_flower_searches_the_grid_on_the_first_seed_only_and_resumes(
     assert asked[-1] == (2, winner)  # only the missing seed, with seed 0's winners
     assert done["flower"]["rounds_to_reach_ours"] == [2, None, 5]
     assert [r["seed"] for r in done["flower_runs"]["elpv"]] == [0, 1, 2]
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+def test_a_dataset_asked_for_by_name_but_absent_fails_before_anything_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(demo_runs, "datasets", lambda: (["elpv"], ["NEU-DET skipped: /x absent"]))
+    before = json.dumps(_header()) + "\n"
+    (tmp_path / "results.json").write_text(before)
+    with pytest.raises(ValueError, match=r"\['neu-det'\] are not available: NEU-DET skipped"):
+        bench_run.run_bench(False, tmp_path, only=["demos"], datasets=["neu-det"], resume=True)
+    assert (tmp_path / "results.json").read_text() == before
