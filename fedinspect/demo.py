@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -37,7 +38,14 @@ from fl_core.data import batches as image_batches
 from fl_core.features import extract_features, usable_cores
 from fl_core.model import HeadConfig, SplitModel, build_split_model
 from fl_core.schemas import EvalMetrics
-from fl_core.training import FinetuneConfig, UpperTrainConfig, evaluate, finetune, train_upper
+from fl_core.training import (
+    FinetuneConfig,
+    Progress,
+    UpperTrainConfig,
+    evaluate,
+    finetune,
+    train_upper,
+)
 
 HOST = "127.0.0.1"
 
@@ -328,16 +336,42 @@ def _base_model(plan: DemoPlan) -> SplitModel:
 
 
 def train_reference(
-    plan: DemoPlan, train: ImageSet, val: ImageSet, fine_tune: bool = True
+    plan: DemoPlan,
+    train: ImageSet,
+    val: ImageSet,
+    fine_tune: bool = True,
+    progress: Progress | None = None,
 ) -> SplitModel:
     """Stage 2 (and stage 3 with ``fine_tune``) on one dataset, without federation."""
+
+    def report(fraction: float, message: str) -> None:
+        if progress is not None:
+            progress(fraction, message)
+
     model = _base_model(plan)
     size = model.arch.input_size
+    stage2_share = 0.2 if fine_tune else 1.0
+    report(0.0, "stage 2: extracting features")
     feats, labels = extract_features(model, image_batches(train, size, plan.batch_size))
+    report(0.5 * stage2_share, "stage 2: training the upper part")
     train_upper(model, feats, labels, plan.upper)
     if fine_tune:
-        finetune(model, train, val, plan.finetune)
+        finetune(
+            model,
+            train,
+            val,
+            plan.finetune,
+            lambda f, m: report(stage2_share + (1 - stage2_share) * f, f"stage 3: {m}"),
+        )
+    report(1.0, "done")
     return model
+
+
+def _job_view(fraction: float, message: str) -> dict[str, Any]:
+    """A reference's progress in the shape of an edge job (for ``JobProgress``, which
+    prints a line per stage where there is no terminal: one per epoch, not per batch)."""
+    stage = re.sub(r" \d+/\d+$| loss .*$", "", message)
+    return {"progress": fraction, "stage": stage, "message": message}
 
 
 # --------------------------------------------------------------------------- the run
@@ -494,18 +528,28 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         file=sys.stderr,
     )
     t_ref = time.monotonic()
-    for row, sp in zip(rows, splits, strict=True):
-        local = train_reference(plan, sp.train, sp.val, fine_tune)
-        row["local_only"] = _scores(evaluate(local, sp.test))
-    central = train_reference(
-        plan,
-        _union([s.train for s in splits], plan.class_names),
-        _union([s.val for s in splits], plan.class_names),
-        fine_tune,
-    )
-    results["centralized"] = _scores(
-        evaluate(central, _union([s.test for s in splits], plan.class_names))
-    )
+    names = [f"local-only {r['name']}" for r in rows] + ["centralized"]
+    shown = JobProgress(names)
+
+    def progress(name: str) -> Progress:
+        return lambda f, m: shown.update(name, _job_view(f, m))
+
+    try:
+        for name, row, sp in zip(names, rows, splits, strict=False):
+            local = train_reference(plan, sp.train, sp.val, fine_tune, progress(name))
+            row["local_only"] = _scores(evaluate(local, sp.test))
+        central = train_reference(
+            plan,
+            _union([s.train for s in splits], plan.class_names),
+            _union([s.val for s in splits], plan.class_names),
+            fine_tune,
+            progress("centralized"),
+        )
+        results["centralized"] = _scores(
+            evaluate(central, _union([s.test for s in splits], plan.class_names))
+        )
+    finally:
+        shown.close()
     results["references"] = options.references
     results["references_seconds"] = round(time.monotonic() - t_ref, 1)
     results["total_seconds"] = round(time.monotonic() - t0, 1)

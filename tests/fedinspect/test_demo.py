@@ -230,3 +230,21 @@ def test_pooled_references_skip_fine_tuning(
     assert all(0 <= e["local_only"]["accuracy"] <= 1 for e in saved["edges"])
     assert 0 <= saved["centralized"]["accuracy"] <= 1
     assert saved["references_seconds"] >= 0
+
+
+def test_references_show_their_progress_stage_by_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Full references take over an hour on all of elpv: each shows where it is."""
+    options = _demo_without_cycle(tmp_path, monkeypatch)
+    results = run_demo(options)
+    assert results["references"] == "full"
+    err = capsys.readouterr().err
+    for name in ("local-only e1", "local-only e2", "centralized"):
+        lines = [ln for ln in err.splitlines() if ln.startswith(f"{name}: ")]
+        assert "stage 2: extracting features" in lines[0] and " 0% " in lines[0]
+        assert any("stage 3: caching activations" in ln for ln in lines)
+        assert any("stage 3: epoch 1/" in ln for ln in lines)
+        assert lines[-1].endswith("100% done: done")
+    # one line per stage, not one per batch of cached activations
+    assert err.count("local-only e1: ") < 20
