@@ -135,7 +135,8 @@ def run_bench(
     """Run the benchmarks; with ``only``, rerun those sections into DIR's results.json.
 
     ``datasets`` limits the demos and Flower to some of ``DATASET_LABELS``; ``resume``
-    keeps the demo runs already in results.json and runs only the missing seeds.
+    keeps the demo and Flower runs already in results.json and runs only the missing
+    seeds.
     """
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
