@@ -218,6 +218,39 @@ def _label(dataset: str) -> str:
     return "elpv" if dataset == "elpv" else "neu-det"
 
 
+def _missing(runs: list[dict[str, Any]], seeds: list[int]) -> list[int]:
+    """The seeds of ``seeds`` that ``runs`` has no result for, in order."""
+    done = {r["seed"] for r in runs}
+    return [s for s in seeds if s not in done]
+
+
+def _run_seeds(
+    section: str,
+    results: dict[str, Any],
+    save: Callable[[], None],
+    runs: list[dict[str, Any]],
+    seeds: list[int],
+    run_seed: Callable[[int], dict[str, Any]],
+    aggregate: Callable[[list[dict[str, Any]]], None],
+) -> None:
+    """Run the seeds missing from ``runs`` one by one as ``section``; keep, aggregate and
+    save each as it finishes (a full seed takes an hour or more on two cores). With
+    none missing, aggregate the stored runs."""
+    todo = _missing(runs, seeds)
+
+    def work() -> None:
+        for seed in todo:
+            runs.append(run_seed(seed))
+            runs.sort(key=lambda done_run: done_run["seed"])
+            aggregate(runs)
+            save()
+
+    if todo:
+        _section(section, results, work)
+    elif runs:
+        aggregate(runs)
+
+
 def _demos(
     quick: bool,
     results: dict[str, Any],
@@ -240,29 +273,19 @@ def _demos(
         if label not in datasets:
             continue
         runs = stored.setdefault(label, [])
-        done = {r["seed"] for r in runs}
-        todo = [s for s in seeds if s not in done]
-        if todo:
+        if _missing(runs, seeds):
             # new runs change our numbers: Flower's old comparison with them is stale
             _forget_flower(results, label)
             (results.get("errors") or {}).pop(f"demo {label}", None)
 
-        def one(
-            ds: str = ds, label: str = label, todo: list[int] = todo, runs: list[Any] = runs
-        ) -> None:
-            for seed in todo:
-                at = _machine_commit() or commit  # the code this run starts with
-                run = demo_runs.run_demos(ds, quick, [seed])[0]
-                run["bench_commit"] = at
-                runs.append(run)
-                runs.sort(key=lambda done_run: done_run["seed"])
-                _aggregate(label, runs, results)
-                save()  # a full seed takes an hour or more: keep each one as it finishes
+        def one(seed: int, ds: str = ds) -> dict[str, Any]:
+            at = _machine_commit() or commit  # the code this run starts with
+            return demo_runs.run_demos(ds, quick, [seed])[0] | {"bench_commit": at}
 
-        if todo:
-            _section(f"demo {label}", results, one)
-        elif runs:
+        def aggregate(runs: list[dict[str, Any]], label: str = label) -> None:
             _aggregate(label, runs, results)
+
+        _run_seeds(f"demo {label}", results, save, runs, seeds, one, aggregate)
     cycle: dict[str, Any] = dict(results.get("cycle") or {})
     elpv = stored.get("elpv")
     if elpv:
@@ -301,11 +324,13 @@ def _machine_commit() -> str | None:
 def _aggregate(label: str, runs: list[dict[str, Any]], results: dict[str, Any]) -> None:
     """The accuracy table and our Flower-side figures of one dataset, from its runs."""
     results.setdefault("accuracy", {})[label] = demo_runs.accuracy_table(runs)
-    ours = demo_runs.ours_for_flower(runs)
-    if label == "elpv":
-        results["ours"] = ours
-    else:
-        results.setdefault("neu_det_flower", {})["ours"] = ours
+    _flower_block(results, label)["ours"] = demo_runs.ours_for_flower(runs)
+
+
+def _flower_block(results: dict[str, Any], label: str) -> dict[str, Any]:
+    """Where one dataset's ``ours`` and Flower results live: elpv's at the top level
+    (the keys the issue names), NEU-DET's under ``neu_det_flower``."""
+    return results if label == "elpv" else results.setdefault("neu_det_flower", {})
 
 
 def _flowers(
@@ -338,38 +363,28 @@ def _flowers(
         ds = "elpv" if label == "elpv" else str(demo_runs.NEU_DET)
         seeds = ours.get("seeds") or results["accuracy"][label]["seeds"]
         runs = stored.setdefault(label, [])
-        todo = [s for s in seeds if s not in {r["seed"] for r in runs}]
 
-        def flowers(
-            ds: str = ds,
-            label: str = label,
-            todo: list[int] = todo,
-            target: float = target,
-            runs: list[Any] = runs,
-        ) -> None:
-            for seed in todo:
-                grids = flower.winners(runs[0]) if runs and not quick else None
-                runs.append(flower.run(quick, ds, seed, target, grids))
-                _aggregate_flower(label, runs, results)
-                save()  # one seed of the full grid takes hours on two cores
+        def one(
+            seed: int, ds: str = ds, target: float = target, runs: list[Any] = runs
+        ) -> dict[str, Any]:
+            grids = flower.winners(runs[0]) if runs and not quick else None
+            return flower.run(quick, ds, seed, target, grids)
 
-        if todo:
-            _section(f"flower {label}", results, flowers)
-        elif runs:
+        def aggregate(runs: list[dict[str, Any]], label: str = label) -> None:
             _aggregate_flower(label, runs, results)
+
+        _run_seeds(f"flower {label}", results, save, runs, seeds, one, aggregate)
         save()
 
 
 def _aggregate_flower(label: str, runs: list[dict[str, Any]], results: dict[str, Any]) -> None:
-    block = {
-        "flower": flower.summarize(runs, "flower"),
-        "flower_head": flower.summarize(runs, "flower_head"),
-        "engine": runs[0]["engine"],
-    }
-    if label == "elpv":
-        results.update(block)
-    else:
-        results["neu_det_flower"].update(block)
+    _flower_block(results, label).update(
+        {
+            "flower": flower.summarize(runs, "flower"),
+            "flower_head": flower.summarize(runs, "flower_head"),
+            "engine": runs[0]["engine"],
+        }
+    )
 
 
 __all__ = ["SECTIONS", "run_bench"]

@@ -528,14 +528,14 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         file=sys.stderr,
     )
     t_ref = time.monotonic()
-    names = [f"local-only {r['name']}" for r in rows] + ["centralized"]
-    shown = JobProgress(names)
+    local_names = [f"local-only {r['name']}" for r in rows]
+    shown = JobProgress([*local_names, "centralized"])
 
     def progress(name: str) -> Progress:
         return lambda f, m: shown.update(name, _job_view(f, m))
 
     try:
-        for name, row, sp in zip(names, rows, splits, strict=False):
+        for name, row, sp in zip(local_names, rows, splits, strict=True):
             local = train_reference(plan, sp.train, sp.val, fine_tune, progress(name))
             row["local_only"] = _scores(evaluate(local, sp.test))
         central = train_reference(

@@ -669,6 +669,18 @@ def test_an_interrupted_bench_keeps_the_datasets_it_finished(
 # ------------------------------------------------------------- demos built up over runs
 
 
+def _results_dir(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    names: tuple[str, ...] = ("elpv",),
+    **header: Any,
+) -> None:
+    """``tmp_path`` holds a bench's header (with ``header``) and the demos find the
+    datasets ``names``."""
+    monkeypatch.setattr(demo_runs, "datasets", lambda: (list(names), []))
+    (tmp_path / "results.json").write_text(json.dumps(_header(**header)))
+
+
 def _recording_demos(
     monkeypatch: pytest.MonkeyPatch, fail_on: int | None = None
 ) -> list[tuple[str, int]]:
@@ -692,8 +704,7 @@ def _recording_demos(
 def test_resume_runs_only_the_missing_seeds_and_tables_cover_them_all(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(demo_runs, "datasets", lambda: (["elpv"], []))
-    (tmp_path / "results.json").write_text(json.dumps(_header()))
+    _results_dir(tmp_path, monkeypatch)
     asked = _recording_demos(monkeypatch)
     bench_run.run_bench(True, tmp_path, only=["demos"], seeds=1)
     assert asked == [("elpv", 0)]
@@ -715,8 +726,7 @@ def test_resume_runs_only_the_missing_seeds_and_tables_cover_them_all(
 def test_each_finished_seed_is_saved_before_the_next_one_starts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(demo_runs, "datasets", lambda: (["elpv"], []))
-    (tmp_path / "results.json").write_text(json.dumps(_header()))
+    _results_dir(tmp_path, monkeypatch)
     _recording_demos(monkeypatch, fail_on=2)
     with pytest.raises(KeyboardInterrupt):
         bench_run.run_bench(False, tmp_path, only=["demos"], seeds=3)
@@ -734,9 +744,8 @@ def test_each_finished_seed_is_saved_before_the_next_one_starts(
 def test_without_resume_a_demos_rerun_replaces_the_old_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(demo_runs, "datasets", lambda: (["elpv"], []))
     old = _run(0) | {"marker": "old"}
-    (tmp_path / "results.json").write_text(json.dumps(_header(demo_runs={"elpv": [old]})))
+    _results_dir(tmp_path, monkeypatch, demo_runs={"elpv": [old]})
     asked = _recording_demos(monkeypatch)
     results = bench_run.run_bench(True, tmp_path, only=["demos"], seeds=1)
     assert asked == [("elpv", 0)]
@@ -747,8 +756,7 @@ def test_without_resume_a_demos_rerun_replaces_the_old_runs(
 def test_dataset_choice_leaves_the_other_datasets_results_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(demo_runs, "datasets", lambda: (["elpv", "/data/neu-det"], []))
-    (tmp_path / "results.json").write_text(json.dumps(_header()))
+    _results_dir(tmp_path, monkeypatch, ("elpv", "/data/neu-det"))
     asked = _recording_demos(monkeypatch)
     first = bench_run.run_bench(True, tmp_path, only=["demos"], seeds=1)
     assert asked == [("elpv", 0), ("/data/neu-det", 0)]
@@ -768,8 +776,7 @@ def test_dataset_choice_leaves_the_other_datasets_results_alone(
 def test_new_runs_of_ours_drop_the_stale_flower_comparison(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(demo_runs, "datasets", lambda: (["elpv"], []))
-    (tmp_path / "results.json").write_text(json.dumps(_header()))
+    _results_dir(tmp_path, monkeypatch)
     _recording_demos(monkeypatch)
     bench_run.run_bench(True, tmp_path, only=["demos"], seeds=1)
     fl = {s: r for s, r in zip(SEEDS, _flower_runs(), strict=True)}
@@ -857,8 +864,7 @@ def test_full_flower_searches_the_grid_on_the_first_seed_only_and_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Seeds after the first get its winners; an interrupted run keeps finished seeds."""
-    monkeypatch.setattr(demo_runs, "datasets", lambda: (["elpv"], []))
-    (tmp_path / "results.json").write_text(json.dumps(_header(mode="full")))
+    _results_dir(tmp_path, monkeypatch, mode="full")
     _recording_demos(monkeypatch)
     bench_run.run_bench(False, tmp_path, only=["demos"], seeds=3)
     fl = {s: r for s, r in zip(SEEDS, _flower_runs(), strict=True)}
