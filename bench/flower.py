@@ -6,7 +6,7 @@ plan), same input size. Two configurations:
 
 - ``flower``: FedAvg of the blocks our stage 3 fine-tunes (from ``b11``) plus the head;
   the frozen blocks below run once per image (cached activations, the augmented views
-  our fine-tuning uses), as our fine-tuning does.
+  our fine-tuning uses, on the same engine), as our fine-tuning does.
 - ``flower_head``: FedAvg of the head alone on frozen pooled features.
 
 Flower's simulation engine needs Ray (``flwr[simulation]``), which is not installed
@@ -41,6 +41,7 @@ from bench.stats import summary
 from fedinspect.demo import DemoOptions, DemoPlan, plan_demo
 from fl_core.data import ImageSet, batches
 from fl_core.model import HeadConfig, SplitModel, build_split_model
+from fl_core.onnx_runtime import LowerRunner, lower_runner, torch_threads_beside
 from fl_core.training import class_weights
 
 
@@ -84,13 +85,14 @@ def _train_mode(module: nn.Module) -> None:
 
 @torch.inference_mode()
 def _acts(
-    model: SplitModel, images: ImageSet, end: int, views: int, bs: int, seed: int
+    model: SplitModel, images: ImageSet, frozen: LowerRunner, views: int, bs: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = [], []
-    for view in range(views):
-        for x, y in batches(images, model.arch.input_size, bs, augment=view > 0, seed=seed):
-            xs.append(model.run_stages(model.normalize(x), 0, end))
-            ys.append(y)
+    with torch_threads_beside(frozen):
+        for view in range(views):
+            for x, y in batches(images, model.arch.input_size, bs, augment=view > 0, seed=seed):
+                xs.append(frozen(x))
+                ys.append(y)
     return torch.cat(xs), torch.cat(ys).long()
 
 
@@ -144,14 +146,18 @@ def _accuracy(module: nn.Module, c: _Client) -> float:
 
 
 def _clients(plan: DemoPlan, model: SplitModel, start: int, views: int) -> list[_Client]:
+    # the frozen stages run on our edges' engine (ONNX Runtime, else torch): exported
+    # once here, and its set-up time charged to every client, as each edge pays it
+    frozen = lower_runner(model, end=start)
     out = []
     for spec in plan.edge_specs:
         sp = plan.split(spec)
         began = time.perf_counter()
         train = ImageSet(sp.train.records + sp.val.records, sp.train.class_names)
-        xt, yt = _acts(model, train, start, views, plan.batch_size, plan.seed)
-        xe, ye = _acts(model, sp.test, start, 1, plan.batch_size, plan.seed)
-        out.append(_Client(xt, yt, xe, ye, time.perf_counter() - began))
+        xt, yt = _acts(model, train, frozen, views, plan.batch_size, plan.seed)
+        xe, ye = _acts(model, sp.test, frozen, 1, plan.batch_size, plan.seed)
+        prep = time.perf_counter() - began + frozen.setup_s
+        out.append(_Client(xt, yt, xe, ye, prep))
     return out
 
 

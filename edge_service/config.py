@@ -99,9 +99,10 @@ class Settings(BaseSettings):
     )
     extract_backend: Literal["onnxruntime", "torch"] = Field(
         default="onnxruntime",
-        description="Engine of the frozen lower part during feature extraction: "
-        "'onnxruntime' (exported from the base model and checked against torch; falls back "
-        "to torch, with the reason logged, when export or check fail) or 'torch'.",
+        description="Engine of the frozen layers: the lower part during feature extraction "
+        "and the stages below the fine-tuned ones in stage 3. 'onnxruntime' (exported from "
+        "the model and checked against torch; falls back to torch, with the reason logged, "
+        "when export or check fail) or 'torch'.",
     )
     threads: int | None = Field(
         default=None,

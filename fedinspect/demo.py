@@ -34,9 +34,9 @@ import torch
 from tqdm import tqdm
 
 from fl_core.data import ImageSet, Splits, load_dataset_spec, split
-from fl_core.data import batches as image_batches
-from fl_core.features import extract_features, usable_cores
+from fl_core.features import extract_images, usable_cores
 from fl_core.model import HeadConfig, SplitModel, build_split_model
+from fl_core.onnx_runtime import lower_runner
 from fl_core.schemas import EvalMetrics
 from fl_core.training import (
     FinetuneConfig,
@@ -44,6 +44,7 @@ from fl_core.training import (
     UpperTrainConfig,
     evaluate,
     finetune,
+    finetune_start,
     train_upper,
 )
 
@@ -349,19 +350,22 @@ def train_reference(
             progress(fraction, message)
 
     model = _base_model(plan)
-    size = model.arch.input_size
     stage2_share = 0.2 if fine_tune else 1.0
     report(0.0, "stage 2: extracting features")
-    feats, labels = extract_features(model, image_batches(train, size, plan.batch_size))
+    # the frozen layers run on the edges' engine (ONNX Runtime, else torch), as they do
+    # in the federated cycle
+    feats, labels = extract_images(model, train, plan.batch_size, lower=lower_runner(model))
     report(0.5 * stage2_share, "stage 2: training the upper part")
     train_upper(model, feats, labels, plan.upper)
     if fine_tune:
+        start = finetune_start(model, plan.finetune.train_from)
         finetune(
             model,
             train,
             val,
             plan.finetune,
             lambda f, m: report(stage2_share + (1 - stage2_share) * f, f"stage 3: {m}"),
+            frozen=lower_runner(model, end=start) if start > 0 else None,
         )
     report(1.0, "done")
     return model

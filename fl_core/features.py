@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +23,7 @@ from fl_core import serialization
 from fl_core.data import ImageSet, batches, prefetch
 from fl_core.errors import InvalidInput
 from fl_core.model import SplitModel
-from fl_core.onnx_runtime import LowerRunner, torch_runner
+from fl_core.onnx_runtime import LowerRunner, torch_runner, torch_threads_beside
 from fl_core.schemas import FeatureSpec, PrivacyConfig
 
 Progress = Callable[[int, int], None]
@@ -139,6 +138,8 @@ def extract_features(
     channels-last).
     """
     run = lower if lower is not None else torch_runner(model)
+    if run.end != model.cut_index + 1:
+        raise ValueError(f"the runner stops before stage {run.end}, not after the cut")
     feats: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     done = 0
@@ -168,16 +169,6 @@ def overlaps_decoding(run: LowerRunner) -> bool:
     return usable_cores() > (run.threads or torch.get_num_threads())
 
 
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def extract_images(
     model: SplitModel,
     images: ImageSet,
@@ -196,9 +187,7 @@ def extract_images(
     37.3 serial at 224 px, 64.5 against 64.2 at 160).
 
     When ONNX Runtime runs the lower part (its own thread pool), torch only decodes and
-    resizes: its intra-op pool is cut to one thread meanwhile, because tiny parallel
-    resizes on busy cores cost far more in thread hand-offs than they save (measured ten
-    times slower with two threads on a loaded 2-core machine).
+    resizes, on one thread (:func:`~fl_core.onnx_runtime.torch_threads_beside`).
     """
     run = lower if lower is not None else torch_runner(model)
     source: Iterable[tuple[torch.Tensor, torch.Tensor]] = batches(
@@ -208,8 +197,7 @@ def extract_images(
         overlap = overlaps_decoding(run)
     if overlap:
         source = prefetch(source, depth=2)
-    threads = 1 if run.backend == "onnxruntime" else torch.get_num_threads()
-    with _torch_threads(threads):
+    with torch_threads_beside(run):
         return extract_features(model, source, len(images), progress, run)
 
 

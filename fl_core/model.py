@@ -7,6 +7,7 @@ Weights travel as safetensors; the architecture travels in the file's metadata
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -123,6 +124,17 @@ class SplitModel(nn.Module):
             shape = list(self.lower(probe).shape[1:])
             self.train(was_training)
         return shape
+
+    def stages_digest(self, end: int) -> str:
+        """sha256 of the architecture and of the weights and statistics of stages
+        ``0 .. end-1``: two models with the same digest compute the same activations at
+        ``end`` (on the same inputs)."""
+        digest = hashlib.sha256(f"{self.arch.to_json()}|{end}".encode())
+        for stage in self.stages[:end]:
+            for name, tensor in stage.state_dict().items():
+                digest.update(name.encode())
+                digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+        return digest.hexdigest()
 
     def lower_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.stages[: self.cut_index + 1] for p in m.parameters()]

@@ -4,12 +4,19 @@ On CPUs ONNX Runtime runs EfficientNet-Lite0 several times faster than eager PyT
 (fused convolutions and activations, no per-op dispatch). The edge never trains the
 part below the cut while extracting, so it exports that part once per base model and
 runs it through an ``onnxruntime.InferenceSession``; training stays in PyTorch.
+Stage 3 does the same with the stages below the first one it fine-tunes (``end``):
+they are frozen there, and their activations are computed once and cached.
 
 The export is trusted only after a check: the session's output on a seeded probe batch
 must match torch's within ``rtol`` of the largest activation. When export, session or
 check fail (an operator the exporter does not know, onnxruntime not installed, a wrong
 result), :func:`lower_runner` falls back to torch and says why in the log and in the
 runner's ``reason``; extraction then runs as before, only slower.
+
+:func:`lower_runner` keeps the last few checked sessions, keyed by the digest of the
+stages they run: a model whose frozen stages are unchanged (the next cycle's base model,
+the candidate fine-tuned above them, the demo's references built on the same ImageNet
+weights) reuses the export instead of paying for it again.
 
 The exporter is the TorchScript one (``dynamo=False``): it works offline and handles
 the backbones' data-dependent "same" padding by tracing at the model's input size,
@@ -20,10 +27,13 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -48,26 +58,38 @@ class OnnxUnavailable(FedInspectError):
     """Export, session creation or the equality check failed; torch must do the work."""
 
 
-class _Lower(nn.Module):
-    """``model.lower`` as a module of its own, so that only the lower part is exported."""
+def _end(model: SplitModel, end: int | None) -> int:
+    """``end`` checked, or the stage after the cut (``model.lower``) when it is None."""
+    if end is None:
+        return model.cut_index + 1
+    if not 1 <= end <= len(model.stages):
+        raise ValueError(f"end must be in 1..{len(model.stages)}, got {end}")
+    return end
 
-    def __init__(self, model: SplitModel) -> None:
+
+class _Prefix(nn.Module):
+    """Normalisation and stages ``0 .. end-1`` as a module of its own, so that only that
+    part is exported (``end = cut + 1`` is ``model.lower``)."""
+
+    def __init__(self, model: SplitModel, end: int) -> None:
         super().__init__()
         self.model = model
+        self.end = end
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.lower(x)
+        return self.model.run_stages(self.model.normalize(x), 0, self.end)
 
 
-def export_lower(model: SplitModel) -> bytes:
-    """The lower part of ``model`` (normalisation included) as ONNX bytes.
+def export_lower(model: SplitModel, end: int | None = None) -> bytes:
+    """The lower part of ``model`` (normalisation included) as ONNX bytes; with ``end``,
+    the stages below ``end`` instead of those up to the cut.
 
     Input ``images`` [B, 3, S, S] float32 in [0, 1]; output ``features`` [B, ...].
     """
     was_training = model.training
     # the exporter restores the wrapper's training flag afterwards, recursively: a
     # wrapper left in training mode would switch the model's batch norms to batch stats
-    wrapper = _Lower(model).eval()
+    wrapper = _Prefix(model, _end(model, end)).eval()
     size = model.arch.input_size
     probe = torch.zeros(2, 3, size, size)
     buffer = io.BytesIO()
@@ -110,6 +132,8 @@ class LowerRunner:
 
     backend: Backend
     run: Callable[[torch.Tensor], torch.Tensor]
+    #: the stages it runs: ``0 .. end-1`` (``cut + 1``: the lower part)
+    end: int
     #: why this backend (e.g. the reason of a fallback to torch)
     reason: str = ""
     #: seconds spent exporting and checking (0 for torch)
@@ -123,17 +147,37 @@ class LowerRunner:
         return self.run(images)
 
 
-def torch_runner(model: SplitModel, reason: str = "") -> LowerRunner:
+@contextmanager
+def torch_threads_beside(runner: LowerRunner | None) -> Iterator[None]:
+    """torch's intra-op threads while ``runner`` runs: one when ONNX Runtime runs the
+    model on its own pool (torch then only decodes, resizes and augments), unchanged
+    otherwise.
+
+    Tiny parallel resizes on cores that ONNX Runtime keeps busy cost far more in thread
+    hand-offs than they save (measured ten times slower with two threads on a loaded
+    2-core machine).
+    """
+    before = torch.get_num_threads()
+    if runner is not None and runner.backend == "onnxruntime":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def torch_runner(model: SplitModel, reason: str = "", end: int | None = None) -> LowerRunner:
     """Eager PyTorch, channels-last (about twice NCHW's speed on this kind of CPU)."""
+    end = _end(model, end)
     model.eval()
     # converted outside inference mode so the parameters stay trainable afterwards
     model.to(memory_format=torch.channels_last)
 
     def run(images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return model.lower(images.contiguous(memory_format=torch.channels_last)).float()
+            return model.run_stages(model.normalize(images), 0, end).float()
 
-    return LowerRunner("torch", run, reason or "torch requested")
+    return LowerRunner("torch", run, end, reason or "torch requested")
 
 
 def onnx_runner(
@@ -142,15 +186,18 @@ def onnx_runner(
     rtol: float = DEFAULT_RTOL,
     probe_batch: int = 2,
     seed: int = 0,
+    end: int | None = None,
 ) -> LowerRunner:
-    """Export ``model``'s lower part, open a session, and check it against torch.
+    """Export ``model``'s lower part (stages below ``end``, if given), open a session,
+    and check it against torch.
 
     Raises :class:`OnnxUnavailable` with the reason when any step fails.
     """
     started = time.perf_counter()
     threads = threads or torch.get_num_threads()
+    end = _end(model, end)
     try:
-        onnx_bytes = export_lower(model)
+        onnx_bytes = export_lower(model, end)
     except Exception as exc:  # the exporter raises many types; all mean "not exportable"
         raise OnnxUnavailable(f"ONNX export failed: {type(exc).__name__}: {exc}") from None
     try:
@@ -163,7 +210,7 @@ def onnx_runner(
     gen = torch.Generator().manual_seed(seed)
     probe = torch.rand(probe_batch, 3, size, size, generator=gen)
     with torch.inference_mode():
-        expected = model.lower(probe).float()
+        expected = model.run_stages(model.normalize(probe), 0, end).float()
     got = torch.from_numpy(session.run(None, {"images": probe.numpy()})[0])
     if got.shape != expected.shape:
         raise OnnxUnavailable(
@@ -183,6 +230,7 @@ def onnx_runner(
     return LowerRunner(
         "onnxruntime",
         run,
+        end,
         reason=f"checked against torch: max abs diff {diff:.2e}",
         setup_s=time.perf_counter() - started,
         max_abs_diff=diff,
@@ -190,33 +238,68 @@ def onnx_runner(
     )
 
 
+#: checked ONNX Runtime runners kept by :func:`lower_runner` (an EfficientNet-Lite0
+#: session holds some tens of MB)
+CACHED_SESSIONS = 4
+_cache: OrderedDict[tuple[str, int], LowerRunner] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def clear_sessions() -> None:
+    """Forget the kept sessions (the next :func:`lower_runner` exports again)."""
+    with _cache_lock:
+        _cache.clear()
+
+
 def lower_runner(
-    model: SplitModel, backend: Backend = "onnxruntime", threads: int | None = None
+    model: SplitModel,
+    backend: Backend = "onnxruntime",
+    threads: int | None = None,
+    end: int | None = None,
 ) -> LowerRunner:
-    """The fastest checked way to run ``model.lower``: ONNX Runtime, else torch."""
+    """The fastest checked way to run ``model.lower`` (or the stages below ``end``):
+    ONNX Runtime, else torch. A session checked before for the same stages (same
+    weights, same threads) is reused, with ``setup_s`` 0."""
     if backend == "torch":
-        return torch_runner(model)
+        return torch_runner(model, end=end)
     if backend != "onnxruntime":
         raise ValueError(f"unknown extraction backend {backend!r}; choose one of {BACKENDS}")
+    end = _end(model, end)
+    threads = threads or torch.get_num_threads()
+    key = (model.stages_digest(end), threads)
+    with _cache_lock:
+        cached = _cache.get(key)
+        if cached is not None:
+            _cache.move_to_end(key)
+    if cached is not None:
+        log.info("event=onnx_reused end=%d", end)
+        return replace(cached, setup_s=0.0, reason=f"{cached.reason}; export reused")
     try:
-        runner = onnx_runner(model, threads)
+        runner = onnx_runner(model, threads, end=end)
     except OnnxUnavailable as exc:
         log.warning("event=onnx_fallback backend=torch reason=%r", str(exc))
-        return torch_runner(model, f"fell back to torch: {exc}")
+        return torch_runner(model, f"fell back to torch: {exc}", end)
     log.info("event=onnx_ready setup_s=%.2f max_abs_diff=%.2e", runner.setup_s, runner.max_abs_diff)
+    with _cache_lock:
+        _cache[key] = runner
+        while len(_cache) > CACHED_SESSIONS:
+            _cache.popitem(last=False)
     return runner
 
 
 __all__ = [
     "BACKENDS",
+    "CACHED_SESSIONS",
     "DEFAULT_RTOL",
     "OPSET",
     "Backend",
     "LowerRunner",
     "OnnxUnavailable",
+    "clear_sessions",
     "export_lower",
     "lower_runner",
     "make_session",
     "onnx_runner",
     "torch_runner",
+    "torch_threads_beside",
 ]

@@ -9,7 +9,10 @@ statistics, leaves the edge.
 Stage 3 (``finetune`` job): download the server's new base model, evaluate it on the
 local test split, fine-tune it on the local training split (validation split for early
 stopping), evaluate the candidate and the deployed model on the test split, and deploy
-the candidate only if it is not worse (:func:`deploy_gate`).
+the candidate only if it is not worse (:func:`deploy_gate`). The stages below the first
+fine-tuned one are frozen: the extraction backend runs them, once per image, and the
+three evaluations share one pass of them over the test split whenever the models' frozen
+weights are the same (always, unless the backbone's weights changed between cycles).
 
 The ``cycle`` job runs stage 2, waits for the server to finish the cycle, then stage 3.
 Every job returns the same result keys (``None`` where a stage did not run).
@@ -36,7 +39,15 @@ from fl_core.model import SplitModel, model_from_bytes
 from fl_core.onnx_runtime import lower_runner
 from fl_core.privacy import pack_upload
 from fl_core.schemas import Cycle, CycleState, EvalMetrics, FeatureSpec, LocalModel
-from fl_core.training import FinetuneConfig, evaluate, finetune
+from fl_core.training import (
+    FinetuneConfig,
+    FrozenActivations,
+    evaluate,
+    evaluate_activations,
+    finetune,
+    finetune_start,
+    frozen_activations,
+)
 
 log = logging.getLogger("edge_service.cycle")
 
@@ -322,7 +333,11 @@ class CycleService:
         ctx.update(1.0, f"model {info.version} ready")
 
         ctx.begin("evaluate", f"evaluating server model {info.version}")
-        server_metrics = evaluate(model, splits.test, s.batch_size)
+        start = finetune_start(model, s.finetune_train_from)
+        # the frozen stages, run by the extraction backend (exported once per stage 3)
+        frozen = lower_runner(model, s.extract_backend, end=start) if start > 0 else None
+        test_acts = frozen_activations(model, splits.test, start, s.batch_size, frozen)
+        server_metrics = evaluate_activations(model, test_acts, s.batch_size)
         result["metrics"]["server_model"] = server_metrics.model_dump(mode="json")
         ctx.update(1.0, f"server model accuracy {server_metrics.accuracy:.4f}")
 
@@ -342,6 +357,7 @@ class CycleService:
             splits.val if len(splits.val) else None,
             config,
             progress=lambda frac, msg: ctx.update(frac, f"fine-tuning: {msg}"),
+            frozen=frozen,
         )
 
         ctx.begin("evaluate", "evaluating the candidate")
@@ -350,6 +366,7 @@ class CycleService:
             info.version,
             splits.test,
             progress=lambda frac, msg: ctx.update(frac, msg),
+            test_acts=test_acts,
         )
         result["metrics"]["candidate"] = outcome.candidate.model_dump(mode="json")
         if outcome.previous is not None:
@@ -366,11 +383,21 @@ class CycleService:
         base_version: int,
         test: ImageSet,
         progress: Callable[[float, str], None] | None = None,
+        test_acts: FrozenActivations | None = None,
     ) -> GateOutcome:
         """Evaluate a candidate and the deployed model on ``test``; record the candidate,
-        and deploy it unless the gate says it is worse."""
+        and deploy it unless the gate says it is worse.
+
+        ``test_acts`` (activations of ``test`` at some frozen stage) stand in for
+        ``test`` for each model whose frozen weights made them."""
         s = self.settings
-        candidate = evaluate(model, test, s.batch_size)
+
+        def evaluate_on_test(m: SplitModel) -> EvalMetrics:
+            if test_acts is not None and test_acts.fits(m):
+                return evaluate_activations(m, test_acts, s.batch_size)
+            return evaluate(m, test, s.batch_size)
+
+        candidate = evaluate_on_test(model)
         deployed = self.registry.deployed()
         previous: EvalMetrics | None = None
         reason: str | None = None
@@ -379,7 +406,7 @@ class CycleService:
                 progress(0.5, f"evaluating the deployed model {deployed.id}")
             current = self.registry.load(deployed)
             if current.class_names == model.class_names:
-                previous = evaluate(current, test, s.batch_size)
+                previous = evaluate_on_test(current)
                 self.registry.store.update_model(deployed.id, metrics=previous)
             else:  # nothing to compare with: the task itself changed
                 reason = f"deployed: model {deployed.id} has other classes than the candidate"

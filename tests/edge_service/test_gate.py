@@ -8,13 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge_service.services import cycle
 from edge_service.services.context import EdgeContext
 from edge_service.services.cycle import deploy_gate
-from fl_core.data import load_dataset_spec, split
+from fl_core.data import ImageSet, load_dataset_spec, split
 from fl_core.metrics import compute_metrics
 from fl_core.model import SplitModel
 from fl_core.schemas import EvalMetrics
-from fl_core.training import FinetuneConfig, finetune
+from fl_core.training import (
+    FinetuneConfig,
+    evaluate,
+    finetune,
+    finetune_start,
+    frozen_activations,
+)
 from tests.edge_service.conftest import AUTH, EdgeFactory, TestClient, tiny_model
 from tests.edge_service.fakes import FakeServer
 
@@ -92,3 +99,26 @@ def test_min_delta_lets_a_slightly_worse_candidate_through(
     test = ctx.data.splits().test
     ctx.cycles.gate_and_register(trained_model, 2, test)
     assert ctx.cycles.gate_and_register(tiny_model(5), 3, test).deployed
+
+
+def test_gate_reuses_test_activations_only_for_models_they_fit(
+    edge: TestClient, trained_model: SplitModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx: EdgeContext = edge.app.state.ctx  # type: ignore[attr-defined]
+    test = ctx.data.splits().test
+    good = ctx.cycles.gate_and_register(trained_model, 2, test)
+    candidate = tiny_model(5)  # its stem and b0 differ from the deployed model's
+    acts = frozen_activations(candidate, test, finetune_start(candidate))
+    full_passes: list[SplitModel] = []
+
+    def counting(model: SplitModel, images: ImageSet, batch_size: int = 64) -> EvalMetrics:
+        full_passes.append(model)
+        return evaluate(model, images, batch_size)
+
+    monkeypatch.setattr(cycle, "evaluate", counting)
+    outcome = ctx.cycles.gate_and_register(candidate, 3, test, test_acts=acts)
+    # the candidate from the activations, the deployed model (other frozen weights) in full
+    assert [m.class_names for m in full_passes] == [trained_model.class_names]
+    assert full_passes[0] is not candidate
+    assert outcome.candidate == evaluate(candidate, test)
+    assert outcome.previous is not None and outcome.previous.accuracy == good.candidate.accuracy

@@ -24,6 +24,48 @@ def _model(cut: str = "pooled", seed: int = 0):  # type: ignore[no-untyped-def]
     return build_split_model(CLASSES, "tiny_cnn", cut, pretrained=False, seed=seed)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_sessions() -> None:
+    """Each test exports for itself: none reuses a session another test checked."""
+    onnx_runtime.clear_sessions()
+
+
+def test_a_checked_export_is_reused_while_the_stages_are_unchanged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    exports = []
+    real = onnx_runtime.export_lower
+
+    def counting(model: object, end: int | None = None) -> bytes:
+        exports.append(end)
+        return real(model, end)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(onnx_runtime, "export_lower", counting)
+    model = _model()
+    first = lower_runner(model, end=2)
+    assert first.setup_s > 0 and exports == [2]
+    # another model with the same stem and b0 (a different head, b1 trained): reused
+    twin = _model()
+    with torch.no_grad():
+        twin.stages[2][0].weight.mul_(2.0)
+        twin.head[-1].bias.add_(1.0)
+    again = lower_runner(twin, end=2)
+    assert exports == [2] and again.setup_s == 0.0 and "export reused" in again.reason
+    x = torch.rand(3, 3, 32, 32)
+    torch.testing.assert_close(again(x), first(x))
+    # other stages, other weights or other threads: exported anew
+    lower_runner(model)
+    lower_runner(_model(seed=1), end=2)
+    lower_runner(model, end=2, threads=1)
+    assert exports == [2, 4, 2, 2]  # 4: up to the cut (pooled)
+    # at most CACHED_SESSIONS are kept: the least recently used is exported again
+    for seed in range(2, 2 + onnx_runtime.CACHED_SESSIONS):
+        lower_runner(_model(seed=seed), end=2)
+    n = len(exports)
+    lower_runner(model, end=2)
+    assert len(exports) == n + 1
+
+
 @pytest.mark.parametrize("cut", ["pooled", "b0"])
 def test_onnx_lower_matches_torch_at_any_batch_size(cut: str) -> None:
     model = _model(cut)
@@ -37,6 +79,32 @@ def test_onnx_lower_matches_torch_at_any_batch_size(cut: str) -> None:
         got = runner(x)
         assert got.shape == expected.shape
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("end", [1, 2, 3])
+def test_a_runner_can_stop_before_any_stage(end: int) -> None:
+    model = _model()
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(end))
+    with torch.inference_mode():
+        expected = model.run_stages(model.normalize(x), 0, end)
+    for runner in (onnx_runner(model, end=end), lower_runner(model, "torch", end=end)):
+        assert runner.end == end
+        torch.testing.assert_close(runner(x), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("end", [0, 5])
+def test_a_runner_refuses_an_end_outside_the_model(end: int) -> None:
+    with pytest.raises(ValueError, match=r"end must be in 1\.\.4, got"):
+        lower_runner(_model(), end=end)
+    with pytest.raises(ValueError, match=r"end must be in 1\.\.4, got"):
+        torch_runner(_model(), end=end)
+
+
+def test_extraction_refuses_a_runner_that_is_not_the_lower_part(tmp_path: Path) -> None:
+    images = load_image_folder(make_image_folder(tmp_path, per_class=2, size=32))
+    model = _model()
+    with pytest.raises(ValueError, match="stops before stage 2, not after the cut"):
+        extract_images(model, images, 4, lower=torch_runner(model, end=2))
 
 
 def test_export_leaves_the_model_in_eval_mode_and_unchanged() -> None:
@@ -53,7 +121,7 @@ def test_export_leaves_the_model_in_eval_mode_and_unchanged() -> None:
 def test_a_failed_export_falls_back_to_torch_with_the_reason(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def broken(_model: object) -> bytes:
+    def broken(_model: object, _end: object = None) -> bytes:
         raise RuntimeError("operator not supported")
 
     monkeypatch.setattr(onnx_runtime, "export_lower", broken)

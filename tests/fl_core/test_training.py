@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
+import pytest
 import torch
 
 from fl_core.data import load_image_folder, split
 from fl_core.model import build_split_model
+from fl_core.onnx_runtime import onnx_runner, torch_runner
 from fl_core.training import (
     FinetuneConfig,
     UpperTrainConfig,
     class_weights,
     evaluate,
+    evaluate_activations,
     evaluate_features,
     finetune,
+    finetune_start,
+    frozen_activations,
     train_upper,
 )
 from tests.factories import make_image_folder
@@ -81,3 +87,62 @@ def test_finetune_improves_and_runs_frozen_part_once_per_view(tmp_path: Path) ->
     after = evaluate(model, parts.test)
     assert after.accuracy >= 0.9 > before.accuracy or after.accuracy > before.accuracy
     assert report.epochs_run >= 1 and report.metrics is not None
+
+
+def _tiny_task(tmp_path: Path):  # type: ignore[no-untyped-def]
+    ds = load_image_folder(make_image_folder(tmp_path, per_class=24, size=32))
+    parts = split(ds, 0.15, 0.25, seed=0)
+    model = build_split_model(ds.class_names, "tiny_cnn", input_size=32, pretrained=False)
+    return parts, model
+
+
+def test_finetune_runs_its_frozen_stages_on_the_given_runner(tmp_path: Path) -> None:
+    parts, model = _tiny_task(tmp_path)
+    twin = copy.deepcopy(model)
+    cfg = FinetuneConfig(epochs=3, lr=1e-2, views=2, seed=0)  # from b1: stem and b0 frozen
+    start = finetune_start(model, cfg.train_from)
+    assert start == model.stage_index("b1") == 2
+    runner = onnx_runner(model, end=start)
+    calls = {"n": 0}
+    model.stages[0].register_forward_pre_hook(lambda _m, _i: calls.__setitem__("n", 1))
+    finetune(model, parts.train, None, cfg, frozen=runner)
+    assert calls["n"] == 0  # torch never ran the frozen stem: ONNX Runtime did
+    finetune(twin, parts.train, None, cfg)
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4, msg=name)
+
+
+def test_finetune_refuses_a_runner_that_stops_elsewhere(tmp_path: Path) -> None:
+    parts, model = _tiny_task(tmp_path)
+    with pytest.raises(ValueError, match="stops before stage 1, not 2"):
+        finetune(
+            model, parts.train, None, FinetuneConfig(epochs=1), frozen=onnx_runner(model, end=1)
+        )
+
+
+def test_models_sharing_frozen_weights_are_evaluated_from_one_pass(tmp_path: Path) -> None:
+    parts, model = _tiny_task(tmp_path)
+    start = finetune_start(model)
+    acts = frozen_activations(model, parts.test, start, 8, torch_runner(model, end=start))
+    assert len(acts.x) == len(parts.test) and acts.x.shape[1:] == (16, 8, 8)
+    assert evaluate_activations(model, acts) == evaluate(model, parts.test)
+    # fine-tuning from ``start`` leaves the frozen stages, and so the activations, valid
+    finetune(model, parts.train, parts.val, FinetuneConfig(epochs=4, lr=1e-2, seed=0))
+    assert acts.fits(model)
+    assert evaluate_activations(model, acts) == evaluate(model, parts.test)
+    # ONNX Runtime's pass gives the same predictions, through evaluate too
+    ort = onnx_runner(model, end=start)
+    torch.testing.assert_close(
+        frozen_activations(model, parts.test, start, 8, ort).x, acts.x, atol=1e-5, rtol=1e-4
+    )
+    assert evaluate(model, parts.test, frozen=ort).accuracy == evaluate(model, parts.test).accuracy
+    # a model with other frozen weights does not fit them
+    other = build_split_model(
+        model.class_names, "tiny_cnn", input_size=32, pretrained=False, seed=1
+    )
+    assert not acts.fits(other)
+    with pytest.raises(ValueError, match="other weights below stage 2"):
+        evaluate_activations(other, acts)
+    with torch.no_grad():  # one batch-norm statistic moved is enough
+        model.stages[1][1].running_mean.add_(0.5)
+    assert not acts.fits(model)
