@@ -904,3 +904,17 @@ def test_a_dataset_asked_for_by_name_but_absent_fails_before_anything_runs(
     with pytest.raises(ValueError, match=r"\['neu-det'\] are not available: NEU-DET skipped"):
         bench_run.run_bench(False, tmp_path, only=["demos"], datasets=["neu-det"], resume=True)
     assert (tmp_path / "results.json").read_text() == before
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+def test_an_absent_dataset_that_was_not_asked_for_is_not_noted_as_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _results_dir(tmp_path, monkeypatch)
+    skipped = "NEU-DET skipped: /x absent"
+    monkeypatch.setattr(demo_runs, "datasets", lambda: (["elpv"], [skipped]))
+    _recording_demos(monkeypatch)
+    chosen = bench_run.run_bench(True, tmp_path, only=["demos"], seeds=1, datasets=["elpv"])
+    assert skipped not in chosen["notes"]
+    every = bench_run.run_bench(True, tmp_path, only=["demos"], seeds=1)
+    assert skipped in every["notes"]
