@@ -371,6 +371,13 @@ def train_reference(
     return model
 
 
+def _evaluate(plan: DemoPlan, model: SplitModel, test: ImageSet) -> EvalMetrics:
+    """``evaluate`` with the frozen stages on the edges' engine, as the edges evaluate."""
+    start = finetune_start(model, plan.finetune.train_from)
+    frozen = lower_runner(model, end=start) if start > 0 else None
+    return evaluate(model, test, plan.batch_size, frozen=frozen)
+
+
 def _job_view(fraction: float, message: str) -> dict[str, Any]:
     """A reference's progress in the shape of an edge job (for ``JobProgress``, which
     prints a line per stage where there is no terminal: one per epoch, not per batch)."""
@@ -481,7 +488,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                 "n_train": r["n_train"],
                 "n_test": r["n_test"],
                 "local_only": None,
-                "base": _scores(evaluate(base, splits[i].test)),
+                "base": _scores(_evaluate(plan, base, splits[i].test)),
                 "server_model": _scores(EvalMetrics(**r["metrics"]["server_model"])),
                 "federated": _scores(EvalMetrics(**r["metrics"]["candidate"])),
                 "deployed": r["deployed"],
@@ -541,7 +548,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     try:
         for name, row, sp in zip(local_names, rows, splits, strict=True):
             local = train_reference(plan, sp.train, sp.val, fine_tune, progress(name))
-            row["local_only"] = _scores(evaluate(local, sp.test))
+            row["local_only"] = _scores(_evaluate(plan, local, sp.test))
         central = train_reference(
             plan,
             _union([s.train for s in splits], plan.class_names),
@@ -550,7 +557,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             progress("centralized"),
         )
         results["centralized"] = _scores(
-            evaluate(central, _union([s.test for s in splits], plan.class_names))
+            _evaluate(plan, central, _union([s.test for s in splits], plan.class_names))
         )
     finally:
         shown.close()
