@@ -28,9 +28,11 @@ searches the grid on the first seed and trains the other seeds with its winner: 
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -162,16 +164,29 @@ def _clients(plan: DemoPlan, model: SplitModel, start: int, views: int) -> list[
 
 
 def rounds(
-    step: Callable[[int], list[float]], max_rounds: int, patience: int | None
+    step: Callable[[int], list[float]],
+    max_rounds: int,
+    patience: int | None,
+    label: str | None = None,
 ) -> list[dict[str, Any]]:
     """Call ``step(round)`` (per-edge test accuracies after that round) up to
-    ``max_rounds`` times; stop after ``patience`` rounds in a row without a better mean."""
+    ``max_rounds`` times; stop after ``patience`` rounds in a row without a better mean.
+
+    With ``label``, each round prints a line to stderr: a full run takes hours."""
     history: list[dict[str, Any]] = []
     best, best_round = -1.0, 0
+    began = time.perf_counter()
     for rnd in range(1, max_rounds + 1):
         accs = step(rnd)
         mean = float(np.mean(accs))
         history.append({"round": rnd, "per_edge": accs, "mean": mean})
+        if label is not None:
+            print(
+                f"[flower] {label}: round {rnd}/{max_rounds}, mean test accuracy {mean:.4f}"
+                f" ({time.perf_counter() - began:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
         if mean > best:
             best, best_round = mean, rnd
         elif patience is not None and rnd - best_round >= patience:
@@ -186,6 +201,7 @@ def _fedavg(
     max_rounds: int,
     target: float | None,
     patience: int | None = None,
+    name: str = "",
 ) -> dict[str, Any]:
     FedAvg, FitRes, Status, Code, to_params, from_params = _flwr()
     torch.manual_seed(plan.seed)
@@ -227,7 +243,8 @@ def _fedavg(
             _set(glob, from_params(params))
             return [_accuracy(glob, c) for c in clients]
 
-        history = rounds(step, max_rounds, patience)
+        where = f"{name} seed {plan.seed}, {start_stage or 'head'}, {epochs} epochs lr {lr:g}"
+        history = rounds(step, max_rounds, patience, where)
         wall = time.perf_counter() - began
         top = max(history, key=lambda h: h["mean"])
         reach = next(
@@ -292,12 +309,13 @@ def run(
     else:
         grid, max_rounds, patience = FULL_GRID, 20, 4
     grids = grids or {}
+    name = Path(dataset).name
     return {
         "flower": _fedavg(
-            plan, finetune_from, grids.get("flower", grid), max_rounds, ours_mean, patience
+            plan, finetune_from, grids.get("flower", grid), max_rounds, ours_mean, patience, name
         ),
         "flower_head": _fedavg(
-            plan, None, grids.get("flower_head", grid), max_rounds, ours_mean, patience
+            plan, None, grids.get("flower_head", grid), max_rounds, ours_mean, patience, name
         ),
         "engine": "flwr.server.strategy.FedAvg (flwr 1.42) driven by an in-process round loop",
         "seed": seed,

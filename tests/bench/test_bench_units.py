@@ -847,6 +847,18 @@ def test_rounds_without_patience_run_every_round() -> None:
     assert called == [1, 2, 3, 4]
 
 
+def test_rounds_print_a_line_per_round_when_labelled(capsys: pytest.CaptureFixture[str]) -> None:
+    _, step = _steps([0.5, 0.75])
+    flower.rounds(step, max_rounds=2, patience=None, label="neu-det seed 0, b11")
+    lines = capsys.readouterr().err.splitlines()
+    assert [ln.split(" (")[0] for ln in lines] == [
+        "[flower] neu-det seed 0, b11: round 1/2, mean test accuracy 0.5000",
+        "[flower] neu-det seed 0, b11: round 2/2, mean test accuracy 0.7500",
+    ]
+    flower.rounds(step, max_rounds=1, patience=None)
+    assert capsys.readouterr().err == ""
+
+
 def test_rounds_keep_going_while_the_mean_improves() -> None:
     called, step = _steps([0.1, 0.2, 0.3, 0.4])
     flower.rounds(step, max_rounds=4, patience=1)
