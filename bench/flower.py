@@ -41,10 +41,10 @@ from torch import nn
 
 from bench.stats import summary
 from fedinspect.demo import DemoOptions, DemoPlan, plan_demo
-from fl_core.data import ImageSet, batches
+from fl_core.data import ImageSet
 from fl_core.model import HeadConfig, SplitModel, build_split_model
-from fl_core.onnx_runtime import LowerRunner, lower_runner, torch_threads_beside
-from fl_core.training import class_weights
+from fl_core.onnx_runtime import lower_runner
+from fl_core.training import class_weights, frozen_activations
 
 
 def _flwr() -> Any:
@@ -83,19 +83,6 @@ def _train_mode(module: nn.Module) -> None:
     for m in module.modules():  # frozen batch-norm statistics, as our fine-tuning
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
-
-
-@torch.inference_mode()
-def _acts(
-    model: SplitModel, images: ImageSet, frozen: LowerRunner, views: int, bs: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = [], []
-    with torch_threads_beside(frozen):
-        for view in range(views):
-            for x, y in batches(images, model.arch.input_size, bs, augment=view > 0, seed=seed):
-                xs.append(frozen(x))
-                ys.append(y)
-    return torch.cat(xs), torch.cat(ys).long()
 
 
 @dataclass
@@ -156,8 +143,9 @@ def _clients(plan: DemoPlan, model: SplitModel, start: int, views: int) -> list[
         sp = plan.split(spec)
         began = time.perf_counter()
         train = ImageSet(sp.train.records + sp.val.records, sp.train.class_names)
-        xt, yt = _acts(model, train, frozen, views, plan.batch_size, plan.seed)
-        xe, ye = _acts(model, sp.test, frozen, 1, plan.batch_size, plan.seed)
+        cached = frozen_activations(model, train, start, plan.batch_size, frozen, views, plan.seed)
+        test = frozen_activations(model, sp.test, start, plan.batch_size, frozen, 1, plan.seed)
+        xt, yt, xe, ye = cached.x, cached.labels, test.x, test.labels
         prep = time.perf_counter() - began + frozen.setup_s
         out.append(_Client(xt, yt, xe, ye, prep))
     return out

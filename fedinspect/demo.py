@@ -44,7 +44,7 @@ from fl_core.training import (
     UpperTrainConfig,
     evaluate,
     finetune,
-    finetune_start,
+    frozen_runner,
     train_upper,
 )
 
@@ -358,14 +358,13 @@ def train_reference(
     report(0.5 * stage2_share, "stage 2: training the upper part")
     train_upper(model, feats, labels, plan.upper)
     if fine_tune:
-        start = finetune_start(model, plan.finetune.train_from)
         finetune(
             model,
             train,
             val,
             plan.finetune,
             lambda f, m: report(stage2_share + (1 - stage2_share) * f, f"stage 3: {m}"),
-            frozen=lower_runner(model, end=start) if start > 0 else None,
+            frozen=frozen_runner(model, plan.finetune.train_from),
         )
     report(1.0, "done")
     return model
@@ -373,8 +372,7 @@ def train_reference(
 
 def _evaluate(plan: DemoPlan, model: SplitModel, test: ImageSet) -> EvalMetrics:
     """``evaluate`` with the frozen stages on the edges' engine, as the edges evaluate."""
-    start = finetune_start(model, plan.finetune.train_from)
-    frozen = lower_runner(model, end=start) if start > 0 else None
+    frozen = frozen_runner(model, plan.finetune.train_from)
     return evaluate(model, test, plan.batch_size, frozen=frozen)
 
 

@@ -32,7 +32,7 @@ from fl_core.data import ImageSet, batches, stratified_indices
 from fl_core.errors import InvalidInput
 from fl_core.metrics import compute_metrics
 from fl_core.model import SplitModel
-from fl_core.onnx_runtime import LowerRunner, torch_threads_beside
+from fl_core.onnx_runtime import Backend, LowerRunner, lower_runner, torch_threads_beside
 from fl_core.schemas import EvalMetrics
 
 Progress = Callable[[float, str], None]
@@ -425,13 +425,25 @@ def frozen_activations(
     start: int,
     batch_size: int = 64,
     frozen: LowerRunner | None = None,
+    views: int = 1,
+    seed: int = 0,
 ) -> FrozenActivations:
     """Stages ``0 .. start-1`` of ``model`` over ``images`` (by ``frozen``, a runner of
-    this model that stops before ``start``, when given)."""
+    this model that stops before ``start``, when given); with ``views`` > 1, the images
+    once plain and then ``views - 1`` times augmented (seeded by ``seed``)."""
     if not len(images):
         raise InvalidInput("cannot evaluate on an empty set")
-    x, y = _activations(model, images, start, 1, False, batch_size, 0, frozen=frozen)
+    x, y = _activations(model, images, start, views, views > 1, batch_size, seed, frozen=frozen)
     return FrozenActivations(x, y, start, model.stages_digest(start))
+
+
+def frozen_runner(
+    model: SplitModel, train_from: str | None = None, backend: Backend = "onnxruntime"
+) -> LowerRunner | None:
+    """The runner of the stages that fine-tuning from ``train_from`` leaves frozen (see
+    :func:`finetune_start`) on ``backend``; None when fine-tuning trains every stage."""
+    start = finetune_start(model, train_from)
+    return lower_runner(model, backend, end=start) if start > 0 else None
 
 
 def evaluate_activations(
@@ -477,6 +489,7 @@ __all__ = [
     "finetune",
     "finetune_start",
     "frozen_activations",
+    "frozen_runner",
     "predict_proba",
     "train_upper",
 ]

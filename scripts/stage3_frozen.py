@@ -28,7 +28,6 @@ from fedinspect.demo import DemoOptions, _base_model, plan_demo
 from fl_core.data import ImageSet
 from fl_core.onnx_runtime import clear_sessions, lower_runner, torch_runner
 from fl_core.training import (
-    _activations,
     evaluate,
     evaluate_activations,
     finetune_start,
@@ -66,7 +65,7 @@ def main() -> None:
     out["onnx_backend"] = ort.backend
     for name, runner in (("torch", torch_runner(model, end=start)), ("onnxruntime", ort)):
         began = time.perf_counter()
-        _activations(model, train, start, views, True, bs, 0, frozen=runner)
+        frozen_activations(model, train, start, bs, runner, views)
         seconds = time.perf_counter() - began
         out[f"cache_{name}_img_s"] = round(views * len(train) / seconds, 2)
 

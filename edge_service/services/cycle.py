@@ -47,6 +47,7 @@ from fl_core.training import (
     finetune,
     finetune_start,
     frozen_activations,
+    frozen_runner,
 )
 
 log = logging.getLogger("edge_service.cycle")
@@ -334,8 +335,8 @@ class CycleService:
 
         ctx.begin("evaluate", f"evaluating server model {info.version}")
         start = finetune_start(model, s.finetune_train_from)
-        # the frozen stages, run by the extraction backend (exported once per stage 3)
-        frozen = lower_runner(model, s.extract_backend, end=start) if start > 0 else None
+        # the frozen stages, run by the extraction backend
+        frozen = frozen_runner(model, s.finetune_train_from, s.extract_backend)
         test_acts = frozen_activations(model, splits.test, start, s.batch_size, frozen)
         server_metrics = evaluate_activations(model, test_acts, s.batch_size)
         result["metrics"]["server_model"] = server_metrics.model_dump(mode="json")
