@@ -10,12 +10,18 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, with pip: the pinned CUDA build installs from this machine's disk
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -e '.[dev,demo]'
+	# Flower's FedAvg, the bench's reference (tests run its loop): flwr pins older
+	# fastapi/typer/protobuf than ours, so it goes in without its own pins, beside the
+	# few packages it imports that this project does not already bring
+	$(PY) -m pip install --quiet --no-deps flwr==1.42.0
+	$(PY) -m pip install --quiet grpcio==1.85.3 grpcio-health-checking==1.81.1 \
+		cryptography==50.0.2 pycryptodome==3.24.1 iterators==0.0.2 tomli==2.5.0 tomli_w==1.2.0
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -52,7 +52,7 @@ def _flwr() -> Any:
         import flwr  # noqa: F401
     except ImportError as exc:  # the bench extra is not installed
         raise RuntimeError(
-            "flwr is not installed: pip install --no-deps flwr==1.42.0 (see pyproject 'bench')"
+            "flwr is not installed: make setup installs it (with --no-deps, see the Makefile)"
         ) from exc
     from flwr.common import (
         Code,
