@@ -19,9 +19,9 @@ $(STAMP): pyproject.toml Makefile
 	# Flower's FedAvg, the bench's reference (tests run its loop): flwr pins older
 	# fastapi/typer/protobuf than ours, so it goes in without its own pins, beside the
 	# few packages it imports that this project does not already bring
-	$(PY) -m pip install --quiet --no-deps flwr==1.42.0
 	$(PY) -m pip install --quiet grpcio==1.85.3 grpcio-health-checking==1.81.1 \
 		cryptography==50.0.2 pycryptodome==3.24.1 iterators==0.0.2 tomli==2.5.0 tomli_w==1.2.0
+	$(PY) -m pip install --quiet --no-deps flwr==1.42.0
 	touch $(STAMP)
 
 demo: $(STAMP)
