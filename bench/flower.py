@@ -44,7 +44,7 @@ from fedinspect.demo import DemoOptions, DemoPlan, plan_demo
 from fl_core.data import ImageSet
 from fl_core.model import HeadConfig, SplitModel, build_split_model
 from fl_core.onnx_runtime import lower_runner
-from fl_core.training import class_weights, frozen_activations
+from fl_core.training import FrozenActivations, class_weights, finetune_start, frozen_activations
 
 
 def _flwr() -> Any:
@@ -87,10 +87,9 @@ def _train_mode(module: nn.Module) -> None:
 
 @dataclass
 class _Client:
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
+    #: the frozen part's activations: train+val (every view) and the test split
+    train: FrozenActivations
+    test: FrozenActivations
     prep_s: float
 
 
@@ -111,16 +110,18 @@ def _fit_local(
     gen = torch.Generator().manual_seed(seed)
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    loss_fn = nn.CrossEntropyLoss(weight=class_weights(c.y_train, n_classes), label_smoothing=0.05)
+    loss_fn = nn.CrossEntropyLoss(
+        weight=class_weights(c.train.labels, n_classes), label_smoothing=0.05
+    )
     _train_mode(module)
     for _ in range(epochs):
-        order = torch.randperm(len(c.x_train), generator=gen)
+        order = torch.randperm(len(c.train.x), generator=gen)
         for s in range(0, len(order), bs):
             idx = order[s : s + bs]
             if len(idx) < 2:
                 continue
             opt.zero_grad(set_to_none=True)
-            loss_fn(module(c.x_train[idx]), c.y_train[idx]).backward()
+            loss_fn(module(c.train.x[idx]), c.train.labels[idx]).backward()
             opt.step()
     module.eval()
 
@@ -129,9 +130,9 @@ def _fit_local(
 def _accuracy(module: nn.Module, c: _Client) -> float:
     module.eval()
     pred = torch.cat(
-        [module(c.x_test[i : i + 128]).argmax(1) for i in range(0, len(c.x_test), 128)]
+        [module(c.test.x[i : i + 128]).argmax(1) for i in range(0, len(c.test.x), 128)]
     )
-    return float((pred == c.y_test).float().mean())
+    return float((pred == c.test.labels).float().mean())
 
 
 def _clients(plan: DemoPlan, model: SplitModel, start: int, views: int) -> list[_Client]:
@@ -145,9 +146,8 @@ def _clients(plan: DemoPlan, model: SplitModel, start: int, views: int) -> list[
         train = ImageSet(sp.train.records + sp.val.records, sp.train.class_names)
         cached = frozen_activations(model, train, start, plan.batch_size, frozen, views, plan.seed)
         test = frozen_activations(model, sp.test, start, plan.batch_size, frozen, 1, plan.seed)
-        xt, yt, xe, ye = cached.x, cached.labels, test.x, test.labels
         prep = time.perf_counter() - began + frozen.setup_s
-        out.append(_Client(xt, yt, xe, ye, prep))
+        out.append(_Client(cached, test, prep))
     return out
 
 
@@ -196,7 +196,7 @@ def _fedavg(
     model = build_split_model(
         plan.class_names, plan.backbone, plan.cut, plan.input_size, HeadConfig(plan.head_hidden)
     )
-    start = model.cut_index + 1 if start_stage is None else model.stage_index(start_stage)
+    start = finetune_start(model, start_stage or "upper")  # None: the head alone
     views = plan.finetune.views if start_stage is not None and plan.finetune.augment else 1
     clients = _clients(plan, model, start, views)
     n_classes = len(plan.class_names)
@@ -223,7 +223,7 @@ def _fedavg(
                 local = _Trainable(model, start)
                 _set(local, from_params(params))
                 _fit_local(local, c, n_classes, epochs, lr, plan.batch_size, plan.seed + rnd + i)
-                fit = FitRes(Status(Code.OK, ""), to_params(_get(local)), len(c.y_train), {})
+                fit = FitRes(Status(Code.OK, ""), to_params(_get(local)), len(c.train.labels), {})
                 compute += time.perf_counter() - t0
                 results.append((None, fit))
             params, _ = strategy.aggregate_fit(rnd, results, [])
