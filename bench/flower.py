@@ -23,7 +23,9 @@ early once ``patience`` rounds in a row bring no better mean. The best (grid poi
 round) is reported, which favours Flower (the choice is made on the test split), with
 the first round at which it reaches our mean federated accuracy. The full bench
 searches the grid on the first seed and trains the other seeds with its winner: at
-300 px on two cores one round of the blocks takes minutes.
+300 px on two cores one round of the blocks takes minutes, and one seed's grid hours, so
+each finished grid point is handed to a caller's store (``done``, then ``saved()``) and
+not trained again when the seed is resumed.
 """
 
 from __future__ import annotations
@@ -190,19 +192,36 @@ def _fedavg(
     target: float | None,
     patience: int | None = None,
     name: str = "",
+    done: dict[str, dict[str, Any]] | None = None,
+    saved: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
+    """The best (grid point, round) of FedAvg from ``start_stage`` (None: the head alone).
+
+    ``done`` holds the grid points already trained (by :func:`point_key`): they are
+    reused, and each point trained here is added to it, then ``saved()`` is called."""
     FedAvg, FitRes, Status, Code, to_params, from_params = _flwr()
+    done = {} if done is None else done
     torch.manual_seed(plan.seed)
     model = build_split_model(
         plan.class_names, plan.backbone, plan.cut, plan.input_size, HeadConfig(plan.head_hidden)
     )
     start = finetune_start(model, start_stage or "upper")  # None: the head alone
     views = plan.finetune.views if start_stage is not None and plan.finetune.augment else 1
-    clients = _clients(plan, model, start, views)
     n_classes = len(plan.class_names)
     initial = _get(_Trainable(model, start))
+    clients: list[_Client] = []
     best: dict[str, Any] | None = None
     for epochs, lr in grid:
+        where = f"{name} seed {plan.seed}, {start_stage or 'head'}, {epochs} epochs lr {lr:g}"
+        key = point_key(epochs, lr)
+        if key in done:
+            cand: dict[str, Any] = done[key]
+            print(f"[flower] {where}: trained before, kept", file=sys.stderr, flush=True)
+            if best is None or cand["accuracy"]["mean"] > best["accuracy"]["mean"]:
+                best = cand
+            continue
+        if not clients:  # the frozen part runs only when some point is left to train
+            clients.extend(_clients(plan, model, start, views))
         strategy = FedAvg(
             min_fit_clients=len(clients),
             min_available_clients=len(clients),
@@ -231,14 +250,13 @@ def _fedavg(
             _set(glob, from_params(params))
             return [_accuracy(glob, c) for c in clients]
 
-        where = f"{name} seed {plan.seed}, {start_stage or 'head'}, {epochs} epochs lr {lr:g}"
         history = rounds(step, max_rounds, patience, where)
         wall = time.perf_counter() - began
         top = max(history, key=lambda h: h["mean"])
         reach = next(
             (h["round"] for h in history if target is not None and h["mean"] >= target), None
         )
-        cand: dict[str, Any] = {
+        cand = {
             "local_epochs": epochs,
             "lr": lr,
             "best_round": top["round"],
@@ -262,9 +280,13 @@ def _fedavg(
                 "frozen_part_once_s": round(sum(c.prep_s for c in clients), 1),
             },
         }
+        done[key] = cand
+        if saved is not None:
+            saved()
         if best is None or cand["accuracy"]["mean"] > best["accuracy"]["mean"]:
             best = cand
     assert best is not None
+    best = dict(best)  # the stored point stays as it was trained
     best["rounds"] = best["best_round"]
     best["trained_from"] = start_stage or "head"
     best["grid"] = [{"local_epochs": e, "lr": lr} for e, lr in grid]
@@ -273,6 +295,11 @@ def _fedavg(
 
 CONFIGURATIONS = ("flower", "flower_head")
 FULL_GRID = [(1, 1e-3), (3, 1e-3), (1, 3e-3)]
+
+
+def point_key(epochs: int, lr: float) -> str:
+    """How a grid point is named where finished points are kept: ``"3:0.001"``."""
+    return f"{epochs}:{lr:g}"
 
 
 def winners(run: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
@@ -286,9 +313,15 @@ def run(
     seed: int,
     ours_mean: float | None,
     grids: dict[str, list[tuple[int, float]]] | None = None,
+    done: dict[str, dict[str, dict[str, Any]]] | None = None,
+    saved: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Both configurations on one seed; ``grids`` (per configuration) replaces the
-    default grid, e.g. with the winners of the first seed (:func:`winners`)."""
+    default grid, e.g. with the winners of the first seed (:func:`winners`).
+
+    ``done`` keeps each configuration's finished grid points (see :func:`_fedavg`), so
+    an interrupted seed resumes from the last point it finished."""
+    done = {} if done is None else done
     plan = plan_demo(DemoOptions(edges=3, quick=quick, dataset=dataset, seed=seed))
     finetune_from = "b11"  # efficientnet_lite0's default first fine-tuned stage
     if quick:
@@ -300,10 +333,26 @@ def run(
     name = Path(dataset).name
     return {
         "flower": _fedavg(
-            plan, finetune_from, grids.get("flower", grid), max_rounds, ours_mean, patience, name
+            plan,
+            finetune_from,
+            grids.get("flower", grid),
+            max_rounds,
+            ours_mean,
+            patience,
+            name,
+            done.setdefault("flower", {}),
+            saved,
         ),
         "flower_head": _fedavg(
-            plan, None, grids.get("flower_head", grid), max_rounds, ours_mean, patience, name
+            plan,
+            None,
+            grids.get("flower_head", grid),
+            max_rounds,
+            ours_mean,
+            patience,
+            name,
+            done.setdefault("flower_head", {}),
+            saved,
         ),
         "engine": "flwr.server.strategy.FedAvg (flwr 1.42) driven by an in-process round loop",
         "seed": seed,
@@ -335,4 +384,4 @@ def summarize(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
     }
 
 
-__all__ = ["CONFIGURATIONS", "rounds", "run", "summarize", "winners"]
+__all__ = ["CONFIGURATIONS", "point_key", "rounds", "run", "summarize", "winners"]

@@ -198,6 +198,21 @@ def _flower(block: dict[str, Any], title: str) -> list[str]:
     return lines
 
 
+def _flower_partial(partial: dict[str, Any]) -> list[str]:
+    """Flower seeds begun but not finished: the grid points they have so far."""
+    lines = ["## Flower, seeds still running (resume with --only flower --resume)", ""]
+    for label, seeds in partial.items():
+        for seed, configs in seeds.items():
+            for key, points in configs.items():
+                for point, p in points.items():
+                    lines.append(
+                        f"- {label} seed {seed}, {key}, (local epochs, lr) {point}: best mean "
+                        f"{100 * p['accuracy']['mean']:.1f}% at round {p['best_round']} of "
+                        f"{p['rounds_run']}"
+                    )
+    return [*lines, ""]
+
+
 def to_markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
     lines = [
@@ -234,6 +249,8 @@ def to_markdown(r: dict[str, Any]) -> str:
         lines += _flower(r, "elpv")
     if r.get("neu_det_flower"):
         lines += _flower(r["neu_det_flower"], "NEU-DET")
+    if r.get("flower_partial"):
+        lines += _flower_partial(r["flower_partial"])
     if r.get("errors"):
         lines += ["## Sections that failed", ""]
         lines += [f"- {k}: {v}" for k, v in r["errors"].items()]

@@ -91,6 +91,7 @@ def _forget_flower(results: dict[str, Any], label: str) -> None:
     """Drop one dataset's Flower results and errors: they compare with our old numbers."""
     (results.get("errors") or {}).pop(f"flower {label}", None)
     (results.get("flower_runs") or {}).pop(label, None)
+    (results.get("flower_partial") or {}).pop(label, None)
     holder = results if label == "elpv" else (results.get("neu_det_flower") or {})
     for key in FLOWER_KEYS:
         holder.pop(key, None)
@@ -340,9 +341,12 @@ def _flowers(
     """Flower's FedAvg on the demos' plans and seeds, against our results in ``results``.
 
     Each seed's result is kept in ``flower_runs`` as it finishes; the full bench
-    searches the grid on the first seed and gives the others its winners.
+    searches the grid on the first seed and gives the others its winners. Within a
+    seed, each finished grid point is kept in ``flower_partial`` (by dataset, seed,
+    configuration and point) until the seed is done, so ``--resume`` goes on from there.
     """
     stored: dict[str, list[dict[str, Any]]] = results.setdefault("flower_runs", {})
+    partial: dict[str, dict[str, Any]] = results.setdefault("flower_partial", {})
     neu_det = results.get("neu_det_flower") or {}
     for label, ours in (("elpv", results.get("ours")), ("neu-det", neu_det.get("ours"))):
         if label not in datasets:
@@ -366,16 +370,28 @@ def _flowers(
         runs = stored.setdefault(label, [])
 
         def one(
-            seed: int, ds: str = ds, target: float = target, runs: list[Any] = runs
+            seed: int,
+            ds: str = ds,
+            target: float = target,
+            runs: list[Any] = runs,
+            label: str = label,
         ) -> dict[str, Any]:
             grids = flower.winners(runs[0]) if runs and not quick else None
-            return flower.run(quick, ds, seed, target, grids)
+            at = _machine_commit()  # the code this seed starts with
+            kept = partial.setdefault(label, {}).setdefault(str(seed), {})
+            run = flower.run(quick, ds, seed, target, grids, kept, save)
+            partial[label].pop(str(seed))  # saved with the seed's result, next
+            if not partial[label]:
+                partial.pop(label)
+            return run | {"bench_commit": at}
 
         def aggregate(runs: list[dict[str, Any]], label: str = label) -> None:
             _aggregate_flower(label, runs, results)
 
         _run_seeds(f"flower {label}", results, save, runs, seeds, one, aggregate)
         save()
+    if not partial:
+        results.pop("flower_partial")
 
 
 def _aggregate_flower(label: str, runs: list[dict[str, Any]], results: dict[str, Any]) -> None:

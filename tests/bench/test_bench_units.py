@@ -508,6 +508,15 @@ def test_to_markdown_lists_reruns() -> None:
     assert "- sections ['wire'] rerun at 2024-01-02T00:00:00+00:00 (load average then [1.5" in md
 
 
+def test_to_markdown_shows_the_grid_points_of_an_unfinished_flower_seed() -> None:
+    point = {"accuracy": {"mean": 0.8123}, "best_round": 7, "rounds_run": 11}
+    md = to_markdown(_header(flower_partial={"elpv": {"0": {"flower": {"1:0.001": point}}}}))
+    assert "## Flower, seeds still running (resume with --only flower --resume)" in md
+    assert (
+        "- elpv seed 0, flower, (local epochs, lr) 1:0.001: best mean 81.2% at round 7 of 11" in md
+    )
+
+
 # --------------------------------------------------------------------------- bench.run
 
 
@@ -601,7 +610,9 @@ def test_run_bench_rerun_of_demos_clears_their_old_errors(
     monkeypatch.setattr(demo_runs, "datasets", lambda: (["elpv"], []))
     monkeypatch.setattr(demo_runs, "run_demos", lambda ds, quick, seeds: [_run(s) for s in seeds])
     fl = {s: r for s, r in zip(SEEDS, _flower_runs(), strict=True)}
-    monkeypatch.setattr(flower, "run", lambda quick, ds, seed, target, grids=None: fl[seed])
+    monkeypatch.setattr(
+        flower, "run", lambda quick, ds, seed, target, grids=None, done=None, saved=None: fl[seed]
+    )
 
     results = bench_run.run_bench(True, tmp_path, only=["demos"], seeds=3)
 
@@ -623,7 +634,7 @@ def test_run_bench_flower_alone_compares_with_the_saved_demo_results(
     fl = {s: r for s, r in zip(SEEDS, _flower_runs(), strict=True)}
 
     def fake_flower(
-        quick: bool, ds: str, seed: int, target: float, grids: Any = None
+        quick: bool, ds: str, seed: int, target: float, grids: Any = None, *_: Any
     ) -> dict[str, Any]:
         asked.append((seed, target))
         return fl[seed]
@@ -780,7 +791,9 @@ def test_new_runs_of_ours_drop_the_stale_flower_comparison(
     _recording_demos(monkeypatch)
     bench_run.run_bench(True, tmp_path, only=["demos"], seeds=1)
     fl = {s: r for s, r in zip(SEEDS, _flower_runs(), strict=True)}
-    monkeypatch.setattr(flower, "run", lambda quick, ds, seed, target, grids=None: fl[seed])
+    monkeypatch.setattr(
+        flower, "run", lambda quick, ds, seed, target, grids=None, done=None, saved=None: fl[seed]
+    )
     assert "flower" in bench_run.run_bench(True, tmp_path, only=["flower"])
 
     again = bench_run.run_bench(True, tmp_path, only=["demos"], seeds=1, resume=True)
@@ -883,7 +896,7 @@ def test_full_flower_searches_the_grid_on_the_first_seed_only_and_resumes(
     asked: list[tuple[int, Any]] = []
     interrupt_on: list[int] = [2]  # Ctrl-C during seed 2, the first time
 
-    def fake(quick: bool, ds: str, seed: int, target: float, grids: Any = None) -> Any:
+    def fake(quick: bool, ds: str, seed: int, target: float, grids: Any = None, *_: Any) -> Any:
         if seed in interrupt_on:
             asked.append((seed, "interrupted"))
             raise KeyboardInterrupt
@@ -904,6 +917,59 @@ def test_full_flower_searches_the_grid_on_the_first_seed_only_and_resumes(
     assert asked[-1] == (2, winner)  # only the missing seed, with seed 0's winners
     assert done["flower"]["rounds_to_reach_ours"] == [2, None, 5]
     assert [r["seed"] for r in done["flower_runs"]["elpv"]] == [0, 1, 2]
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+def test_an_interrupted_flower_seed_resumes_from_its_last_finished_grid_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seed 0's grid takes hours at 300 px: each point it finishes is saved at once, and a
+    resumed run hands the finished points back instead of training them again."""
+    _results_dir(tmp_path, monkeypatch, mode="full")
+    _recording_demos(monkeypatch)
+    bench_run.run_bench(False, tmp_path, only=["demos"], seeds=3)
+    fl = {s: r for s, r in zip(SEEDS, _flower_runs(), strict=True)}
+    handed: list[tuple[int, dict[str, Any]]] = []
+    point = {
+        "accuracy": {"mean": 0.5},
+        "local_epochs": 1,
+        "lr": 1e-3,
+        "best_round": 3,
+        "rounds_run": 7,
+    }
+
+    def fake(
+        quick: bool,
+        ds: str,
+        seed: int,
+        target: float,
+        grids: Any = None,
+        done: Any = None,
+        saved: Any = None,
+    ) -> Any:
+        handed.append((seed, json.loads(json.dumps(done))))
+        if seed == 0 and not done:
+            done.setdefault("flower", {})[flower.point_key(1, 1e-3)] = point
+            saved()
+            raise KeyboardInterrupt  # Ctrl-C in the grid's second point
+        return fl[seed]
+
+    monkeypatch.setattr(flower, "run", fake)
+    with pytest.raises(KeyboardInterrupt):
+        bench_run.run_bench(False, tmp_path, only=["flower"])
+    saved_now = json.loads((tmp_path / "results.json").read_text())
+    assert saved_now["flower_partial"] == {"elpv": {"0": {"flower": {"1:0.001": point}}}}
+    assert not saved_now["flower_runs"]["elpv"]
+
+    done = bench_run.run_bench(False, tmp_path, only=["flower"], resume=True)
+    assert handed[1] == (0, {"flower": {"1:0.001": point}})  # the finished point comes back
+    assert [seed for seed, _ in handed[2:]] == [1, 2]
+    assert all(kept == {} for _, kept in handed[2:])  # other seeds start clean
+    assert "flower_partial" not in done  # finished seeds leave nothing half-done behind
+    assert [r["seed"] for r in done["flower_runs"]["elpv"]] == [0, 1, 2]
+    assert all("bench_commit" in r for r in done["flower_runs"]["elpv"])
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert "flower_partial" not in on_disk
 
 
 @pytest.mark.usefixtures("no_heavy_work")

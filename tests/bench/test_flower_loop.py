@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -44,3 +45,46 @@ def test_fedavg_trains_rounds_and_counts_what_flower_would_send(
         "[flower] imgs seed 0, b1, 2 epochs lr 0.01",
         "[flower] imgs seed 0, b1, 2 epochs lr 0.01",
     ]
+
+
+def test_fedavg_keeps_finished_grid_points_and_trains_only_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = make_image_folder(tmp_path / "imgs", per_class=30)
+    plan = plan_demo(DemoOptions(edges=2, dataset=str(root), quick=True, input_size=32))
+    plan = replace(plan, backbone="tiny_cnn")
+
+    def untrained(*args: Any, **kwargs: Any) -> SplitModel:
+        return build_split_model(*args, **kwargs | {"pretrained": False})
+
+    monkeypatch.setattr(flower, "build_split_model", untrained)
+    done: dict[str, Any] = {}
+    saves: list[list[str]] = []
+
+    def saved() -> None:
+        saves.append(sorted(done))
+
+    first = flower._fedavg(plan, "b1", [(1, 1e-3)], 1, 0.0, name="imgs", done=done, saved=saved)
+    assert saves == [["1:0.001"]]  # saved as soon as the point finished
+    kept = json.loads(json.dumps(done["1:0.001"]))
+    capsys.readouterr()
+
+    grid = [(1, 1e-3), (2, 1e-2)]
+    best = flower._fedavg(plan, "b1", grid, 1, 0.0, name="imgs", done=done, saved=saved)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "[flower] imgs seed 0, b1, 1 epochs lr 0.001: trained before, kept"
+    assert [ln.split(": round")[0] for ln in lines[1:]] == [
+        "[flower] imgs seed 0, b1, 2 epochs lr 0.01"
+    ]
+    assert saves[-1] == ["1:0.001", "2:0.01"]
+    assert done["1:0.001"] == kept  # the stored point is not touched by the report
+    assert best["grid"] == [{"local_epochs": 1, "lr": 1e-3}, {"local_epochs": 2, "lr": 0.01}]
+    if (best["local_epochs"], best["lr"]) == (1, 1e-3):
+        assert best["accuracy"] == first["accuracy"]
+
+    def no_frozen_part(*args: Any) -> Any:
+        raise AssertionError("every point was trained before: nothing to compute")
+
+    monkeypatch.setattr(flower, "_clients", no_frozen_part)
+    again = flower._fedavg(plan, "b1", grid, 1, 0.0, name="imgs", done=done, saved=saved)
+    assert again["accuracy"] == best["accuracy"]
