@@ -30,6 +30,7 @@ not trained again when the seed is resumed.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -39,6 +40,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 from torch import nn
 
 from bench.stats import summary
@@ -153,23 +156,72 @@ def _clients(plan: DemoPlan, model: SplitModel, start: int, views: int) -> list[
     return out
 
 
+@dataclass
+class _Progress:
+    """A grid point in progress: the aggregated parameters after its last round, its
+    rounds so far, and the client compute and wall seconds they took."""
+
+    params: list[np.ndarray]
+    history: list[dict[str, Any]]
+    compute: float
+    wall: float
+
+
+def _state_name(name: str, seed: int, stage: str, key: str) -> str:
+    """``elpv-seed0-b11-3-lr0.001.safetensors``: a file per dataset, seed, stage, point."""
+    return f"{name}-seed{seed}-{stage}-{key.replace(':', '-lr')}.safetensors"
+
+
+def _save_progress(path: Path, prog: _Progress) -> None:
+    """Parameters as safetensors (no pickle), the rest as JSON in its metadata;
+    written beside and renamed, so an interruption leaves the previous round whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"history": prog.history, "compute": prog.compute, "wall": prog.wall}
+    tmp = path.with_suffix(".tmp")
+    save_file(
+        {f"{i:04d}": np.ascontiguousarray(a) for i, a in enumerate(prog.params)},
+        str(tmp),
+        metadata={"progress": json.dumps(meta)},
+    )
+    tmp.replace(path)
+
+
+def _load_progress(path: Path) -> _Progress:
+    arrays = load_file(str(path))
+    with safe_open(str(path), "np") as f:
+        meta = json.loads(f.metadata()["progress"])
+    params = [arrays[k] for k in sorted(arrays)]
+    return _Progress(params, meta["history"], meta["compute"], meta["wall"])
+
+
 def rounds(
     step: Callable[[int], list[float]],
     max_rounds: int,
     patience: int | None,
     label: str | None = None,
+    history: list[dict[str, Any]] | None = None,
+    after: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Call ``step(round)`` (per-edge test accuracies after that round) up to
     ``max_rounds`` times; stop after ``patience`` rounds in a row without a better mean.
 
-    With ``label``, each round prints a line to stderr: a full run takes hours."""
-    history: list[dict[str, Any]] = []
+    ``history`` (the rounds run before an interruption) is continued, not repeated;
+    ``after(history)`` is called after every round. With ``label``, each round prints a
+    line to stderr: a full run takes hours."""
+    history = list(history or [])
     best, best_round = -1.0, 0
+    for h in history:
+        if h["mean"] > best:
+            best, best_round = h["mean"], h["round"]
+    if patience is not None and history and len(history) - best_round >= patience:
+        return history  # interrupted after its last round, before it was reported
     began = time.perf_counter()
-    for rnd in range(1, max_rounds + 1):
+    for rnd in range(len(history) + 1, max_rounds + 1):
         accs = step(rnd)
         mean = float(np.mean(accs))
         history.append({"round": rnd, "per_edge": accs, "mean": mean})
+        if after is not None:
+            after(history)
         if label is not None:
             print(
                 f"[flower] {label}: round {rnd}/{max_rounds}, mean test accuracy {mean:.4f}"
@@ -194,11 +246,16 @@ def _fedavg(
     name: str = "",
     done: dict[str, dict[str, Any]] | None = None,
     saved: Callable[[], None] | None = None,
+    scratch: Path | None = None,
 ) -> dict[str, Any]:
     """The best (grid point, round) of FedAvg from ``start_stage`` (None: the head alone).
 
     ``done`` holds the grid points already trained (by :func:`point_key`): they are
-    reused, and each point trained here is added to it, then ``saved()`` is called."""
+    reused, and each point trained here is added to it, then ``saved()`` is called.
+    In ``scratch``, the point in progress keeps its aggregated parameters and history
+    after every round (a round of b11 up at 3 local epochs takes 7 minutes on full
+    elpv), and an interrupted point goes on from its last round. The head's dropout
+    then draws other random numbers than an uninterrupted run would."""
     FedAvg, FitRes, Status, Code, to_params, from_params = _flwr()
     done = {} if done is None else done
     torch.manual_seed(plan.seed)
@@ -227,31 +284,57 @@ def _fedavg(
             min_available_clients=len(clients),
             fit_metrics_aggregation_fn=lambda _metrics: {},
         )
-        params = to_params(initial)
-        wire = sum(len(t) for t in params.tensors)
-        compute = 0.0
+        wire = sum(len(t) for t in to_params(initial).tensors)
+        stage = start_stage or "head"
+        state = None if scratch is None else scratch / _state_name(name, plan.seed, stage, key)
+        prog = _Progress(initial, [], 0.0, 0.0)
+        if state is not None and state.is_file():
+            prog = _load_progress(state)
+            print(
+                f"[flower] {where}: resumed after round {len(prog.history)}",
+                file=sys.stderr,
+                flush=True,
+            )
         began = time.perf_counter()
+        wall_before = prog.wall
 
         def step(
-            rnd: int, epochs: int = epochs, lr: float = lr, strategy: Any = strategy
+            rnd: int,
+            epochs: int = epochs,
+            lr: float = lr,
+            strategy: Any = strategy,
+            prog: _Progress = prog,
         ) -> list[float]:
-            nonlocal params, compute
             results = []
             for i, c in enumerate(clients):
                 t0 = time.perf_counter()
                 local = _Trainable(model, start)
-                _set(local, from_params(params))
+                _set(local, prog.params)
                 _fit_local(local, c, n_classes, epochs, lr, plan.batch_size, plan.seed + rnd + i)
                 fit = FitRes(Status(Code.OK, ""), to_params(_get(local)), len(c.train.labels), {})
-                compute += time.perf_counter() - t0
+                prog.compute += time.perf_counter() - t0
                 results.append((None, fit))
-            params, _ = strategy.aggregate_fit(rnd, results, [])
+            aggregated, _ = strategy.aggregate_fit(rnd, results, [])
+            prog.params = from_params(aggregated)
             glob = _Trainable(model, start)
-            _set(glob, from_params(params))
+            _set(glob, prog.params)
             return [_accuracy(glob, c) for c in clients]
 
-        history = rounds(step, max_rounds, patience, where)
-        wall = time.perf_counter() - began
+        def after(
+            history: list[dict[str, Any]],
+            prog: _Progress = prog,
+            state: Path | None = state,
+            began: float = began,
+            wall_before: float = wall_before,
+        ) -> None:
+            prog.history = history
+            prog.wall = wall_before + time.perf_counter() - began
+            if state is not None:
+                _save_progress(state, prog)
+
+        history = rounds(step, max_rounds, patience, where, prog.history, after)
+        wall = wall_before + time.perf_counter() - began
+        compute = prog.compute
         top = max(history, key=lambda h: h["mean"])
         reach = next(
             (h["round"] for h in history if target is not None and h["mean"] >= target), None
@@ -283,6 +366,8 @@ def _fedavg(
         done[key] = cand
         if saved is not None:
             saved()
+        if state is not None:
+            state.unlink(missing_ok=True)  # kept in ``done`` now
         if best is None or cand["accuracy"]["mean"] > best["accuracy"]["mean"]:
             best = cand
     assert best is not None
@@ -295,7 +380,7 @@ def _fedavg(
 
 CONFIGURATIONS = ("flower", "flower_head")
 #: (local epochs, lr). The last two were added after NEU-DET's runs: on full elpv at 300
-#: px every round at lr 1e-3 left the model predicting one class (68.4% or 31.6%), while
+#: px, 1 local epoch at lr 1e-3 left the model predicting one class (68.4% or 31.6%), while
 #: lr 1e-4 (our fine-tuning's rate for these blocks) reached 85.8% at round 2. Appended,
 #: so a tie still keeps the earlier point.
 FULL_GRID = [(1, 1e-3), (3, 1e-3), (1, 3e-3), (1, 1e-4), (3, 1e-4)]
@@ -319,12 +404,14 @@ def run(
     grids: dict[str, list[tuple[int, float]]] | None = None,
     done: dict[str, dict[str, dict[str, Any]]] | None = None,
     saved: Callable[[], None] | None = None,
+    scratch: Path | None = None,
 ) -> dict[str, Any]:
     """Both configurations on one seed; ``grids`` (per configuration) replaces the
     default grid, e.g. with the winners of the first seed (:func:`winners`).
 
     ``done`` keeps each configuration's finished grid points (see :func:`_fedavg`), so
-    an interrupted seed resumes from the last point it finished."""
+    an interrupted seed resumes from the last point it finished, and ``scratch`` keeps
+    the point in progress after every round."""
     done = {} if done is None else done
     plan = plan_demo(DemoOptions(edges=3, quick=quick, dataset=dataset, seed=seed))
     finetune_from = "b11"  # efficientnet_lite0's default first fine-tuned stage
@@ -346,6 +433,7 @@ def run(
             name,
             done.setdefault("flower", {}),
             saved,
+            scratch,
         ),
         "flower_head": _fedavg(
             plan,
@@ -357,6 +445,7 @@ def run(
             name,
             done.setdefault("flower_head", {}),
             saved,
+            scratch,
         ),
         "engine": "flwr.server.strategy.FedAvg (flwr 1.42) driven by an in-process round loop",
         "seed": seed,

@@ -85,6 +85,8 @@ SECTIONS = ("extraction", "wire", "ingest", "demos", "flower")
 DATASET_LABELS = ("elpv", "neu-det")
 #: what the flower section writes (beside ``ours``, which the demos section writes)
 FLOWER_KEYS = ("flower", "flower_head", "engine")
+#: under DIR: the Flower grid point in progress, after its last round (not committed)
+FLOWER_SCRATCH = "flower_running"
 
 
 def _forget_flower(results: dict[str, Any], label: str) -> None:
@@ -208,7 +210,12 @@ def run_bench(
     if want("demos"):
         _demos(quick, results, save, list(range(seeds or (1 if quick else 3))), chosen)
     if want("flower"):
-        _flowers(quick, results, save, chosen)
+        scratch = out / FLOWER_SCRATCH
+        if not resume:  # a fresh Flower run: no point goes on from an older one
+            for label in chosen:
+                for stale in scratch.glob(f"{label}-seed*.safetensors"):
+                    stale.unlink()
+        _flowers(quick, results, save, chosen, scratch)
     if not only:
         results["total_seconds"] = round(time.monotonic() - started, 1)
     save()
@@ -336,14 +343,19 @@ def _flower_block(results: dict[str, Any], label: str) -> dict[str, Any]:
 
 
 def _flowers(
-    quick: bool, results: dict[str, Any], save: Callable[[], None], datasets: list[str]
+    quick: bool,
+    results: dict[str, Any],
+    save: Callable[[], None],
+    datasets: list[str],
+    scratch: Path | None = None,
 ) -> None:
     """Flower's FedAvg on the demos' plans and seeds, against our results in ``results``.
 
     Each seed's result is kept in ``flower_runs`` as it finishes; the full bench
     searches the grid on the first seed and gives the others its winners. Within a
     seed, each finished grid point is kept in ``flower_partial`` (by dataset, seed,
-    configuration and point) until the seed is done, so ``--resume`` goes on from there.
+    configuration and point) until the seed is done, so ``--resume`` goes on from there;
+    the point in progress keeps its state after every round in ``scratch``.
     """
     stored: dict[str, list[dict[str, Any]]] = results.setdefault("flower_runs", {})
     partial: dict[str, dict[str, Any]] = results.setdefault("flower_partial", {})
@@ -379,7 +391,7 @@ def _flowers(
             grids = flower.winners(runs[0]) if runs and not quick else None
             at = _machine_commit()  # the code this seed starts with
             kept = partial.setdefault(label, {}).setdefault(str(seed), {})
-            run = flower.run(quick, ds, seed, target, grids, kept, save)
+            run = flower.run(quick, ds, seed, target, grids, kept, save, scratch)
             partial[label].pop(str(seed))  # saved with the seed's result, next
             if not partial[label]:
                 partial.pop(label)

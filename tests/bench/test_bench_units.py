@@ -610,9 +610,7 @@ def test_run_bench_rerun_of_demos_clears_their_old_errors(
     monkeypatch.setattr(demo_runs, "datasets", lambda: (["elpv"], []))
     monkeypatch.setattr(demo_runs, "run_demos", lambda ds, quick, seeds: [_run(s) for s in seeds])
     fl = {s: r for s, r in zip(SEEDS, _flower_runs(), strict=True)}
-    monkeypatch.setattr(
-        flower, "run", lambda quick, ds, seed, target, grids=None, done=None, saved=None: fl[seed]
-    )
+    monkeypatch.setattr(flower, "run", lambda quick, ds, seed, target, *_: fl[seed])
 
     results = bench_run.run_bench(True, tmp_path, only=["demos"], seeds=3)
 
@@ -791,9 +789,7 @@ def test_new_runs_of_ours_drop_the_stale_flower_comparison(
     _recording_demos(monkeypatch)
     bench_run.run_bench(True, tmp_path, only=["demos"], seeds=1)
     fl = {s: r for s, r in zip(SEEDS, _flower_runs(), strict=True)}
-    monkeypatch.setattr(
-        flower, "run", lambda quick, ds, seed, target, grids=None, done=None, saved=None: fl[seed]
-    )
+    monkeypatch.setattr(flower, "run", lambda quick, ds, seed, target, *_: fl[seed])
     assert "flower" in bench_run.run_bench(True, tmp_path, only=["flower"])
 
     again = bench_run.run_bench(True, tmp_path, only=["demos"], seeds=1, resume=True)
@@ -878,6 +874,30 @@ def test_rounds_keep_going_while_the_mean_improves() -> None:
     assert called == [1, 2, 3, 4]
 
 
+def test_rounds_go_on_from_a_stored_history_and_report_each_round() -> None:
+    means = [0.5, 0.7, 0.6, 0.7, 0.65, 0.9, 0.95]
+    called, step = _steps(means)
+    stored = flower.rounds(step, max_rounds=2, patience=3)  # interrupted after round 2
+    called.clear()
+    seen: list[int] = []
+    history = flower.rounds(
+        step, max_rounds=7, patience=3, history=stored, after=lambda h: seen.append(len(h))
+    )
+    # the same stop as an uninterrupted run (best at round 2, stop after round 5)
+    assert called == [3, 4, 5]
+    assert [h["round"] for h in history] == [1, 2, 3, 4, 5]
+    assert seen == [3, 4, 5]  # reported after every round, with the rounds so far
+
+
+def test_rounds_run_nothing_when_the_stored_history_already_met_the_stop_rule() -> None:
+    called, step = _steps([0.5, 0.7, 0.6, 0.6, 0.6, 0.9])
+    stored = flower.rounds(step, max_rounds=6, patience=3)
+    assert len(stored) == 5
+    called.clear()
+    assert flower.rounds(step, max_rounds=6, patience=3, history=stored) == stored
+    assert called == []
+
+
 def test_winners_are_each_configurations_chosen_point() -> None:
     seed0 = _flower_runs()[0]
     seed0["flower_head"] |= {"local_epochs": 1, "lr": 3e-3}
@@ -946,8 +966,10 @@ def test_an_interrupted_flower_seed_resumes_from_its_last_finished_grid_point(
         grids: Any = None,
         done: Any = None,
         saved: Any = None,
+        scratch: Any = None,
     ) -> Any:
         handed.append((seed, json.loads(json.dumps(done))))
+        assert scratch == tmp_path / "flower_running"  # beside results.json
         if seed == 0 and not done:
             done.setdefault("flower", {})[flower.point_key(1, 1e-3)] = point
             saved()
@@ -970,6 +992,15 @@ def test_an_interrupted_flower_seed_resumes_from_its_last_finished_grid_point(
     assert all("bench_commit" in r for r in done["flower_runs"]["elpv"])
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert "flower_partial" not in on_disk
+
+    # a fresh (not resumed) Flower run of elpv drops elpv's rounds in progress, only
+    scratch = tmp_path / "flower_running"
+    scratch.mkdir()
+    (scratch / "elpv-seed0-b11-3-lr0.001.safetensors").write_bytes(b"x")
+    (scratch / "neu-det-seed0-b11-1-lr0.001.safetensors").write_bytes(b"x")
+    with pytest.raises(KeyboardInterrupt):  # the fake's Ctrl-C in seed 0, started afresh
+        bench_run.run_bench(False, tmp_path, only=["flower"], datasets=["elpv"])
+    assert [p.name for p in scratch.iterdir()] == ["neu-det-seed0-b11-1-lr0.001.safetensors"]
 
 
 @pytest.mark.usefixtures("no_heavy_work")

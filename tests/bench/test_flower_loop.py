@@ -88,3 +88,48 @@ def test_fedavg_keeps_finished_grid_points_and_trains_only_the_rest(
     monkeypatch.setattr(flower, "_clients", no_frozen_part)
     again = flower._fedavg(plan, "b1", grid, 1, 0.0, name="imgs", done=done, saved=saved)
     assert again["accuracy"] == best["accuracy"]
+
+
+def test_an_interrupted_grid_point_goes_on_from_its_last_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = make_image_folder(tmp_path / "imgs", per_class=30)
+    plan = plan_demo(DemoOptions(edges=2, dataset=str(root), quick=True, input_size=32))
+    plan = replace(plan, backbone="tiny_cnn")
+
+    def untrained(*args: Any, **kwargs: Any) -> SplitModel:
+        return build_split_model(*args, **kwargs | {"pretrained": False})
+
+    monkeypatch.setattr(flower, "build_split_model", untrained)
+    scratch = tmp_path / "running"
+    accuracy = flower._accuracy
+    calls: list[int] = []
+
+    def ctrl_c_in_round_2(module: Any, client: Any) -> float:
+        calls.append(1)
+        if len(calls) == 3:  # two clients a round: the first call of round 2
+            raise KeyboardInterrupt
+        return accuracy(module, client)
+
+    monkeypatch.setattr(flower, "_accuracy", ctrl_c_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        flower._fedavg(plan, "b1", [(1, 1e-3)], 3, 0.0, name="imgs", scratch=scratch)
+    state = scratch / "imgs-seed0-b1-1-lr0.001.safetensors"
+    assert [p.name for p in scratch.iterdir()] == [state.name]  # round 1, kept whole
+    first = capsys.readouterr().err.splitlines()
+    assert len(first) == 1 and ": round 1/3" in first[0]
+    round_1 = float(first[0].split("accuracy ")[1].split(" ")[0])
+
+    monkeypatch.setattr(flower, "_accuracy", accuracy)
+    done: dict[str, Any] = {}
+    best = flower._fedavg(plan, "b1", [(1, 1e-3)], 3, 0.0, name="imgs", done=done, scratch=scratch)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "[flower] imgs seed 0, b1, 1 epochs lr 0.001: resumed after round 1"
+    assert [ln.split(" mean")[0].split(": ")[1] for ln in lines[1:]] == [
+        "round 2/3,",
+        "round 3/3,",
+    ]
+    assert best["rounds_run"] == 3
+    assert best["history_mean"][0] == pytest.approx(round_1, abs=1e-4)
+    assert not state.exists()  # finished: the point lives in ``done`` now
+    assert done["1:0.001"]["rounds_run"] == 3
