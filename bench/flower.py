@@ -267,15 +267,11 @@ def _fedavg(
     n_classes = len(plan.class_names)
     initial = _get(_Trainable(model, start))
     clients: list[_Client] = []
-    best: dict[str, Any] | None = None
     for epochs, lr in grid:
         where = f"{name} seed {plan.seed}, {start_stage or 'head'}, {epochs} epochs lr {lr:g}"
         key = point_key(epochs, lr)
         if key in done:
-            cand: dict[str, Any] = done[key]
             print(f"[flower] {where}: trained before, kept", file=sys.stderr, flush=True)
-            if best is None or cand["accuracy"]["mean"] > best["accuracy"]["mean"]:
-                best = cand
             continue
         if not clients:  # the frozen part runs only when some point is left to train
             clients.extend(_clients(plan, model, start, views))
@@ -368,10 +364,9 @@ def _fedavg(
             saved()
         if state is not None:
             state.unlink(missing_ok=True)  # kept in ``done`` now
-        if best is None or cand["accuracy"]["mean"] > best["accuracy"]["mean"]:
-            best = cand
-    assert best is not None
-    best = dict(best)  # the stored point stays as it was trained
+    # the best mean; on a tie, the earlier point (max keeps the first)
+    points = [done[point_key(e, lr)] for e, lr in grid]
+    best = dict(max(points, key=lambda c: c["accuracy"]["mean"]))  # the stored point stays
     best["rounds"] = best["best_round"]
     best["trained_from"] = start_stage or "head"
     best["grid"] = [{"local_epochs": e, "lr": lr} for e, lr in grid]
@@ -422,31 +417,23 @@ def run(
         grid, max_rounds, patience = FULL_GRID, 20, 4
     grids = grids or {}
     name = Path(dataset).name
+    trained_from = {"flower": finetune_from, "flower_head": None}  # None: the head alone
     return {
-        "flower": _fedavg(
-            plan,
-            finetune_from,
-            grids.get("flower", grid),
-            max_rounds,
-            ours_mean,
-            patience,
-            name,
-            done.setdefault("flower", {}),
-            saved,
-            scratch,
-        ),
-        "flower_head": _fedavg(
-            plan,
-            None,
-            grids.get("flower_head", grid),
-            max_rounds,
-            ours_mean,
-            patience,
-            name,
-            done.setdefault("flower_head", {}),
-            saved,
-            scratch,
-        ),
+        **{
+            key: _fedavg(
+                plan,
+                trained_from[key],
+                grids.get(key, grid),
+                max_rounds,
+                ours_mean,
+                patience,
+                name,
+                done.setdefault(key, {}),
+                saved,
+                scratch,
+            )
+            for key in CONFIGURATIONS
+        },
         "engine": "flwr.server.strategy.FedAvg (flwr 1.42) driven by an in-process round loop",
         "seed": seed,
         "grid_searched": not grids,

@@ -10,22 +10,27 @@ from typing import Any
 import pytest
 
 from bench import flower
-from fedinspect.demo import DemoOptions, plan_demo
+from fedinspect.demo import DemoOptions, DemoPlan, plan_demo
 from fl_core.model import SplitModel, build_split_model
 from tests.factories import make_image_folder
 
 
-def test_fedavg_trains_rounds_and_counts_what_flower_would_send(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _tiny_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> DemoPlan:
+    """Two edges of a small image folder at 32 px on an untrained tiny CNN."""
     root = make_image_folder(tmp_path / "imgs", per_class=30)
     plan = plan_demo(DemoOptions(edges=2, dataset=str(root), quick=True, input_size=32))
-    plan = replace(plan, backbone="tiny_cnn")
 
     def untrained(*args: Any, **kwargs: Any) -> SplitModel:
         return build_split_model(*args, **kwargs | {"pretrained": False})
 
     monkeypatch.setattr(flower, "build_split_model", untrained)
+    return replace(plan, backbone="tiny_cnn")
+
+
+def test_fedavg_trains_rounds_and_counts_what_flower_would_send(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = _tiny_plan(tmp_path, monkeypatch)
     grid = [(1, 1e-3), (2, 1e-2)]
     best = flower._fedavg(plan, "b1", grid, max_rounds=2, target=0.0, name="imgs")
 
@@ -50,14 +55,7 @@ def test_fedavg_trains_rounds_and_counts_what_flower_would_send(
 def test_fedavg_keeps_finished_grid_points_and_trains_only_the_rest(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root = make_image_folder(tmp_path / "imgs", per_class=30)
-    plan = plan_demo(DemoOptions(edges=2, dataset=str(root), quick=True, input_size=32))
-    plan = replace(plan, backbone="tiny_cnn")
-
-    def untrained(*args: Any, **kwargs: Any) -> SplitModel:
-        return build_split_model(*args, **kwargs | {"pretrained": False})
-
-    monkeypatch.setattr(flower, "build_split_model", untrained)
+    plan = _tiny_plan(tmp_path, monkeypatch)
     done: dict[str, Any] = {}
     saves: list[list[str]] = []
 
@@ -93,14 +91,7 @@ def test_fedavg_keeps_finished_grid_points_and_trains_only_the_rest(
 def test_an_interrupted_grid_point_goes_on_from_its_last_round(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root = make_image_folder(tmp_path / "imgs", per_class=30)
-    plan = plan_demo(DemoOptions(edges=2, dataset=str(root), quick=True, input_size=32))
-    plan = replace(plan, backbone="tiny_cnn")
-
-    def untrained(*args: Any, **kwargs: Any) -> SplitModel:
-        return build_split_model(*args, **kwargs | {"pretrained": False})
-
-    monkeypatch.setattr(flower, "build_split_model", untrained)
+    plan = _tiny_plan(tmp_path, monkeypatch)
     scratch = tmp_path / "running"
     accuracy = flower._accuracy
     calls: list[int] = []
