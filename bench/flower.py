@@ -369,7 +369,8 @@ def _fedavg(
     best = dict(max(points, key=lambda c: c["accuracy"]["mean"]))  # the stored point stays
     best["rounds"] = best["best_round"]
     best["trained_from"] = start_stage or "head"
-    best["grid"] = [{"local_epochs": e, "lr": lr} for e, lr in grid]
+    # every point's own result, so the grid search stays readable once the seed is done
+    best["grid"] = [dict(p) for p in points]
     return best
 
 
@@ -460,7 +461,7 @@ def summarize(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
         "rounds_to_reach_ours": [r["rounds_to_reach_ours"] for r in rs],
         "choice": [{"local_epochs": r["local_epochs"], "lr": r["lr"]} for r in rs],
         "trained_from": rs[0]["trained_from"],
-        "per_seed": rs,
+        "per_seed": [{**r[key], "seed": r.get("seed")} for r in runs],
     }
 
 

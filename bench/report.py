@@ -179,6 +179,7 @@ def _flower(block: dict[str, Any], title: str) -> list[str]:
                 f"\n{key}: rounds to reach our mean accuracy per seed: {f['rounds_to_reach_ours']}; "
                 f"chosen (local epochs, lr): {f['choice']}"
             )
+    lines += _flower_grids(block)
     if block.get("engine"):
         lines.append(f"\nengine: {block['engine']}")
     lines += [
@@ -196,6 +197,34 @@ def _flower(block: dict[str, Any], title: str) -> list[str]:
         "",
     ]
     return lines
+
+
+def _flower_grids(block: dict[str, Any]) -> list[str]:
+    """Each searched grid point of each configuration: its best round and its cost."""
+    rows = []
+    for key in ("flower", "flower_head"):
+        for run in (block.get(key) or {}).get("per_seed", []):
+            for p in run.get("grid", []):
+                if "accuracy" not in p:  # stored before the grid kept its points' results
+                    continue
+                reach = p["rounds_to_reach_ours"]
+                rows.append(
+                    f"| {key}, seed {run.get('seed', '-')} | {p['local_epochs']}, {p['lr']:g} | "
+                    f"{100 * p['accuracy']['mean']:.1f} | {p['best_round']} ({p['rounds_run']}) | "
+                    f"{p['bytes'] / 1e6:.1f} MB | {p['seconds']['wall_to_best']:.0f} | "
+                    f"{'never' if reach is None else reach} |"
+                )
+    if not rows:
+        return []
+    return [
+        "",
+        "Grid points (best mean over the rounds run; bytes and wall time up to that round):",
+        "",
+        "| configuration, seed | local epochs, lr | best mean acc % | round (of run) | "
+        "bytes to best | wall to best s | reaches ours at round |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
 
 
 def _flower_partial(partial: dict[str, Any]) -> list[str]:

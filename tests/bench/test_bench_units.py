@@ -338,7 +338,7 @@ def test_flower_summarize_keeps_per_seed_lists_in_seed_order() -> None:
         {"local_epochs": 3, "lr": pytest.approx(3e-3)},
     ]
     assert s["trained_from"] == "b11"  # the first seed's
-    assert s["per_seed"] == [r["flower"] for r in runs]
+    assert s["per_seed"] == [{**r["flower"], "seed": r["seed"]} for r in runs]
 
 
 def test_flower_summarize_reads_only_the_named_configuration() -> None:
@@ -481,6 +481,27 @@ def test_to_markdown_shows_accuracy_cycle_and_flower_from_the_aggregates() -> No
     assert "| 5 (4-6) |" in fl_row
     assert "flower: rounds to reach our mean accuracy per seed: [2, None, 5]" in md
     assert "engine: flwr FedAvg" in md
+    assert "Grid points" not in md  # grids stored as bare (epochs, lr) pairs: nothing to list
+
+
+def test_to_markdown_lists_every_point_of_a_searched_flower_grid() -> None:
+    """The grid search is part of the comparison's fairness: each point's best round,
+    its cost and when it reached ours stay in the report once the seed is done."""
+    fl = _flower_runs()
+    collapsed = _flower_seed(0, 0.684, None) | {"local_epochs": 1, "best_round": 2}
+    collapsed |= {"rounds_run": 6, "bytes": 145_300_000}
+    fl[0]["flower"]["grid"] = [collapsed, dict(fl[0]["flower"], rounds_run=16)]
+    r = _header(
+        ours=demo_runs.ours_for_flower(_runs()),
+        flower=flower.summarize(fl, "flower"),
+        flower_head=flower.summarize(fl, "flower_head"),
+    )
+    md = to_markdown(r)
+    rows = [line for line in md.splitlines() if line.startswith("| flower")]
+    assert rows == [
+        "| flower, seed 0 | 1, 0.001 | 68.4 | 2 (6) | 145.3 MB | 20 | never |",
+        "| flower, seed 0 | 3, 0.001 | 80.0 | 4 (16) | 0.0 MB | 20 | 2 |",
+    ]
 
 
 def test_to_markdown_flower_block_without_flower_results_shows_only_ours() -> None:

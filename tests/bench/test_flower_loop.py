@@ -76,7 +76,9 @@ def test_fedavg_keeps_finished_grid_points_and_trains_only_the_rest(
     ]
     assert saves[-1] == ["1:0.001", "2:0.01"]
     assert done["1:0.001"] == kept  # the stored point is not touched by the report
-    assert best["grid"] == [{"local_epochs": 1, "lr": 1e-3}, {"local_epochs": 2, "lr": 0.01}]
+    assert [(p["local_epochs"], p["lr"]) for p in best["grid"]] == [(1, 1e-3), (2, 0.01)]
+    assert best["grid"][0] == kept  # each point's own result, not only the winner's
+    assert best["grid"][1] == done["2:0.01"]
     if (best["local_epochs"], best["lr"]) == (1, 1e-3):
         assert best["accuracy"] == first["accuracy"]
 
