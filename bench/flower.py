@@ -461,7 +461,7 @@ def summarize(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
         "rounds_to_reach_ours": [r["rounds_to_reach_ours"] for r in rs],
         "choice": [{"local_epochs": r["local_epochs"], "lr": r["lr"]} for r in rs],
         "trained_from": rs[0]["trained_from"],
-        "per_seed": [{**r[key], "seed": r.get("seed")} for r in runs],
+        "per_seed": [{**r[key], "seed": r["seed"]} for r in runs],
     }
 
 

@@ -209,7 +209,7 @@ def _flower_grids(block: dict[str, Any]) -> list[str]:
                     continue
                 reach = p["rounds_to_reach_ours"]
                 rows.append(
-                    f"| {key}, seed {run.get('seed', '-')} | {p['local_epochs']}, {p['lr']:g} | "
+                    f"| {key}, seed {run['seed']} | {p['local_epochs']}, {p['lr']:g} | "
                     f"{100 * p['accuracy']['mean']:.1f} | {p['best_round']} ({p['rounds_run']}) | "
                     f"{p['bytes'] / 1e6:.1f} MB | {p['seconds']['wall_to_best']:.0f} | "
                     f"{'never' if reach is None else reach} |"
