@@ -104,4 +104,25 @@ def ours_for_flower(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-__all__ = ["accuracy_table", "cycle_stages", "datasets", "ours_for_flower", "run_demos"]
+def ours_per_seed(runs: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Our cycle on each seed (its own splits), to set beside Flower's run on that seed:
+    mean and per-edge accuracy, bytes moved and the cycle's wall seconds."""
+    return {
+        r["seed"]: {
+            "mean": r["mean_federated_accuracy"],
+            "per_edge": [e["federated"]["accuracy"] for e in r["edges"]],
+            "bytes": r["bytes"]["uploaded"] + r["bytes"]["downloaded"],
+            "wall": r["cycle"]["seconds"],
+        }
+        for r in runs
+    }
+
+
+__all__ = [
+    "accuracy_table",
+    "cycle_stages",
+    "datasets",
+    "ours_for_flower",
+    "ours_per_seed",
+    "run_demos",
+]

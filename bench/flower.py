@@ -465,4 +465,49 @@ def summarize(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
     }
 
 
-__all__ = ["CONFIGURATIONS", "point_key", "rounds", "run", "summarize", "winners"]
+def same_seed(runs: list[dict[str, Any]], ours: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each seed's Flower result against our cycle on the same seed (same splits).
+
+    ``ours`` is :func:`bench.demo_runs.ours_per_seed`. Per configuration: its best mean
+    and the points it is above (+) or below (-) ours; its bytes and wall time to that
+    best as multiples of ours; and the first round whose mean reached ours, with the
+    bytes and the wall time up to it (the wall pro rata over the rounds to the best,
+    plus the frozen part run once). Seeds we have no cycle for are left out."""
+    rows = []
+    for r in runs:
+        o = ours.get(r["seed"])
+        if o is None:
+            continue
+        row: dict[str, Any] = {"seed": r["seed"], "ours": o}
+        for key in CONFIGURATIONS:
+            f = r[key]
+            reach = next((i + 1 for i, m in enumerate(f["history_mean"]) if m >= o["mean"]), None)
+            frozen = f["seconds"]["frozen_part_once_s"]
+            per_round = (f["seconds"]["wall_to_best"] - frozen) / f["best_round"]
+            row[key] = {
+                "mean": f["accuracy"]["mean"],
+                "per_edge": f["accuracy"]["per_edge"],
+                "points_above_ours": round(100 * (f["accuracy"]["mean"] - o["mean"]), 1),
+                "bytes_x_ours": round(f["bytes"] / o["bytes"], 1),
+                "wall_x_ours": round(f["seconds"]["wall_to_best"] / o["wall"], 2),
+                "reaches_ours_at_round": reach,
+                "to_reach_ours": None
+                if reach is None
+                else {
+                    "bytes": f["bytes_per_round"] * reach,
+                    "wall_s": round(frozen + per_round * reach, 1),
+                },
+            }
+        rows.append(row)
+    return rows
+
+
+__all__ = [
+    "CONFIGURATIONS",
+    "point_key",
+    "rounds",
+    "run",
+    "same_seed",
+    "summarize",
+    "winners",
+]

@@ -179,6 +179,7 @@ def _flower(block: dict[str, Any], title: str) -> list[str]:
                 f"\n{key}: rounds to reach our mean accuracy per seed: {f['rounds_to_reach_ours']}; "
                 f"chosen (local epochs, lr): {f['choice']}"
             )
+    lines += _flower_same_seed(block)
     lines += _flower_grids(block)
     if block.get("engine"):
         lines.append(f"\nengine: {block['engine']}")
@@ -197,6 +198,38 @@ def _flower(block: dict[str, Any], title: str) -> list[str]:
         "",
     ]
     return lines
+
+
+def _flower_same_seed(block: dict[str, Any]) -> list[str]:
+    """Each seed's Flower result beside our cycle on that seed's own splits."""
+    rows = []
+    for row in block.get("same_seed") or []:
+        cells = [f"{row['seed']}", f"{100 * row['ours']['mean']:.1f}"]
+        for key in ("flower", "flower_head"):
+            f = row[key]
+            reach = f["to_reach_ours"]
+            cells += [
+                f"{100 * f['mean']:.1f} ({f['points_above_ours']:+.1f})",
+                f"{f['bytes_x_ours']:g}x, {f['wall_x_ours']:g}x",
+                "never"
+                if reach is None
+                else f"{f['reaches_ours_at_round']} ({reach['bytes'] / 1e6:.1f} MB, "
+                f"{reach['wall_s']:.0f} s)",
+            ]
+        rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [
+        "",
+        "Same seed, same splits (points: Flower's best mean minus ours; bytes and wall "
+        "time to Flower's best as multiples of ours; the round where Flower first reached "
+        "ours, with bytes and wall time to it):",
+        "",
+        "| seed | ours mean % | Flower (a) best % | (a) bytes, wall x ours | (a) reaches ours at "
+        "| Flower (b) best % | (b) bytes, wall x ours | (b) reaches ours at |",
+        "|---:|---:|---:|---|---|---:|---|---|",
+        *rows,
+    ]
 
 
 def _flower_grids(block: dict[str, Any]) -> list[str]:

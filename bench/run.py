@@ -84,7 +84,7 @@ def _section(name: str, results: dict[str, Any], work: Callable[[], Any]) -> Any
 SECTIONS = ("extraction", "wire", "ingest", "demos", "flower")
 DATASET_LABELS = ("elpv", "neu-det")
 #: what the flower section writes (beside ``ours``, which the demos section writes)
-FLOWER_KEYS = ("flower", "flower_head", "engine")
+FLOWER_KEYS = ("flower", "flower_head", "same_seed", "engine")
 #: under DIR: the Flower grid point in progress, after its last round (not committed)
 FLOWER_SCRATCH = "flower_running"
 
@@ -407,10 +407,12 @@ def _flowers(
 
 
 def _aggregate_flower(label: str, runs: list[dict[str, Any]], results: dict[str, Any]) -> None:
+    ours = demo_runs.ours_per_seed((results.get("demo_runs") or {}).get(label, []))
     _flower_block(results, label).update(
         {
             "flower": flower.summarize(runs, "flower"),
             "flower_head": flower.summarize(runs, "flower_head"),
+            "same_seed": flower.same_seed(runs, ours),
             "engine": runs[0]["engine"],
         }
     )

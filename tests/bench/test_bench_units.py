@@ -347,6 +347,52 @@ def test_flower_summarize_reads_only_the_named_configuration() -> None:
     assert head["rounds_to_reach_ours"] == [None, None, None]
 
 
+def test_ours_per_seed_keys_each_cycle_by_its_seed() -> None:
+    ours = demo_runs.ours_per_seed(_runs())
+    assert sorted(ours) == [0, 1, 2]
+    assert ours[2] == {
+        "mean": 0.4,  # (0.7 + 0.1) / 2
+        "per_edge": [0.7, 0.1],
+        "bytes": (1000 + 2) + (2000 + 2) + 2 * 5000,
+        "wall": 20.0,
+    }
+
+
+def test_flower_same_seed_sets_each_seed_beside_our_cycle_on_that_seed() -> None:
+    """Each seed draws its own splits, so Flower's seed s is compared with our seed s:
+    not with the median over seeds, which on elpv lies 2.4 points from seed 1's cycle."""
+    runs = _flower_runs()[:2]
+    runs[0]["flower"] |= {"history_mean": [0.3, 0.85, 0.9, 0.9], "best_round": 3}
+    runs[0]["flower"]["accuracy"]["mean"] = 0.9
+    runs[0]["flower"]["seconds"] |= {"wall_to_best": 61.0, "frozen_part_once_s": 1.0}
+    runs[0]["flower"] |= {"bytes": 3000, "bytes_per_round": 1000}
+    ours = demo_runs.ours_per_seed(_runs())  # seed 0: mean 0.9, 12003 bytes, 30 s
+    rows = flower.same_seed(runs, {0: ours[0]})  # no cycle for seed 1: left out
+    assert [r["seed"] for r in rows] == [0]
+    a = rows[0]["flower"]
+    assert a["mean"] == 0.9 and a["points_above_ours"] == 0.0
+    assert a["bytes_x_ours"] == round(3000 / 12003, 1)
+    assert a["wall_x_ours"] == round(61.0 / 30.0, 2)
+    # 0.85 at round 2 is under ours (0.9); round 3 is the first to reach it
+    assert a["reaches_ours_at_round"] == 3
+    assert a["to_reach_ours"] == {"bytes": 3000, "wall_s": 61.0}
+    head = rows[0]["flower_head"]  # history [0.6], ours 0.9: never reached
+    assert head["reaches_ours_at_round"] is None and head["to_reach_ours"] is None
+    assert head["points_above_ours"] == -30.0
+
+
+def test_flower_same_seed_costs_to_reach_ours_pro_rata_to_the_best_round() -> None:
+    runs = _flower_runs()[:1]
+    f = runs[0]["flower"]
+    f |= {"history_mean": [0.95, 0.99, 0.97, 0.99], "best_round": 2, "bytes_per_round": 500}
+    f["accuracy"]["mean"] = 0.99
+    f["seconds"] |= {"wall_to_best": 25.0, "frozen_part_once_s": 5.0}
+    ours = {0: {"mean": 0.95, "per_edge": [0.95], "bytes": 100, "wall": 50.0}}
+    a = flower.same_seed(runs, ours)[0]["flower"]
+    assert a["reaches_ours_at_round"] == 1  # a tie with ours counts as reaching it
+    assert a["to_reach_ours"] == {"bytes": 500, "wall_s": 15.0}  # 5 s frozen + 20 s / 2
+
+
 # ------------------------------------------------------------------------ bench.report
 
 
@@ -482,6 +528,26 @@ def test_to_markdown_shows_accuracy_cycle_and_flower_from_the_aggregates() -> No
     assert "flower: rounds to reach our mean accuracy per seed: [2, None, 5]" in md
     assert "engine: flwr FedAvg" in md
     assert "Grid points" not in md  # grids stored as bare (epochs, lr) pairs: nothing to list
+    assert "Same seed" not in md  # no per-seed comparison stored: no table
+
+
+def test_to_markdown_sets_each_flower_seed_beside_ours_on_the_same_seed() -> None:
+    fl = _flower_runs()
+    fl[0]["flower"] |= {"history_mean": [0.5, 0.8], "best_round": 2, "bytes_per_round": 2_000_000}
+    fl[0]["flower"]["accuracy"]["mean"] = 0.95
+    fl[0]["flower"] |= {"bytes": 4_000_000}
+    ours = {0: {"mean": 0.8, "per_edge": [0.8], "bytes": 1_000_000, "wall": 10.0}}
+    r = _header(
+        ours=demo_runs.ours_for_flower(_runs()),
+        flower=flower.summarize(fl, "flower"),
+        flower_head=flower.summarize(fl, "flower_head"),
+        same_seed=flower.same_seed(fl, ours),
+    )
+    md = to_markdown(r)
+    assert "Same seed, same splits" in md
+    # wall to best 20 s with 1 s frozen: round 2 of 2 costs 1 + 19 = 20 s
+    row = "| 0 | 80.0 | 95.0 (+15.0) | 4x, 2x | 2 (4.0 MB, 20 s) | 60.0 (-20.0) | 0x, 2x | never |"
+    assert row in md.splitlines()
 
 
 def test_to_markdown_lists_every_point_of_a_searched_flower_grid() -> None:
@@ -663,6 +729,10 @@ def test_run_bench_flower_alone_compares_with_the_saved_demo_results(
     target = first["ours"]["accuracy"]["mean"]["median"]
     assert asked == [(0, target), (1, target), (2, target)]  # our seeds, our mean
     assert results["flower"]["rounds_to_reach_ours"] == [2, None, 5]
+    # and each seed beside our cycle on the same seed, from the stored demo runs
+    same = results["same_seed"]
+    assert [(row["seed"], row["ours"]["mean"]) for row in same] == [(0, 0.9), (1, 0.5), (2, 0.4)]
+    assert [row["flower"]["points_above_ours"] for row in same] == [-10.0, 10.0, 30.0]
     assert results["accuracy"] == first["accuracy"]  # the demos' results are kept
     md = (tmp_path / "results.md").read_text()
     assert "flower: rounds to reach our mean accuracy per seed: [2, None, 5]" in md
