@@ -176,7 +176,8 @@ def _flower(block: dict[str, Any], title: str) -> list[str]:
         f = block.get(key)
         if f:
             lines.append(
-                f"\n{key}: rounds to reach our mean accuracy per seed: {f['rounds_to_reach_ours']}; "
+                f"\n{key}: rounds to reach the median of our means (all seeds), per seed: "
+                f"{f['rounds_to_reach_ours']}; "
                 f"chosen (local epochs, lr): {f['choice']}"
             )
     lines += _flower_same_seed(block)

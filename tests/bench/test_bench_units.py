@@ -525,7 +525,9 @@ def test_to_markdown_shows_accuracy_cycle_and_flower_from_the_aggregates() -> No
     fl_row = next(line for line in md.splitlines() if line.startswith("| Flower FedAvg, b11+"))
     assert "| 70.0 (60.0-80.0) |" in fl_row
     assert "| 5 (4-6) |" in fl_row
-    assert "flower: rounds to reach our mean accuracy per seed: [2, None, 5]" in md
+    assert (
+        "flower: rounds to reach the median of our means (all seeds), per seed: [2, None, 5]" in md
+    )
     assert "engine: flwr FedAvg" in md
     assert "Grid points" not in md  # grids stored as bare (epochs, lr) pairs: nothing to list
     assert "Same seed" not in md  # no per-seed comparison stored: no table
@@ -735,7 +737,9 @@ def test_run_bench_flower_alone_compares_with_the_saved_demo_results(
     assert [row["flower"]["points_above_ours"] for row in same] == [-10.0, 10.0, 30.0]
     assert results["accuracy"] == first["accuracy"]  # the demos' results are kept
     md = (tmp_path / "results.md").read_text()
-    assert "flower: rounds to reach our mean accuracy per seed: [2, None, 5]" in md
+    assert (
+        "flower: rounds to reach the median of our means (all seeds), per seed: [2, None, 5]" in md
+    )
 
 
 @pytest.mark.usefixtures("no_heavy_work")
