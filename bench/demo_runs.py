@@ -75,12 +75,21 @@ def cycle_stages(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _ours_of(run: dict[str, Any]) -> dict[str, Any]:
+    """One demo run's federated result: mean and per-edge accuracy, bytes moved (up and
+    down, all edges) and the cycle's wall seconds."""
+    return {
+        "mean": run["mean_federated_accuracy"],
+        "per_edge": [e["federated"]["accuracy"] for e in run["edges"]],
+        "bytes": run["bytes"]["uploaded"] + run["bytes"]["downloaded"],
+        "wall": run["cycle"]["seconds"],
+    }
+
+
 def ours_for_flower(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Our federated result in Flower's terms: accuracy, bytes, seconds."""
-    per_edge = [
-        summary([r["edges"][i]["federated"]["accuracy"] for r in runs], 4)
-        for i in range(len(runs[0]["edges"]))
-    ]
+    each = [_ours_of(r) for r in runs]
+    per_edge = [summary([o["per_edge"][i] for o in each], 4) for i in range(len(runs[0]["edges"]))]
     compute = []
     for r in runs:
         total = 0.0
@@ -90,13 +99,13 @@ def ours_for_flower(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "accuracy": {
             "per_edge": per_edge,
-            "mean": summary([r["mean_federated_accuracy"] for r in runs], 4),
+            "mean": summary([o["mean"] for o in each], 4),
         },
-        "bytes": summary([r["bytes"]["uploaded"] + r["bytes"]["downloaded"] for r in runs], 0),
+        "bytes": summary([o["bytes"] for o in each], 0),
         "bytes_uploaded": summary([r["bytes"]["uploaded"] for r in runs], 0),
         "bytes_downloaded": summary([r["bytes"]["downloaded"] for r in runs], 0),
         "seconds": {
-            "wall": summary([r["cycle"]["seconds"] for r in runs], 1),
+            "wall": summary([o["wall"] for o in each], 1),
             "edge_compute": summary(compute, 1),
         },
         "rounds": 1,
@@ -105,17 +114,8 @@ def ours_for_flower(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def ours_per_seed(runs: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """Our cycle on each seed (its own splits), to set beside Flower's run on that seed:
-    mean and per-edge accuracy, bytes moved and the cycle's wall seconds."""
-    return {
-        r["seed"]: {
-            "mean": r["mean_federated_accuracy"],
-            "per_edge": [e["federated"]["accuracy"] for e in r["edges"]],
-            "bytes": r["bytes"]["uploaded"] + r["bytes"]["downloaded"],
-            "wall": r["cycle"]["seconds"],
-        }
-        for r in runs
-    }
+    """Our cycle on each seed (its own splits), to set beside Flower's run on that seed."""
+    return {r["seed"]: _ours_of(r) for r in runs}
 
 
 __all__ = [

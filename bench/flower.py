@@ -194,6 +194,11 @@ def _load_progress(path: Path) -> _Progress:
     return _Progress(params, meta["history"], meta["compute"], meta["wall"])
 
 
+def first_round_at(means: list[float], target: float) -> int | None:
+    """The first round (from 1) whose mean test accuracy is at or above ``target``."""
+    return next((i for i, m in enumerate(means, start=1) if m >= target), None)
+
+
 def rounds(
     step: Callable[[int], list[float]],
     max_rounds: int,
@@ -332,9 +337,7 @@ def _fedavg(
         wall = wall_before + time.perf_counter() - began
         compute = prog.compute
         top = max(history, key=lambda h: h["mean"])
-        reach = next(
-            (h["round"] for h in history if target is not None and h["mean"] >= target), None
-        )
+        reach = None if target is None else first_round_at([h["mean"] for h in history], target)
         cand = {
             "local_epochs": epochs,
             "lr": lr,
@@ -481,7 +484,7 @@ def same_seed(runs: list[dict[str, Any]], ours: dict[int, dict[str, Any]]) -> li
         row: dict[str, Any] = {"seed": r["seed"], "ours": o}
         for key in CONFIGURATIONS:
             f = r[key]
-            reach = next((i + 1 for i, m in enumerate(f["history_mean"]) if m >= o["mean"]), None)
+            reach = first_round_at(f["history_mean"], o["mean"])
             frozen = f["seconds"]["frozen_part_once_s"]
             per_round = (f["seconds"]["wall_to_best"] - frozen) / f["best_round"]
             row[key] = {
@@ -504,6 +507,7 @@ def same_seed(runs: list[dict[str, Any]], ours: dict[int, dict[str, Any]]) -> li
 
 __all__ = [
     "CONFIGURATIONS",
+    "first_round_at",
     "point_key",
     "rounds",
     "run",
