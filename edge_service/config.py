@@ -127,8 +127,11 @@ class Settings(BaseSettings):
     deploy_min_delta: float = Field(
         default=0.0,
         ge=0,
-        description="Deploy gate: a candidate is deployed if its test accuracy is at least "
-        "the deployed model's minus this.",
+        description="Deploy gate: a new model (fine-tuned, or the server's as received) "
+        "replaces the deployed one if its validation accuracy is above the deployed "
+        "model's minus this, or equal to it with a higher balanced accuracy (a full tie "
+        "keeps the deployed model). No model below always answering the training split's "
+        "majority class is ever deployed.",
     )
 
     # ---------------------------------------------------------------- prediction

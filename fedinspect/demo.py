@@ -8,6 +8,10 @@ references the federated models are judged against: each edge trained on its own
 alone (local-only), and one model trained on the union of all edges' data
 (centralized upper bound). Every process it started is stopped on exit, Ctrl-C or
 failure.
+
+An edge's federated figure is the test accuracy of the model that serves after its
+deploy gate (the fine-tuned candidate, the server's model as received, or the model
+kept), as ``federated_model`` says; where nothing serves, the candidate's, marked.
 """
 
 from __future__ import annotations
@@ -323,6 +327,21 @@ def _union(sets: list[ImageSet], class_names: list[str]) -> ImageSet:
     return ImageSet([r for s in sets for r in s.records], class_names, "union")
 
 
+#: ``federated_model`` of an edge where nothing serves: its figure is the candidate's
+NOT_DEPLOYED = "candidate, not deployed"
+
+
+def served_metrics(result: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """The test metrics of the model that serves on an edge after its cycle job (``result``)
+    and which one it is (the gate's ``chosen``: candidate, server_model or previous); the
+    fine-tuned candidate's, marked :data:`NOT_DEPLOYED`, when none serves."""
+    metrics = result["metrics"]
+    served = metrics.get("deployed")
+    if served is None:
+        return metrics["candidate"], NOT_DEPLOYED
+    return served, str(result.get("chosen") or "deployed")
+
+
 def _scores(m: EvalMetrics | None) -> dict[str, float] | None:
     if m is None:
         return None
@@ -479,6 +498,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     rows = []
     for i, e in enumerate(cycle["edges"]):
         r = cycle["results"][e["name"]]
+        federated, federated_model = served_metrics(r)
         rows.append(
             {
                 "name": e["name"],
@@ -488,10 +508,11 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                 "local_only": None,
                 "base": _scores(_evaluate(plan, base, splits[i].test)),
                 "server_model": _scores(EvalMetrics(**r["metrics"]["server_model"])),
-                "federated": _scores(EvalMetrics(**r["metrics"]["candidate"])),
+                "federated": _scores(EvalMetrics(**federated)),
+                "federated_model": federated_model,
                 "deployed": r["deployed"],
                 "decision": r["decision"],
-                "federated_confusion": r["metrics"]["candidate"]["confusion_matrix"],
+                "federated_confusion": federated["confusion_matrix"],
                 "bytes": {
                     "uploaded": r["bytes_uploaded"],
                     "downloaded": r["bytes_downloaded"],
@@ -580,6 +601,10 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f}"
 
 
+def _mark(row: Mapping[str, Any]) -> str:
+    return " *" if row.get("federated_model") == NOT_DEPLOYED else ""
+
+
 def format_table(results: Mapping[str, Any]) -> str:
     """The per-edge table, as Markdown (readable in a terminal too)."""
     lines = [
@@ -594,8 +619,13 @@ def format_table(results: Mapping[str, Any]) -> str:
             f"| {_pct(r['local_only'])} / {_pct(r['local_only'], 'macro_f1')} "
             f"| {_pct(r['base'])} / {_pct(r['base'], 'macro_f1')} "
             f"| {_pct(r['server_model'])} / {_pct(r['server_model'], 'macro_f1')} "
-            f"| {_pct(r['federated'])} / {_pct(r['federated'], 'macro_f1')} "
+            f"| {_pct(r['federated'])} / {_pct(r['federated'], 'macro_f1')}{_mark(r)} "
             f"| {_mb(b['uploaded'])} | {_mb(b['downloaded'])} | {_mb(b['raw_images'])} |"
+        )
+    if any(_mark(r) for r in results["edges"]):
+        lines.append(
+            "\n* nothing deployed on that edge: its federated figure is the fine-tuned "
+            "candidate's, which does not serve"
         )
     c = results["centralized"]
     lines.append(

@@ -313,9 +313,39 @@ class PredictResponse(BaseModel):
 
 
 class Evaluation(BaseModel):
+    """The model that serves, the one it replaced, and the last decision about them.
+
+    The ``chosen`` .. ``candidate_model_id`` fields describe the last deploy gate; they
+    are None when the last decision was not the gate's (an operator's activation)."""
+
     deployed: LocalModel | None
     previous: LocalModel | None
     decision: str = Field(default="", description="what the last deploy gate decided and why")
+    chosen: Literal["candidate", "server_model", "previous"] | None = Field(
+        default=None,
+        description="the gate's model that serves after it: the fine-tuned candidate, the "
+        "server's model as received, or the previously deployed one (kept); None: none",
+    )
+    scored_on: Literal["validation", "train"] | None = Field(
+        default=None,
+        description="the split the gate scored on: 'train' (in-sample) when the "
+        "validation split is empty; never the test split",
+    )
+    n_scored: int | None = Field(default=None, description="images the gate scored on")
+    validation_accuracy: dict[str, float] | None = Field(
+        default=None, description="accuracy of each scored model on the scored split, by name"
+    )
+    majority_class: str | None = Field(
+        default=None, description="the training split's most frequent class"
+    )
+    majority_accuracy: float | None = Field(
+        default=None,
+        description="accuracy of always answering the majority class on the scored split: "
+        "a model below it is never deployed",
+    )
+    candidate_model_id: int | None = Field(
+        default=None, description="local model id the fine-tuned candidate was recorded as"
+    )
 
 
 __all__ = [

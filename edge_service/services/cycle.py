@@ -6,13 +6,21 @@ cycle's spec, upload them (in the spec's ``stats`` privacy mode: per-class stati
 of the features instead of rows). Nothing but features and labels, or their
 statistics, leaves the edge.
 
-Stage 3 (``finetune`` job): download the server's new base model, evaluate it on the
-local test split, fine-tune it on the local training split (validation split for early
-stopping), evaluate the candidate and the deployed model on the test split, and deploy
-the candidate only if it is not worse (:func:`deploy_gate`). The stages below the first
-fine-tuned one are frozen: the extraction backend runs them, once per image, and the
-three evaluations share one pass of them over the test split whenever the models' frozen
-weights are the same (always, unless the backbone's weights changed between cycles).
+Stage 3 (``finetune`` job): download the server's new base model, keep a copy of it as
+received, fine-tune it on the local training split (validation split for early
+stopping), then the deploy gate (:meth:`CycleService.gate_and_register`, its rule in
+:mod:`edge_service.services.gate`) chooses what serves among the fine-tuned candidate,
+the server's model as received and the deployed model (when it has the same classes):
+the most accurate on the *validation* split (in-sample on the training split when that
+is empty), ties to the higher balanced accuracy, then to the deployed model, then to the
+server model, with ``deploy_min_delta`` in favour of a new model; and never a model
+below always answering the training split's majority class: then nothing new is
+deployed. The test split is never used to choose: each model's test metrics are
+reported only. The fine-tuned candidate is always recorded (an operator can roll
+forward to it), the server model when it wins. The stages below the first fine-tuned
+one are frozen: the extraction backend runs them once per image of the validation and
+test splits, and every model whose frozen weights are the same (always, unless the
+backbone's weights changed between cycles) is scored from those activations.
 
 The ``cycle`` job runs stage 2, waits for the server to finish the cycle, then stage 3.
 Every job returns the same result keys (``None`` where a stage did not run).
@@ -20,19 +28,28 @@ Every job returns the same result keys (``None`` where a stage did not run).
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
+
 from edge_service.config import Settings
 from edge_service.services.client import ServerClient
 from edge_service.services.dataset import LocalData
+from edge_service.services.gate import (
+    MajorityBaseline,
+    ModelName,
+    choose_model,
+    majority_baseline,
+)
 from edge_service.services.jobs import JobContext, Plan
 from edge_service.services.registry import ModelRegistry
 from edge_service.services.weights import fetch_base_weights
-from fl_core.data import ImageSet
+from fl_core.data import ImageSet, Splits
 from fl_core.errors import Conflict, InvalidInput, RemoteError, Unavailable
 from fl_core.features import check_model_matches_spec, extract_images
 from fl_core.model import SplitModel, model_from_bytes
@@ -75,43 +92,59 @@ PLANS: dict[str, Plan] = {
 
 
 @dataclass(frozen=True)
-class GateDecision:
-    deploy: bool
-    reason: str
-
-
-@dataclass(frozen=True)
 class GateOutcome:
-    """What the gate did with one candidate."""
+    """What the gate did at the end of stage 3. Metrics named for a model (``candidate``,
+    ``server_model``, ``previous``, ``deployed``) are on the test split, for reporting
+    only; ``validation`` holds those the choice was made on."""
 
     candidate: EvalMetrics
+    server_model: EvalMetrics | None
     previous: EvalMetrics | None
+    #: the model that serves after the gate; None when none does, or when it could not
+    #: be scored (a deployed model with other classes)
+    deployed_metrics: EvalMetrics | None
+    validation: dict[ModelName, EvalMetrics]
+    majority: MajorityBaseline
+    majority_test_accuracy: float
+    in_sample: bool
+    chosen: ModelName | None
     previous_model_id: int | None
+    #: a new model went into service
     deployed: bool
     decision: str
+    #: the fine-tuned candidate's record (kept whether or not it serves)
     local_model: LocalModel
+    #: the model that serves after the gate, if any
+    serving_model: LocalModel | None
 
+    def result_fields(self) -> dict[str, Any]:
+        """The job result's gate keys, JSON-ready."""
 
-def deploy_gate(
-    candidate: EvalMetrics, deployed: EvalMetrics | None, min_delta: float
-) -> GateDecision:
-    """Deploy the candidate unless its test accuracy is below the deployed one's - delta."""
-    if deployed is None:
-        return GateDecision(
-            True, f"deployed: no model was deployed (candidate accuracy {candidate.accuracy:.4f})"
-        )
-    floor = deployed.accuracy - min_delta
-    if candidate.accuracy >= floor:
-        return GateDecision(
-            True,
-            f"deployed: candidate accuracy {candidate.accuracy:.4f} >= deployed accuracy "
-            f"{deployed.accuracy:.4f} - {min_delta:g}",
-        )
-    return GateDecision(
-        False,
-        f"rejected: candidate accuracy {candidate.accuracy:.4f} < deployed accuracy "
-        f"{deployed.accuracy:.4f} - {min_delta:g}; the deployed model stays",
-    )
+        def dump(m: EvalMetrics | None) -> dict[str, Any] | None:
+            return None if m is None else m.model_dump(mode="json")
+
+        return {
+            "metrics": {
+                "server_model": dump(self.server_model),
+                "candidate": dump(self.candidate),
+                "previous": dump(self.previous),
+                "deployed": dump(self.deployed_metrics),
+                "validation": {n: dump(m) for n, m in self.validation.items()},
+            },
+            "majority": {
+                "class_name": self.majority.class_name,
+                "validation_accuracy": self.majority.accuracy,
+                "test_accuracy": self.majority_test_accuracy,
+                "n_scored": self.majority.n,
+                "scored_on": "train" if self.in_sample else "validation",
+            },
+            "chosen": self.chosen,
+            "deployed": self.deployed,
+            "decision": self.decision,
+            "local_model_id": self.local_model.id,
+            "previous_model_id": self.previous_model_id,
+            "deployed_model_id": self.serving_model.id if self.serving_model else None,
+        }
 
 
 # --------------------------------------------------------------------------- the stages
@@ -133,11 +166,21 @@ def _empty_result() -> dict[str, Any]:
         "downloads": [],
         "raw_train_bytes": 0,
         "extract_backend": None,
-        "metrics": {"server_model": None, "candidate": None, "previous": None},
+        # test-split metrics (reporting only) and the validation metrics the gate chose on
+        "metrics": {
+            "server_model": None,
+            "candidate": None,
+            "previous": None,
+            "deployed": None,
+            "validation": None,
+        },
+        "majority": None,
+        "chosen": None,
         "deployed": False,
         "decision": "",
         "local_model_id": None,
         "previous_model_id": None,
+        "deployed_model_id": None,
     }
 
 
@@ -330,17 +373,24 @@ class CycleService:
         model = model_from_bytes(weights)
         self.data.check_classes(model.class_names)
         if not len(splits.test):
-            raise InvalidInput("the local test split is empty: the deploy gate needs test images")
+            raise InvalidInput(
+                "the local test split is empty: stage 3 reports the models' test metrics"
+            )
         ctx.update(1.0, f"model {info.version} ready")
 
         ctx.begin("evaluate", f"evaluating server model {info.version}")
         start = finetune_start(model, s.finetune_train_from)
-        # the frozen stages, run by the extraction backend
+        # the frozen stages, run by the extraction backend, once per image: every model
+        # with the same frozen weights is scored from these activations
         frozen = frozen_runner(model, s.finetune_train_from, s.extract_backend)
         test_acts = frozen_activations(model, splits.test, start, s.batch_size, frozen)
+        scored = splits.val if len(splits.val) else splits.train
+        scored_acts = frozen_activations(model, scored, start, s.batch_size, frozen)
         server_metrics = evaluate_activations(model, test_acts, s.batch_size)
         result["metrics"]["server_model"] = server_metrics.model_dump(mode="json")
-        ctx.update(1.0, f"server model accuracy {server_metrics.accuracy:.4f}")
+        # fine-tuning changes the model in place; the gate weighs the server's as received
+        server_model = copy.deepcopy(model)
+        ctx.update(1.0, f"server model test accuracy {server_metrics.accuracy:.4f}")
 
         ctx.begin("finetune", "fine-tuning")
         config = FinetuneConfig(
@@ -361,78 +411,139 @@ class CycleService:
             frozen=frozen,
         )
 
-        ctx.begin("evaluate", "evaluating the candidate")
+        ctx.begin("evaluate", "choosing the model to deploy")
         outcome = self.gate_and_register(
             model,
             info.version,
-            splits.test,
+            splits,
+            server_model=server_model,
             progress=lambda frac, msg: ctx.update(frac, msg),
+            scored_acts=scored_acts,
             test_acts=test_acts,
+            server_test=server_metrics,
         )
-        result["metrics"]["candidate"] = outcome.candidate.model_dump(mode="json")
-        if outcome.previous is not None:
-            result["metrics"]["previous"] = outcome.previous.model_dump(mode="json")
-        result["previous_model_id"] = outcome.previous_model_id
-        result["deployed"] = outcome.deployed
-        result["decision"] = outcome.decision
-        result["local_model_id"] = outcome.local_model.id
+        result.update(outcome.result_fields())
         ctx.update(1.0, outcome.decision)
 
     def gate_and_register(
         self,
-        model: SplitModel,
+        candidate: SplitModel,
         base_version: int,
-        test: ImageSet,
+        splits: Splits,
+        server_model: SplitModel | None = None,
         progress: Callable[[float, str], None] | None = None,
+        scored_acts: FrozenActivations | None = None,
         test_acts: FrozenActivations | None = None,
+        server_test: EvalMetrics | None = None,
     ) -> GateOutcome:
-        """Evaluate a candidate and the deployed model on ``test``; record the candidate,
-        and deploy it unless the gate says it is worse.
+        """Choose what serves among the fine-tuned ``candidate``, the ``server_model`` as
+        received and the deployed model (when it has the same classes), by their metrics
+        on the validation split (the training split, in-sample, when it is empty), with
+        :func:`~edge_service.services.gate.choose_model`; record the candidate, and the
+        server model when it wins; deploy the winner unless the deployed model stays.
 
-        ``test_acts`` (activations of ``test`` at some frozen stage) stand in for
-        ``test`` for each model whose frozen weights made them."""
+        Test-split metrics of each model are computed for reporting only (``server_test``
+        when already known). ``scored_acts`` and ``test_acts`` (activations of the scored
+        and test splits at some frozen stage) stand in for the images for each model whose
+        frozen weights made them."""
         s = self.settings
+        in_sample = not len(splits.val)
+        scored_set = splits.train if in_sample else splits.val
+        if not len(scored_set):
+            raise InvalidInput("the deploy gate needs validation or training images")
 
-        def evaluate_on_test(m: SplitModel) -> EvalMetrics:
-            if test_acts is not None and test_acts.fits(m):
-                return evaluate_activations(m, test_acts, s.batch_size)
-            return evaluate(m, test, s.batch_size)
+        def score(m: SplitModel, images: ImageSet, acts: FrozenActivations | None) -> EvalMetrics:
+            if acts is not None and acts.fits(m):
+                return evaluate_activations(m, acts, s.batch_size)
+            return evaluate(m, images, s.batch_size)
 
-        candidate = evaluate_on_test(model)
+        models: dict[ModelName, SplitModel] = {"candidate": candidate}
+        if server_model is not None:
+            models["server_model"] = server_model
         deployed = self.registry.deployed()
-        previous: EvalMetrics | None = None
-        reason: str | None = None
+        unscored = ""
         if deployed is not None:
             if progress is not None:
-                progress(0.5, f"evaluating the deployed model {deployed.id}")
+                progress(0.3, f"loading the deployed model {deployed.id}")
             current = self.registry.load(deployed)
-            if current.class_names == model.class_names:
-                previous = evaluate_on_test(current)
-                self.registry.store.update_model(deployed.id, metrics=previous)
+            if current.class_names == candidate.class_names:
+                models["previous"] = current
             else:  # nothing to compare with: the task itself changed
-                reason = f"deployed: model {deployed.id} has other classes than the candidate"
-        decision = deploy_gate(candidate, previous, s.deploy_min_delta)
-        reason = reason or decision.reason
-        local = self.registry.add_candidate(model, base_version, candidate, note=reason)
-        if decision.deploy:
-            self.registry.deploy(local.id, reason)
+                unscored = f"; model {deployed.id} was not scored: it has other classes"
+
+        validation = {n: score(m, scored_set, scored_acts) for n, m in models.items()}
+        if progress is not None:
+            progress(0.6, "evaluating on the test split (reporting only)")
+        test = {
+            n: server_test
+            if n == "server_model" and server_test is not None
+            else score(m, splits.test, test_acts)
+            for n, m in models.items()
+        }
+        majority = majority_baseline(splits.train.labels, scored_set.labels, candidate.class_names)
+        majority_test = float(np.mean(splits.test.labels == majority.class_index))
+        choice = choose_model(
+            validation,
+            majority,
+            s.deploy_min_delta,
+            in_sample=in_sample,
+            deployed_id=deployed.id if deployed else None,
+        )
+        reason = choice.reason + unscored
+
+        note = reason if choice.chosen == "candidate" else f"not chosen: {reason}"
+        local = self.registry.add_candidate(candidate, base_version, test["candidate"], note=note)
+        gate = {
+            "chosen": choice.chosen,
+            "scored_on": "train" if in_sample else "validation",
+            "n_scored": majority.n,
+            "validation_accuracy": {n: m.accuracy for n, m in validation.items()},
+            "majority_class": majority.class_name,
+            "majority_accuracy": majority.accuracy,
+            "candidate_model_id": local.id,
+        }
+        if "previous" in test and deployed is not None:
+            self.registry.store.update_model(deployed.id, metrics=test["previous"])
+        if choice.chosen == "candidate":
+            decision = reason
+            self.registry.deploy(local.id, decision, gate)
+        elif choice.chosen == "server_model":
+            assert server_model is not None
+            base = self.registry.add_candidate(
+                server_model, base_version, test["server_model"], note=reason, source="base"
+            )
+            decision = (
+                f"{reason} (server model {base_version} recorded as model {base.id}, "
+                f"the fine-tuned one as model {local.id})"
+            )
+            self.registry.deploy(base.id, decision, gate)
         else:
-            self.registry.record_decision(f"{reason} (candidate recorded as model {local.id})")
+            decision = f"{reason} (the fine-tuned model recorded as model {local.id})"
+            self.registry.record_decision(decision, gate)
         log.info(
-            "edge=%s event=gate model=%d local_model=%d deployed=%s reason=%r",
+            "edge=%s event=gate model=%d local_model=%d chosen=%s deployed=%s reason=%r",
             s.name,
             base_version,
             local.id,
-            decision.deploy,
+            choice.chosen,
+            choice.deploy,
             reason,
         )
         return GateOutcome(
-            candidate=candidate,
-            previous=previous,
+            candidate=test["candidate"],
+            server_model=test.get("server_model"),
+            previous=test.get("previous"),
+            deployed_metrics=test[choice.chosen] if choice.chosen is not None else None,
+            validation=validation,
+            majority=majority,
+            majority_test_accuracy=majority_test,
+            in_sample=in_sample,
+            chosen=choice.chosen,
             previous_model_id=deployed.id if deployed else None,
-            deployed=decision.deploy,
-            decision=reason,
+            deployed=choice.deploy,
+            decision=decision,
             local_model=self.registry.store.get_model(local.id),
+            serving_model=self.registry.deployed(),
         )
 
 
@@ -440,7 +551,5 @@ __all__ = [
     "LAST_CYCLE_KEY",
     "PLANS",
     "CycleService",
-    "GateDecision",
     "GateOutcome",
-    "deploy_gate",
 ]

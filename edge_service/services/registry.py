@@ -1,8 +1,11 @@
 """Local models: weights in the content-addressed blob store, rows in the database.
 
 Every fine-tuned candidate is recorded, deployed or not (a rejected one carries the
-reason in its note), so an operator can roll back or forward to any of them. One model
-at most is active: the one that serves predictions. Base models downloaded from the
+reason in its note), so an operator can roll back or forward to any of them; a server
+model as received is recorded (source ``base``) when the deploy gate chooses it. One
+model at most is active: the one that serves predictions. The last decision (the deploy
+gate's, with its structured details, or an operator's activation) is kept in the state
+table for ``GET /v1/evaluation``. Base models downloaded from the
 server are kept in the blob store only, keyed by their sha256, so a cycle never
 downloads the same weights twice.
 """
@@ -11,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 from edge_service.db import EdgeStore
 from fl_core.blobstore import LocalBlobStore
@@ -23,6 +27,8 @@ log = logging.getLogger("edge_service.registry")
 
 PREVIOUS_KEY = "previous_model_id"
 DECISION_KEY = "last_decision"
+#: the structured details of the last gate decision: optional fields of ``Evaluation``
+GATE_KEY = "last_gate"
 BASE_VERSION_META = "fedinspect.base_version"
 
 
@@ -51,12 +57,18 @@ class ModelRegistry:
     # ------------------------------------------------------------------ local models
 
     def add_candidate(
-        self, model: SplitModel, base_version: int, metrics: EvalMetrics, note: str = ""
+        self,
+        model: SplitModel,
+        base_version: int,
+        metrics: EvalMetrics,
+        note: str = "",
+        source: Literal["base", "finetuned"] = "finetuned",
     ) -> LocalModel:
+        """Record ``model`` (fine-tuned here, or the server's ``base`` model as received)."""
         data = model_to_bytes(model, {BASE_VERSION_META: str(base_version)})
         sha = self.blobs.put(data)
         return self.store.add_model(
-            sha256=sha, base_version=base_version, source="finetuned", metrics=metrics, note=note
+            sha256=sha, base_version=base_version, source=source, metrics=metrics, note=note
         )
 
     def load(self, model: LocalModel) -> SplitModel:
@@ -68,13 +80,16 @@ class ModelRegistry:
     def deployed(self) -> LocalModel | None:
         return self.store.active_model()
 
-    def deploy(self, model_id: int, decision: str) -> LocalModel:
-        """Make ``model_id`` the model that serves; remember the one it replaces."""
+    def deploy(
+        self, model_id: int, decision: str, gate: Mapping[str, Any] | None = None
+    ) -> LocalModel:
+        """Make ``model_id`` the model that serves; remember the one it replaces, and the
+        decision (with the gate's details when the deploy gate made it)."""
         with self._lock:
             previous = self.store.set_active(model_id)
             if previous is not None and previous != model_id:
                 self.store.set_state(PREVIOUS_KEY, previous)
-            self.store.set_state(DECISION_KEY, decision)
+            self._record(decision, gate)
             self._loaded = None
         log.info("deployed local model %d: %s", model_id, decision)
         return self.store.get_model(model_id)
@@ -90,8 +105,14 @@ class ModelRegistry:
         was = f" (was model {current.id})" if current else ""
         return self.deploy(model_id, f"activated by an operator: model {model_id}{was}")
 
-    def record_decision(self, decision: str) -> None:
+    def record_decision(self, decision: str, gate: Mapping[str, Any] | None = None) -> None:
+        """Record a decision that deployed nothing new."""
+        self._record(decision, gate)
+
+    def _record(self, decision: str, gate: Mapping[str, Any] | None) -> None:
         self.store.set_state(DECISION_KEY, decision)
+        # an operator's decision clears the gate's details: they describe the decision
+        self.store.set_state(GATE_KEY, dict(gate) if gate is not None else None)
 
     def evaluation(self) -> Evaluation:
         deployed = self.deployed()
@@ -99,10 +120,12 @@ class ModelRegistry:
         previous = None
         if isinstance(previous_id, int) and (deployed is None or previous_id != deployed.id):
             previous = self.store.get_model(previous_id)
+        gate = self.store.get_state(GATE_KEY)
         return Evaluation(
             deployed=deployed,
             previous=previous,
             decision=str(self.store.get_state(DECISION_KEY) or ""),
+            **(gate if isinstance(gate, dict) else {}),
         )
 
     def serving_model(self) -> tuple[LocalModel, SplitModel] | None:
@@ -116,4 +139,4 @@ class ModelRegistry:
             return active, self._loaded[1]
 
 
-__all__ = ["DECISION_KEY", "PREVIOUS_KEY", "ModelRegistry"]
+__all__ = ["DECISION_KEY", "GATE_KEY", "PREVIOUS_KEY", "ModelRegistry"]

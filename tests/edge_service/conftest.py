@@ -10,11 +10,15 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 from pydantic import SecretStr
 
 from edge_service.config import Settings
 from edge_service.main import create_app
+from edge_service.services.context import EdgeContext
 from fl_core.model import SplitModel, build_split_model
+from fl_core.schemas import LocalModel
+from fl_core.training import evaluate
 from tests.edge_service.fakes import EDGE_TOKEN, FakeServer
 from tests.factories import make_image_folder
 from tests.testclient import TestClient
@@ -36,6 +40,29 @@ def tiny_model(seed: int = 0) -> SplitModel:
     return build_split_model(
         CLASSES, backbone="tiny_cnn", input_size=32, pretrained=False, seed=seed
     )
+
+
+def answer_always(model: SplitModel, class_index: int) -> SplitModel:
+    """Make ``model`` answer class ``class_index`` whatever the image (in place)."""
+    last = list(model.head.modules())[-1]
+    assert isinstance(last, torch.nn.Linear)
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
+        last.bias[class_index] = 20.0
+    return model
+
+
+def answering(class_index: int, seed: int = 5) -> SplitModel:
+    """A tiny model that always answers ``CLASSES[class_index]``."""
+    return answer_always(tiny_model(seed), class_index)
+
+
+def deploy_model(ctx: EdgeContext, model: SplitModel, base_version: int = 1) -> LocalModel:
+    """Record ``model`` and deploy it, bypassing the deploy gate (as an operator could)."""
+    metrics = evaluate(model, ctx.data.splits().test)
+    local = ctx.registry.add_candidate(model, base_version, metrics, note="set up by a test")
+    return ctx.registry.deploy(local.id, "deployed by the test")
 
 
 def make_settings(data_dir: Path, dataset: Path | str, **overrides: Any) -> Settings:

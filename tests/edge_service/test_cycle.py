@@ -49,16 +49,29 @@ def test_cycle_job_runs_every_stage_and_deploys(edge: TestClient, fake_server: F
     weights = sum(len(w) for w in fake_server.weights.values())
     assert result["bytes_downloaded"] == weights
     assert result["raw_train_bytes"] > 0
-    assert set(result["metrics"]) == {"server_model", "candidate", "previous"}
+    assert set(result["metrics"]) == {
+        "server_model",
+        "candidate",
+        "previous",
+        "deployed",
+        "validation",
+    }
     assert result["metrics"]["previous"] is None
+    assert result["chosen"] in ("candidate", "server_model")
+    assert set(result["metrics"]["validation"]) == {"candidate", "server_model"}
+    assert result["metrics"]["deployed"] == result["metrics"][result["chosen"]]
+    assert result["majority"]["class_name"] in ("bright", "dark")
     assert result["deployed"] is True and result["decision"].startswith("deployed")
 
-    models = edge.get("/v1/models", headers=AUTH).json()
-    assert [m["id"] for m in models] == [result["local_model_id"]]
-    assert models[0]["active"] and models[0]["base_version"] == 2
+    # the fine-tuned model is recorded; the server's too when the gate chose it
+    models = {m["id"]: m for m in edge.get("/v1/models", headers=AUTH).json()}
+    served = result["deployed_model_id"]
+    assert set(models) == {result["local_model_id"], served}
+    assert (served == result["local_model_id"]) == (result["chosen"] == "candidate")
+    assert models[served]["active"] and models[served]["base_version"] == 2
     status = edge.get("/v1/status", headers=AUTH).json()
     assert status["last_cycle_id"] == 7
-    assert status["deployed_model"]["id"] == result["local_model_id"]
+    assert status["deployed_model"]["id"] == served
     assert status["last_job"]["id"] == job["id"]
     assert status["dataset"]["class_names"] == ["bright", "dark"]
     assert status["dataset"]["n_images"] == 40

@@ -75,7 +75,7 @@ def test_whole_cycle_in_process(server: TestClient, tmp_path: Path, image_folder
         )
         assert predicted.status_code == 200, predicted.text
         body = predicted.json()
-        assert body["model_id"] == result["local_model_id"] and body["model_version"] == 2
+        assert body["model_id"] == result["deployed_model_id"] and body["model_version"] == 2
         assert body["predictions"][0]["label"] in CLASSES
         assert body["predictions"][0]["heatmap_png_base64"]
 

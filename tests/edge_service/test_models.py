@@ -7,18 +7,14 @@ import io
 from PIL import Image
 
 from edge_service.services.context import EdgeContext
-from tests.edge_service.conftest import AUTH, EdgeFactory, TestClient, tiny_model
+from tests.edge_service.conftest import AUTH, EdgeFactory, TestClient, deploy_model, tiny_model
 from tests.edge_service.fakes import FakeServer
 
 
 def test_rollback_to_an_earlier_model(edge: TestClient) -> None:
     ctx: EdgeContext = edge.app.state.ctx  # type: ignore[attr-defined]
-    test = ctx.data.splits().test
-    first = ctx.cycles.gate_and_register(tiny_model(1), 1, test).local_model
-    ctx.registry.deploy(first.id, "deployed by the test")
-    second_outcome = ctx.cycles.gate_and_register(tiny_model(2), 2, test)
-    second = second_outcome.local_model
-    ctx.registry.deploy(second.id, "deployed by the test")
+    first = deploy_model(ctx, tiny_model(1), 1)
+    second = deploy_model(ctx, tiny_model(2), 2)
 
     listed = edge.get("/v1/models", headers=AUTH).json()
     assert [(m["id"], m["active"]) for m in listed] == [(first.id, False), (second.id, True)]
@@ -62,6 +58,13 @@ def test_empty_evaluation_and_status(edge: TestClient) -> None:
         "deployed": None,
         "previous": None,
         "decision": "",
+        "chosen": None,
+        "scored_on": None,
+        "n_scored": None,
+        "validation_accuracy": None,
+        "majority_class": None,
+        "majority_accuracy": None,
+        "candidate_model_id": None,
     }
     status = edge.get("/v1/status", headers=AUTH).json()
     assert status["edge_name"] == "edge-test"

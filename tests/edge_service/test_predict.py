@@ -13,7 +13,14 @@ from PIL import Image
 
 from edge_service.services.context import EdgeContext
 from edge_service.services.predict import grad_cam
-from tests.edge_service.conftest import AUTH, CLASSES, EdgeFactory, TestClient, tiny_model
+from tests.edge_service.conftest import (
+    AUTH,
+    CLASSES,
+    EdgeFactory,
+    TestClient,
+    deploy_model,
+    tiny_model,
+)
 from tests.edge_service.fakes import FakeServer
 
 
@@ -36,8 +43,7 @@ def claims_size(data: bytes, width: int, height: int) -> bytes:
 
 def deploy_tiny(client: TestClient) -> int:
     ctx: EdgeContext = client.app.state.ctx  # type: ignore[attr-defined]
-    metrics = ctx.cycles.gate_and_register(tiny_model(2), 4, ctx.data.splits().test)
-    return metrics.local_model.id
+    return deploy_model(ctx, tiny_model(2), 4).id
 
 
 def test_no_model_deployed_is_409(edge: TestClient) -> None:

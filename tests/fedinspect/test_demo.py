@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 
 from edge_service.config import Settings as EdgeSettings
-from fedinspect.demo import DemoOptions, format_table, plan_demo, run_demo
+from fedinspect.demo import (
+    NOT_DEPLOYED,
+    DemoOptions,
+    format_table,
+    plan_demo,
+    run_demo,
+    served_metrics,
+)
 from fedinspect.report import write_report
 from fl_core.data import load_dataset_spec
 from tests.factories import make_image_folder
@@ -109,6 +116,22 @@ def test_table_and_report(tmp_path: Path) -> None:
         assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_federated_figure_is_the_deployed_models() -> None:
+    metrics: dict[str, Any] = {"candidate": _metrics(0.1), "deployed": _metrics(0.9)}
+    assert served_metrics({"metrics": metrics, "chosen": "previous"}) == (
+        _metrics(0.9),
+        "previous",
+    )
+    metrics["deployed"] = None  # nothing serves: the candidate's, marked
+    assert served_metrics({"metrics": metrics, "chosen": None}) == (_metrics(0.1), NOT_DEPLOYED)
+    results = _fake_results()
+    results["edges"][1] = results["edges"][1] | {"federated_model": NOT_DEPLOYED}
+    table = format_table(results)
+    assert "| edge-2 | 10 | 5 | 80.0 / 75.0 | 80.0 / 75.0 | 80.0 / 75.0 | 90.0 / 85.0 * |" in table
+    assert "| edge-1 | 10 | 5 | 80.0 / 75.0 | 80.0 / 75.0 | 80.0 / 75.0 | 90.0 / 85.0 |" in table
+    assert "* nothing deployed on that edge" in table
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # about 3 minutes on 2 idle cores; far longer when they are shared
 def test_quick_demo_end_to_end(tmp_path: Path) -> None:
@@ -161,9 +184,15 @@ def _fake_cycle(names: list[str]) -> dict[str, Any]:
         "cycle_id": "c1",
         "n_train": 6,
         "n_test": 4,
-        "metrics": {"server_model": _metrics(0.75), "candidate": _metrics(0.8)},
+        # the gate chose the server's model over the fine-tuned one: it is what serves
+        "metrics": {
+            "server_model": _metrics(0.75),
+            "candidate": _metrics(0.7),
+            "deployed": _metrics(0.75),
+        },
+        "chosen": "server_model",
         "deployed": True,
-        "decision": "deployed",
+        "decision": "deployed the server model",
         "bytes_uploaded": 100,
         "bytes_downloaded": 1000,
         "raw_train_bytes": 5000,
@@ -210,7 +239,8 @@ def test_interrupted_references_keep_the_cycles_results(
     assert options.json_path is not None
     saved = json.loads(options.json_path.read_text())
     assert saved["references"] == "pending" and saved["centralized"] is None
-    assert [e["federated"]["accuracy"] for e in saved["edges"]] == [0.8, 0.8]
+    assert [e["federated"]["accuracy"] for e in saved["edges"]] == [0.75, 0.75]
+    assert [e["federated_model"] for e in saved["edges"]] == ["server_model", "server_model"]
     assert [e["local_only"] for e in saved["edges"]] == [None, None]
     assert saved["cycle"]["seconds"] == 12.0 and saved["cycle"]["model_version"] == 2
 

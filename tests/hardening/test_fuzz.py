@@ -21,8 +21,8 @@ import pytest
 from edge_service.main import create_app as create_edge_app
 from server_service.main import create_app as create_server_app
 from tests.edge_service.conftest import ADMIN_TOKEN as EDGE_ADMIN_TOKEN
+from tests.edge_service.conftest import deploy_model, tiny_model
 from tests.edge_service.conftest import make_settings as make_edge_settings
-from tests.edge_service.conftest import tiny_model
 from tests.hardening.fuzz import FuzzReport, fuzz_app
 from tests.server_service.helpers import ADMIN, TestClient, make_settings
 
@@ -78,7 +78,7 @@ def test_fuzz_edge(tmp_path: Path, image_folder: Path) -> None:
     app = create_edge_app(make_edge_settings(tmp_path / "edge", image_folder), refusing)
     with TestClient(app) as client:
         ctx = app.state.ctx
-        ctx.cycles.gate_and_register(tiny_model(2), 1, ctx.data.splits().test)
+        deploy_model(ctx, tiny_model(2))
         report = fuzz_app(app, lambda _m, _p: EDGE_ADMIN_TOKEN, EXAMPLES_PER_PASS["edge"])
         ctx.runner.wait_idle(30)
         assert client.get("/health").status_code == 200

@@ -21,7 +21,7 @@ from PIL import Image
 
 from edge_service.config import Settings
 from edge_service.services.context import build_context
-from tests.edge_service.conftest import tiny_model
+from tests.edge_service.conftest import deploy_model, tiny_model
 from tests.hardening.procs import EDGE_ADMIN_TOKEN, client, edge_env, free_port, services
 
 RSS_BOUND_KIB = 128 * 1024
@@ -61,7 +61,7 @@ def _deploy_tiny_model(data_dir: Path, dataset: Path) -> None:
     settings = Settings(admin_token=EDGE_ADMIN_TOKEN, data_dir=data_dir, dataset=str(dataset))  # type: ignore[arg-type]
     ctx = build_context(settings)
     try:
-        ctx.cycles.gate_and_register(tiny_model(2), 1, ctx.data.splits().test)
+        deploy_model(ctx, tiny_model(2))
     finally:
         ctx.close()
 

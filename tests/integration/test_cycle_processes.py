@@ -111,7 +111,16 @@ def test_cycle_with_real_processes(tmp_path: Path, processes: list[Process]) -> 
         result = job["result"]
         assert result["model_version"] == 2 and result["n_train"] > 0
         assert result["bytes_uploaded"] < result["raw_train_bytes"]
-        assert result["deployed"] is True
+        # on 48 images the gate may find no model as good as always answering the
+        # majority class and deploy nothing; an operator can still put the recorded
+        # fine-tuned model into service, which is what this test needs for predict
+        served = result["metrics"]["validation"].get(result["chosen"] or "", {})
+        if result["deployed"]:
+            assert served["accuracy"] >= result["majority"]["validation_accuracy"]
+        else:
+            assert "no model did as well as always answering" in result["decision"]
+            activated = client.post(f"/v1/models/{result['local_model_id']}/activate")
+            assert activated.status_code == 200, activated.text
 
         image = load_dataset_spec("elpv:limit=48").records[0].path
         predicted = client.post(

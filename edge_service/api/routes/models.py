@@ -38,7 +38,9 @@ def activate_model(model_id: LocalModelId, ctx: ContextDep) -> LocalModel:
 @router.get(
     "/evaluation",
     response_model=Evaluation,
-    summary="Deployed vs previous model on the local test split, and the last gate decision",
+    summary="The deployed and previous models, and the last decision: the deploy gate's "
+    "choice on the validation split (with each model's accuracy and the majority-class "
+    "baseline), or an operator's activation",
     responses=error_responses(),
 )
 def evaluation(ctx: ContextDep) -> Evaluation:
