@@ -95,6 +95,12 @@ class SplitModel(nn.Module):
             self.stages.eval()
             pooled_dim = self.run_stages(probe, 0, len(names)).shape[1]
         self.head = _make_head(pooled_dim, len(arch.class_names), arch.head)
+        # Added to the head's logits at prediction time, never while training: training
+        # weighs the classes equally (class_weights), which fits a model for a uniform
+        # class prior; adding log(prior) makes it answer for the prior of the data it was
+        # trained on (post-hoc logit adjustment, Menon et al., ICLR 2021). Without it a
+        # model trained on a skewed edge over-predicts its rare class.
+        self.register_buffer("logit_adjustment", torch.zeros(len(arch.class_names)))
 
     # ----------------------------------------------------------------- structure
 
@@ -165,9 +171,27 @@ class SplitModel(nn.Module):
         """[0, 1] images -> features at the cut."""
         return self.run_stages(self.normalize(x), 0, self.cut_index + 1)
 
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled vectors -> logits, with the class prior the model was fitted for."""
+        adjustment: torch.Tensor = self.logit_adjustment  # type: ignore[assignment]
+        return self.head(pooled) + adjustment
+
+    def set_class_prior(self, counts: torch.Tensor | None) -> None:
+        """Answer for the class frequencies ``counts`` (None: a uniform prior).
+
+        Add-one smoothed, so that a class absent from the counts stays possible.
+        """
+        adjustment: torch.Tensor = self.logit_adjustment  # type: ignore[assignment]
+        if counts is None:
+            adjustment.zero_()
+            return
+        c = counts.double() + 1.0
+        prior = (c / c.sum()).log()
+        adjustment.copy_((prior - prior.mean()).float())
+
     def upper(self, features: torch.Tensor) -> torch.Tensor:
         """Features at the cut -> logits."""
-        return self.head(self.run_stages(features, self.cut_index + 1, len(self.stages)))
+        return self.classify(self.run_stages(features, self.cut_index + 1, len(self.stages)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.upper(self.lower(x))
@@ -216,6 +240,8 @@ def model_from_bytes(data: bytes) -> SplitModel:
         raise NotSafetensors(f"malformed architecture metadata: {exc}") from None
     bb = build_backbone(arch.backbone, pretrained=False)
     model = SplitModel(arch, bb.info, bb.stages)
+    # weights saved before models carried a logit adjustment answer for a uniform prior
+    tensors.setdefault("logit_adjustment", torch.zeros(len(arch.class_names)))
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:

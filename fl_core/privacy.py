@@ -3,15 +3,21 @@ makes of them.
 
 In ``stats`` mode an edge sends, for each class, how many pooled feature rows it has,
 their mean and their per-dimension (diagonal) variance, computed after the spec's
-clipping and noise; no row leaves the edge. The server trains the part above the cut
-on *virtual features* drawn from one Gaussian per edge and class, as CCVR (Luo et al.,
-NeurIPS 2021) and FedPFT do. A class with fewer rows at an edge than the spec's
-``stats_min_count`` is sent as count 0 (zero mean and variance): the mean of one or two
-rows describes those images.
+clipping and noise, plus the edge's ``factors``: the top principal directions of its
+rows about their class means, each scaled by its standard deviation (at most the spec's
+``stats_rank`` of them, and at most a quarter of the rows they summarise). No row leaves
+the edge. The server trains the part above the cut on *virtual features* drawn from one
+Gaussian per edge and class, as CCVR (Luo et al., NeurIPS 2021), FedPFT and FedCOF do:
+mean, low-rank covariance from the factors, and the rest of each dimension's variance
+on the diagonal. The factors matter: features are strongly correlated, and a diagonal
+Gaussian loses most of what separates the classes (``bench/stage2.py`` measures it). A
+class with fewer rows at an edge than the spec's ``stats_min_count`` is sent as count 0
+(zero mean and variance): the mean of one or two rows describes those images.
 
 A stats upload is a safetensors file with tensors ``counts`` [C] int64, ``means`` [C, D]
-float32 and ``vars`` [C, D] float32 (C classes, D the pooled width) and the same
-metadata as a row upload (spec hash, edge id, class names).
+float32, ``vars`` [C, D] float32 and ``factors`` [K, D] float32 (C classes, D the pooled
+width, K factors, possibly 0) and the same metadata as a row upload (spec hash, edge id,
+class names).
 
 :func:`pack_upload`, :func:`unpack_upload` and :func:`training_rows` choose rows or
 statistics from the spec's mode, so the services need not.
@@ -38,7 +44,10 @@ from fl_core.features import (
 )
 from fl_core.schemas import FeatureSpec
 
-STATS_TENSORS = ("counts", "means", "vars")
+STATS_TENSORS = ("counts", "means", "vars", "factors")
+
+#: at most one factor for this many rows they summarise
+ROWS_PER_FACTOR = 32
 
 
 @dataclass
@@ -48,6 +57,9 @@ class ClassStats:
     counts: torch.Tensor  # [C] int64
     means: torch.Tensor  # [C, D] float32
     vars: torch.Tensor  # [C, D] float32, unbiased; 0 where a class has fewer than 2 rows
+    #: [K, D] float32: principal directions of the rows about their class means, scaled
+    #: by their standard deviation (K may be 0)
+    factors: torch.Tensor | None = None
     spec_hash: str = ""
     edge_id: str = ""
 
@@ -59,11 +71,22 @@ class ClassStats:
 Upload = FeatureBatch | ClassStats
 
 
+def max_factors(rows: int, rank: int) -> int:
+    """How many factors statistics of ``rows`` rows may carry at ``rank``."""
+    return max(0, min(rank, (rows - 1) // ROWS_PER_FACTOR))
+
+
 def compute_stats(
-    features: torch.Tensor, labels: torch.Tensor, n_classes: int, min_count: int = 1
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    n_classes: int,
+    min_count: int = 1,
+    rank: int = 0,
 ) -> ClassStats:
     """Count, mean and variance of the rows of each class; classes with fewer than
-    ``min_count`` rows are reported as count 0 with zero mean and variance."""
+    ``min_count`` rows are reported as count 0 with zero mean and variance. With
+    ``rank`` > 0, also the top principal directions of the counted rows about their class
+    means (:func:`max_factors` of them), scaled by their standard deviation."""
     if features.dim() != 2:
         raise InvalidInput(f"statistics need [N, D] rows, got shape {list(features.shape)}")
     if features.shape[0] != labels.shape[0]:
@@ -73,6 +96,7 @@ def compute_stats(
     counts = torch.zeros(n_classes, dtype=torch.int64)
     means = torch.zeros(n_classes, dim, dtype=torch.float64)
     variances = torch.zeros(n_classes, dim, dtype=torch.float64)
+    centred: list[torch.Tensor] = []
     for c in range(n_classes):
         rows = x[labels == c]
         n = rows.shape[0]
@@ -80,9 +104,17 @@ def compute_stats(
             continue
         counts[c] = n
         means[c] = rows.mean(0)
+        centred.append(rows - means[c])
         if n > 1:
             variances[c] = rows.var(0, unbiased=True)
-    return ClassStats(counts, means.float(), variances.float())
+    factors = torch.zeros(0, dim, dtype=torch.float64)
+    k = max_factors(int(counts.sum()), rank)
+    if k > 0:
+        within = torch.cat(centred)
+        _, sv, vh = torch.linalg.svd(within, full_matrices=False)
+        dof = max(1, within.shape[0] - len(centred))
+        factors = vh[:k] * (sv[:k, None] / dof**0.5)
+    return ClassStats(counts, means.float(), variances.float(), factors.float())
 
 
 def _check_stats_spec(spec: FeatureSpec) -> int:
@@ -109,7 +141,11 @@ def pack_stats(
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     private = apply_privacy(features, spec.privacy, gen)
     stats = compute_stats(
-        private, labels.long(), len(spec.class_names), spec.privacy.stats_min_count
+        private,
+        labels.long(),
+        len(spec.class_names),
+        spec.privacy.stats_min_count,
+        spec.privacy.stats_rank,
     )
     if stats.total == 0:
         raise InvalidInput(
@@ -120,7 +156,13 @@ def pack_stats(
         EDGE_KEY: edge_id,
         CLASSES_KEY: json.dumps(spec.class_names),
     }
-    tensors = {"counts": stats.counts, "means": stats.means, "vars": stats.vars}
+    assert stats.factors is not None
+    tensors = {
+        "counts": stats.counts,
+        "means": stats.means,
+        "vars": stats.vars,
+        "factors": stats.factors,
+    }
     return serialization.dumps(tensors, meta)
 
 
@@ -142,13 +184,19 @@ def validate_stats_header(data: bytes, spec: FeatureSpec) -> None:
         if header[name]["dtype"] != dtype or header[name]["shape"] != shape:
             kind = {"I64": "int64", "F32": "float32"}[dtype]
             raise InvalidInput(f"{name} must be {kind} of shape {shape}")
+    factors = header["factors"]
+    rank = spec.privacy.stats_rank
+    k_dim = factors["shape"]
+    assert isinstance(k_dim, list)  # inspect_header checks it
+    if factors["dtype"] != "F32" or len(k_dim) != 2 or k_dim[1] != dim or not 0 <= k_dim[0] <= rank:
+        raise InvalidInput(f"factors must be float32 of shape [K, {dim}] with K <= {rank}")
 
 
 def unpack_stats(data: bytes, spec: FeatureSpec, max_rows: int) -> ClassStats:
     """Validate a stats upload fully (header, counts, finite values) and decode it."""
     validate_stats_header(data, spec)
     tensors, meta = serialization.loads(data)
-    counts, means, variances = (tensors[k] for k in STATS_TENSORS)
+    counts, means, variances, factors = (tensors[k] for k in STATS_TENSORS)
     min_count = spec.privacy.stats_min_count
     if bool((counts < 0).any()):
         raise InvalidInput("counts must not be negative")
@@ -159,14 +207,21 @@ def unpack_stats(data: bytes, spec: FeatureSpec, max_rows: int) -> ClassStats:
         raise InvalidInput("upload holds no rows")
     if total > max_rows:
         raise InvalidInput(f"upload holds {total} rows; the limit is {max_rows}")
-    if not bool(torch.isfinite(means).all() and torch.isfinite(variances).all()):
-        raise InvalidInput("means and vars must be finite")
+    if factors.shape[0] > max_factors(total, spec.privacy.stats_rank):
+        raise InvalidInput(
+            f"{factors.shape[0]} factors summarise {total} rows: at most one factor for "
+            f"{ROWS_PER_FACTOR} rows"
+        )
+    finite = torch.isfinite(means).all() and torch.isfinite(variances).all()
+    if not bool(finite and torch.isfinite(factors).all()):
+        raise InvalidInput("means, vars and factors must be finite")
     if bool((variances < 0).any()):
         raise InvalidInput("vars must not be negative")
     return ClassStats(
         counts=counts,
         means=means,
         vars=variances,
+        factors=factors,
         spec_hash=meta.get(SPEC_HASH_KEY, ""),
         edge_id=meta.get(EDGE_KEY, ""),
     )
@@ -193,17 +248,24 @@ def sample_virtual_features(
     stats: Sequence[ClassStats], seed: int, rows_per_row: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Virtual feature rows and labels: for each edge and class, ``count * rows_per_row``
-    draws from a Gaussian with that class's mean and diagonal variance (seeded)."""
+    draws from a Gaussian with that class's mean, the edge's factors as low-rank
+    covariance and the rest of the class's variance on the diagonal (seeded)."""
     gen = torch.Generator().manual_seed(seed)
     feats: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     for s in stats:
+        dim = s.means.shape[1]
+        factors = s.factors if s.factors is not None else torch.zeros(0, dim)
+        explained = (factors**2).sum(0)
         for c, count in enumerate(s.counts.tolist()):
             if count <= 0:
                 continue
             n = max(1, round(count * rows_per_row))
-            noise = torch.randn((n, s.means.shape[1]), generator=gen)
-            feats.append(s.means[c] + noise * s.vars[c].clamp_min(0).sqrt())
+            rest = (s.vars[c] - explained).clamp_min(0).sqrt()
+            noise = torch.randn((n, dim), generator=gen) * rest
+            if len(factors):
+                noise = noise + torch.randn((n, len(factors)), generator=gen) @ factors
+            feats.append(s.means[c] + noise)
             labels.append(torch.full((n,), c, dtype=torch.int64))
     if not feats:
         raise InvalidInput("the statistics hold no rows to sample from")
@@ -255,10 +317,12 @@ def training_rows(uploads: Sequence[Upload], seed: int) -> tuple[torch.Tensor, t
 
 
 __all__ = [
+    "ROWS_PER_FACTOR",
     "STATS_TENSORS",
     "ClassStats",
     "Upload",
     "compute_stats",
+    "max_factors",
     "pack_stats",
     "pack_upload",
     "pool_stats",

@@ -61,6 +61,14 @@ class PrivacyConfig(BaseModel):
         description="stats mode: a class with fewer rows than this at an edge is sent "
         "as count 0 (a mean of very few rows describes those few images)",
     )
+    stats_rank: int = Field(
+        default=32,
+        ge=0,
+        le=256,
+        description="stats mode: how many principal directions of its rows (about their "
+        "class means) an edge sends, at most one for every 4 rows; 0 sends the diagonal "
+        "variance alone",
+    )
 
     def for_cut(self, cut: str) -> PrivacyConfig:
         """This config, checked against a cut point (mode inferred when not given).

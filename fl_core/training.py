@@ -48,6 +48,8 @@ class UpperTrainConfig:
     val_fraction: float = 0.15
     patience: int = 12
     label_smoothing: float = 0.05
+    #: weigh classes equally in the loss, then adjust the logits for the data's prior
+    balanced: bool = True
     seed: int = 0
 
 
@@ -66,6 +68,8 @@ class FinetuneConfig:
     backbone_lr_scale: float = 0.1
     patience: int = 3
     label_smoothing: float = 0.05
+    #: weigh classes equally in the loss, then adjust the logits for the data's prior
+    balanced: bool = True
     seed: int = 0
 
 
@@ -88,6 +92,7 @@ class _Hyper(Protocol):
     weight_decay: float
     patience: int
     label_smoothing: float
+    balanced: bool
 
 
 @contextmanager
@@ -150,9 +155,8 @@ def _fit(
         total_steps=steps,
         pct_start=min(0.5, max(0.1, 2.0 / steps)),
     )
-    loss_fn = nn.CrossEntropyLoss(
-        weight=class_weights(y_train, len(class_names)), label_smoothing=cfg.label_smoothing
-    )
+    weight = class_weights(y_train, len(class_names)) if cfg.balanced else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     best_loss, best_epoch, best_state = math.inf, 0, copy.deepcopy(trainable.state_dict())
     history: list[dict[str, float]] = []
     if x_val is not None and y_val is not None and len(x_val):
@@ -236,7 +240,11 @@ def _val_loss(
 
 
 class _Upper(nn.Module):
-    """The trainable part above the cut, as one module (for optimiser and state)."""
+    """The trainable part above the cut, as one module (for optimiser and state).
+
+    Its logits are the head's own, without the model's logit adjustment: the loss weighs
+    classes equally, and the adjustment for the data's prior is set after training.
+    """
 
     def __init__(self, model: SplitModel, start: int) -> None:
         super().__init__()
@@ -247,6 +255,44 @@ class _Upper(nn.Module):
         for stage in self.stages:
             x = stage(x)
         return self.head(x)
+
+
+def _fit_model(
+    model: SplitModel,
+    trainable: _Upper,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_val: torch.Tensor | None,
+    y_val: torch.Tensor | None,
+    cfg: _Hyper,
+    gen: torch.Generator,
+    progress: Progress | None,
+    param_groups: list[dict[str, Any]] | None = None,
+) -> TrainReport:
+    """:func:`_fit` on ``trainable``, then the model's class prior set to the training
+    labels' frequencies, and the validation metrics of the model as it will predict."""
+    with _only_trainable(model, trainable):
+        report = _fit(
+            trainable,
+            x_train,
+            y_train,
+            x_val,
+            y_val,
+            model.class_names,
+            cfg,
+            gen,
+            progress,
+            param_groups,
+        )
+    counts = torch.bincount(y_train, minlength=len(model.class_names))
+    model.set_class_prior(counts if cfg.balanced else None)
+    if x_val is not None and y_val is not None and len(x_val):
+        adjustment: torch.Tensor = model.logit_adjustment  # type: ignore[assignment]
+        probs = _predict_rows(lambda x: trainable(x) + adjustment, x_val, cfg.batch_size)
+        report.metrics = compute_metrics(
+            y_val.numpy(), probs.argmax(1).numpy(), model.class_names, probs.numpy()
+        )
+    return report
 
 
 def train_upper(
@@ -273,8 +319,7 @@ def train_upper(
     upper = _Upper(model, model.cut_index + 1)
     x, y = features.float(), labels.long()
     x_val, y_val = (x[va], y[va]) if va else (None, None)
-    with _only_trainable(model, upper):
-        return _fit(upper, x[tr], y[tr], x_val, y_val, model.class_names, cfg, gen, progress)
+    return _fit_model(model, upper, x[tr], y[tr], x_val, y_val, cfg, gen, progress)
 
 
 @torch.inference_mode()
@@ -367,10 +412,7 @@ def finetune(
         {"params": list(trainable.head.parameters()), "lr": cfg.lr},
     ]
 
-    with _only_trainable(model, trainable):
-        return _fit(
-            trainable, x_tr, y_tr, x_va, y_va, model.class_names, cfg, gen, on_epoch, groups
-        )
+    return _fit_model(model, trainable, x_tr, y_tr, x_va, y_va, cfg, gen, on_epoch, groups)
 
 
 @torch.inference_mode()
@@ -458,7 +500,7 @@ def evaluate_activations(
     model.eval()
     end = len(model.stages)
     probs = _predict_rows(
-        lambda x: model.head(model.run_stages(x, acts.start, end)), acts.x, batch_size
+        lambda x: model.classify(model.run_stages(x, acts.start, end)), acts.x, batch_size
     )
     return compute_metrics(
         acts.labels.numpy(), probs.argmax(1).numpy(), model.class_names, probs.numpy()

@@ -25,16 +25,16 @@ MIN_ADMIN_TOKEN_CHARS = 16
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
-#: Clipping and noise of the default ``pooled`` mode, chosen from ``fedinspect
-#: privacy-eval`` (docs/privacy.md): raw pooled rows let a decoder gain about 4 dB PSNR
-#: over a mean-image guess and re-identify about 11% of uploaded cells; with these, under
-#: 1 dB and about chance, at no measurable cost in federated accuracy. The bound suits
-#: efficientnet_lite0 at 160-224 px, where pooled rows are shorter than 24 and it rarely
-#: binds; it only caps outliers the noise is scaled to. At 300 px (the elpv demo) the
-#: same values cost stage 2 about 14 points (72% against 86%; stage 3 recovers them).
+#: Clipping and noise that the ``pooled`` mode starts from when it is asked for, chosen
+#: from ``fedinspect privacy-eval`` at 160 px (docs/privacy.md): raw pooled rows let a
+#: decoder gain about 4 dB PSNR over a mean-image guess and re-identify about 11% of
+#: uploaded cells; with these, under 1 dB and about chance. They cost the server's model
+#: most of what it learns at larger inputs (bench/stage2.py), which is why the default
+#: mode is ``stats``: no rows leave an edge at all.
 POOLED_PRIVACY_DEFAULTS: dict[str, float] = {"clip_norm": 24.0, "noise_sigma": 2.0}
 
-_DEFAULT_PRIVACY = PrivacyConfig(**POOLED_PRIVACY_DEFAULTS)  # type: ignore[arg-type]
+#: The default: per-class statistics with low-rank factors, no per-image data, no noise
+_DEFAULT_PRIVACY = PrivacyConfig(mode="stats")
 
 
 class Settings(BaseSettings):
@@ -85,11 +85,12 @@ class Settings(BaseSettings):
         default_factory=lambda: _DEFAULT_PRIVACY,
         validate_default=True,
         description="What edges send and the transform they apply to it: PRIVACY__MODE "
-        "(pooled: a pooled vector per image; spatial: a block's map per image, the "
-        "backbone's default block unless CUT names one; stats: per-class statistics, "
-        "no rows), PRIVACY__DTYPE, PRIVACY__CLIP_NORM, PRIVACY__NOISE_SIGMA, "
-        "PRIVACY__STATS_MIN_COUNT. The pooled mode clips rows to norm 24 and adds noise "
-        "of sigma 2 unless told otherwise (PRIVACY__NOISE_SIGMA=0 turns noise off).",
+        "(stats, the default: per-class counts, means, variances and a few principal "
+        "directions, no rows; pooled: a pooled vector per image; spatial: a block's map "
+        "per image, the backbone's default block unless CUT names one), PRIVACY__DTYPE, "
+        "PRIVACY__CLIP_NORM, PRIVACY__NOISE_SIGMA, PRIVACY__STATS_MIN_COUNT, "
+        "PRIVACY__STATS_RANK. The pooled mode clips rows to norm 24 and adds noise of "
+        "sigma 2 unless told otherwise (PRIVACY__NOISE_SIGMA=0 turns noise off).",
     )
     min_edges: int = Field(
         default=1, ge=1, description="Uploads needed before a cycle trains (quorum)."
@@ -149,15 +150,21 @@ class Settings(BaseSettings):
     @classmethod
     def _pooled_defaults(cls, value: object, info: ValidationInfo) -> object:
         # Settings for the pooled mode start from its clipping and noise, so that
-        # PRIVACY__DTYPE=float16 alone does not switch the noise off; the other modes
-        # (and a CUT at a block) start from none: the bound and sigma suit pooled rows.
+        # PRIVACY__MODE=pooled alone does not send raw rows; settings that name no mode
+        # keep the default mode, unless they set a wire dtype of rows; the other modes
+        # (and a CUT at a block) start from no clipping and no noise: the bound and
+        # sigma suit pooled rows.
         cut = info.data.get("cut", "pooled")
         if value is _DEFAULT_PRIVACY and cut != "pooled":
             return PrivacyConfig()
         if isinstance(value, dict):
-            pooled = value.get("mode", "pooled") == "pooled"
-            if pooled and cut == "pooled":
+            if value.get("mode") == "pooled" and cut == "pooled":
                 return {**POOLED_PRIVACY_DEFAULTS, **value}
+            if "mode" not in value and cut == "pooled":
+                # a wire dtype other than float32 is a setting of rows: it asks for rows
+                if value.get("dtype", "float32") != "float32":
+                    return {"mode": "pooled", **POOLED_PRIVACY_DEFAULTS, **value}
+                return {"mode": _DEFAULT_PRIVACY.mode, **value}
         return value
 
     @field_validator("privacy")

@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+import torch
 
 from edge_service.config import Settings
 from edge_service.services.client import ServerClient
@@ -388,8 +389,14 @@ class CycleService:
         scored_acts = frozen_activations(model, scored, start, s.batch_size, frozen)
         server_metrics = evaluate_activations(model, test_acts, s.batch_size)
         result["metrics"]["server_model"] = server_metrics.model_dump(mode="json")
-        # fine-tuning changes the model in place; the gate weighs the server's as received
+        # fine-tuning changes the model in place; the gate weighs the server's as received,
+        # answering for this edge's class frequencies rather than the pooled ones (its
+        # head was trained with classes weighed equally: see SplitModel.set_class_prior)
         server_model = copy.deepcopy(model)
+        n_classes = len(model.class_names)
+        server_model.set_class_prior(
+            torch.from_numpy(np.bincount(splits.train.labels, minlength=n_classes))
+        )
         ctx.update(1.0, f"server model test accuracy {server_metrics.accuracy:.4f}")
 
         ctx.begin("finetune", "fine-tuning")
@@ -420,7 +427,6 @@ class CycleService:
             progress=lambda frac, msg: ctx.update(frac, msg),
             scored_acts=scored_acts,
             test_acts=test_acts,
-            server_test=server_metrics,
         )
         result.update(outcome.result_fields())
         ctx.update(1.0, outcome.decision)

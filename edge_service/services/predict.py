@@ -80,7 +80,7 @@ def grad_cam(model: SplitModel, x: torch.Tensor, class_index: int) -> torch.Tens
     k = model.last_spatial_stage
     with torch.enable_grad():
         acts = model.run_stages(model.normalize(x), 0, k + 1).detach().requires_grad_(True)
-        logits = model.head(model.run_stages(acts, k + 1, len(model.stage_names)))
+        logits = model.classify(model.run_stages(acts, k + 1, len(model.stage_names)))
         (grad,) = torch.autograd.grad(logits[0, class_index], acts)
     weights = grad.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * acts.detach()).sum(dim=1))[0]

@@ -44,6 +44,7 @@ def _stats_body(spec: FeatureSpec, **tensors: torch.Tensor) -> bytes:
         "counts": torch.tensor([20, 20, 20]),
         "means": torch.zeros(3, dim),
         "vars": torch.ones(3, dim),
+        "factors": torch.zeros(0, dim),
     } | tensors
     return serialization.dumps(values, {SPEC_HASH_KEY: spec.spec_hash()})
 
@@ -103,8 +104,10 @@ def test_pack_unpack_stats_round_trip_carries_no_rows() -> None:
     features, labels = _rows()
     body = pack_upload(features, labels, spec, "edge-1")
     tensors, _ = serialization.loads(body)
-    assert set(tensors) == {"counts", "means", "vars"}
+    assert set(tensors) == {"counts", "means", "vars", "factors"}
     assert tensors["means"].shape == (3, 32)
+    # the default rank, capped at one factor for every 4 rows: 14 of 60 rows
+    assert tensors["factors"].shape == (14, 32)
     stats = unpack_upload(body, spec, max_rows=100)
     assert isinstance(stats, ClassStats)
     assert stats.edge_id == "edge-1" and stats.spec_hash == spec.spec_hash()
@@ -148,8 +151,8 @@ def test_pack_stats_refuses_what_it_cannot_summarise() -> None:
         ({"counts": torch.tensor([20, 3, 20])}, "a class count must be 0 or at least 10"),
         ({"counts": torch.tensor([0, 0, 0])}, "upload holds no rows"),
         ({"counts": torch.tensor([200, 0, 0])}, "upload holds 200 rows; the limit is 100"),
-        ({"means": torch.full((3, 32), float("nan"))}, "means and vars must be finite"),
-        ({"vars": torch.full((3, 32), float("inf"))}, "means and vars must be finite"),
+        ({"means": torch.full((3, 32), float("nan"))}, "means, vars and factors must be finite"),
+        ({"vars": torch.full((3, 32), float("inf"))}, "means, vars and factors must be finite"),
         ({"vars": -torch.ones(3, 32)}, "vars must not be negative"),
         ({"labels": torch.zeros(3, dtype=torch.int64)}, "must hold exactly the tensors"),
     ],
@@ -186,6 +189,48 @@ def test_pool_stats_equals_statistics_of_all_rows() -> None:
     assert torch.equal(pooled.counts, whole.counts)
     assert torch.allclose(pooled.means, whole.means, atol=1e-5)
     assert torch.allclose(pooled.vars, whole.vars, atol=1e-4)
+
+
+def _correlated_rows(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two classes whose rows vary along two shared directions far more than elsewhere:
+    the classes differ along a third direction that is small beside those."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    basis = torch.linalg.qr(torch.randn(16, 3, generator=gen))[0].T  # [3, 16] orthonormal
+    shared = torch.randn(n, 2, generator=gen) * torch.tensor([5.0, 3.0])
+    rows = shared @ basis[:2] + 0.1 * torch.randn(n, 16, generator=gen)
+    rows = rows + (labels[:, None].float() - 0.5) * basis[2] + shared[:, :1] * 0.3 * basis[2]
+    return rows, labels
+
+
+def test_factors_carry_the_covariance_that_the_diagonal_loses() -> None:
+    rows, labels = _correlated_rows(4000)
+    stats = compute_stats(rows, labels, 2, rank=4)
+    assert stats.factors is not None and stats.factors.shape == (4, 16)
+    x, y = sample_virtual_features([stats], seed=0)
+    centred = torch.cat([rows[labels == c] - rows[labels == c].mean(0) for c in (0, 1)])
+    virtual = torch.cat([x[y == c] - x[y == c].mean(0) for c in (0, 1)])
+    truth = centred.T @ centred / len(centred)
+    sampled = virtual.T @ virtual / len(virtual)
+    diagonal = stats.vars.mean(0).diag()
+    # the low-rank Gaussian recovers the covariance; the diagonal one is far off
+    assert (sampled - truth).norm() < 0.1 * truth.norm()
+    assert (diagonal - truth).norm() > 0.5 * truth.norm()
+
+
+def test_stats_upload_bounds_its_factors() -> None:
+    spec = _spec(PrivacyConfig(mode="stats", stats_rank=4))
+    dim = spec.feature_shape[0]
+    with pytest.raises(InvalidInput, match=r"factors must be float32 of shape \[K, 32\]"):
+        unpack_stats(_stats_body(spec, factors=torch.zeros(5, dim)), spec, 100)
+    with pytest.raises(InvalidInput, match="at most one factor for 4 rows"):
+        body = _stats_body(spec, counts=torch.tensor([10, 0, 0]), factors=torch.ones(4, dim))
+        unpack_stats(body, spec, 100)
+    with pytest.raises(InvalidInput, match="must be finite"):
+        bad = torch.full((4, dim), float("nan"))
+        unpack_stats(_stats_body(spec, factors=bad), spec, 100)
+    ok = unpack_stats(_stats_body(spec, factors=torch.ones(4, dim)), spec, 100)
+    assert ok.factors is not None and ok.factors.shape == (4, dim)
 
 
 def test_virtual_features_follow_the_statistics_and_are_seeded() -> None:

@@ -146,3 +146,44 @@ def test_models_sharing_frozen_weights_are_evaluated_from_one_pass(tmp_path: Pat
     with torch.no_grad():  # one batch-norm statistic moved is enough
         model.stages[1][1].running_mean.add_(0.5)
     assert not acts.fits(model)
+
+
+def _skewed(n: int, minority: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two classes that overlap almost entirely, the second one rare: no model separates
+    them, so nothing beats answering the frequent class."""
+    g = torch.Generator().manual_seed(seed)
+    y = (torch.rand(n, generator=g) < minority).long()
+    x = torch.randn(n, 32, generator=g) + y[:, None] * 0.15
+    return x, y
+
+
+def test_a_skewed_head_answers_for_its_data_not_for_balanced_classes() -> None:
+    # the loss weighs classes equally (class_weights); without the logit adjustment for
+    # the training data's prior such a model answers the rare class for about half of
+    # the rows, far below always answering the frequent one
+    x, y = _skewed(600, 0.1, 0)
+    x_test, y_test = _skewed(2000, 0.1, 1)
+    model = build_split_model(["common", "rare"], "tiny_cnn", pretrained=False)
+    train_upper(model, x, y, UpperTrainConfig(epochs=30, seed=0))
+    majority = float((y_test == 0).float().mean())
+    assert evaluate_features(model, x_test, y_test).accuracy >= majority - 0.01
+    model.set_class_prior(None)  # as it would answer for balanced classes
+    assert evaluate_features(model, x_test, y_test).accuracy < majority - 0.1
+
+
+def test_the_class_prior_travels_with_the_weights() -> None:
+    from fl_core.model import model_from_bytes, model_to_bytes
+
+    model = build_split_model(["a", "b", "c"], "tiny_cnn", pretrained=False)
+    model.set_class_prior(torch.tensor([90, 9, 1]))
+    again = model_from_bytes(model_to_bytes(model))
+    assert torch.equal(again.logit_adjustment, model.logit_adjustment)
+    adj = again.logit_adjustment
+    assert adj[0] > adj[1] > adj[2] and abs(float(adj.sum())) < 1e-5
+    # weights written before models carried a prior load as a uniform prior
+    from fl_core import serialization
+
+    tensors, meta = serialization.loads(model_to_bytes(model))
+    del tensors["logit_adjustment"]
+    old = model_from_bytes(serialization.dumps(tensors, meta))
+    assert not old.logit_adjustment.any()

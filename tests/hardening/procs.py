@@ -39,6 +39,8 @@ TINY_SERVER_ENV = {
     "FEDINSPECT_SERVER_DEADLINE_CHECK_INTERVAL_S": "0.1",
     # the classes of the hardening image folders, in ImageFolder (sorted) order
     "FEDINSPECT_SERVER_CLASS_NAMES": '["bright", "dark"]',
+    # rows on the wire, as the tests' hand-made uploads are (the default sends statistics)
+    "FEDINSPECT_SERVER_PRIVACY__MODE": "pooled",
 }
 
 

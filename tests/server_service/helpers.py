@@ -37,9 +37,10 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
         "cycle_deadline_s": 60.0,
         "deadline_check_interval_s": 0.05,
         "min_edges": 1,
-        # the default noise is sized for efficientnet's pooled rows; on these tests'
-        # random 32-wide rows it would drown the signal the tests train on
-        "privacy": {"noise_sigma": 0.0},
+        # rows on the wire (the default mode sends statistics; test_privacy_modes covers
+        # it), without the pooled mode's noise: it is sized for efficientnet's pooled
+        # rows and would drown the signal of these tests' random 32-wide rows
+        "privacy": {"mode": "pooled", "noise_sigma": 0.0},
     }
     values.update(overrides)
     return Settings(**values)

@@ -33,6 +33,8 @@ def test_reads_prefixed_env_with_nested_privacy(clean_env: pytest.MonkeyPatch) -
     assert s.class_names == ["ok", "scratch", "dent"]
     assert s.privacy.dtype == "float16"
     assert s.privacy.clip_norm == 2.5
+    # a wire dtype of rows asks for rows, with the pooled mode's noise
+    assert (s.privacy.mode, s.privacy.noise_sigma) == ("pooled", 2.0)
     assert "a" * 20 not in repr(s)  # the token never shows in logs or tracebacks
 
 

@@ -63,7 +63,7 @@ def test_spatial_mode_cuts_at_the_backbones_spatial_block(data_dir: Path) -> Non
 
 
 def test_a_cut_alone_still_means_spatial(data_dir: Path) -> None:
-    with running(make_settings(data_dir, cut="b1")) as client:
+    with running(make_settings(data_dir, cut="b1", privacy={"noise_sigma": 0.0})) as client:
         edge = _register(client, "a")
         spec = client.post("/v1/cycles", headers=edge.headers).json()["spec"]
         assert (spec["cut"], spec["privacy"]["mode"]) == ("b1", "spatial")
@@ -109,7 +109,7 @@ def test_stats_mode_refuses_rows(stats_client: TestClient) -> None:
     resp = put_features(stats_client, cycle["id"], edge, rows)
     assert resp.status_code == 422
     assert resp.json()["detail"] == (
-        "a stats upload must hold exactly the tensors ['counts', 'means', 'vars']"
+        "a stats upload must hold exactly the tensors ['counts', 'factors', 'means', 'vars']"
     )
 
 
@@ -129,9 +129,13 @@ def _dim(cycle: dict[str, Any]) -> int:
         (lambda d: {"counts": torch.tensor([40, 40])}, "upload holds 80 rows; the limit is 50"),
         (
             lambda d: {"means": torch.full((2, d), float("nan"))},
-            "means and vars must be finite",
+            "means, vars and factors must be finite",
         ),
         (lambda d: {"vars": -torch.ones(2, d)}, "vars must not be negative"),
+        (
+            lambda d: {"factors": torch.ones(4, d)},
+            "4 factors summarise 16 rows: at most one factor for 4 rows",
+        ),
     ],
 )
 def test_malformed_stats_uploads_are_refused(
@@ -140,7 +144,12 @@ def test_malformed_stats_uploads_are_refused(
     edge = _register(stats_client, "a")
     cycle = stats_client.post("/v1/cycles", headers=edge.headers).json()
     d = _dim(cycle)
-    tensors = {"counts": torch.tensor([8, 8]), "means": torch.zeros(2, d), "vars": torch.ones(2, d)}
+    tensors = {
+        "counts": torch.tensor([8, 8]),
+        "means": torch.zeros(2, d),
+        "vars": torch.ones(2, d),
+        "factors": torch.zeros(0, d),
+    }
     body = raw_upload(cycle, tensors | change(d))
     resp = put_features(stats_client, cycle["id"], edge, body)
     assert resp.status_code == 422, resp.text
@@ -149,14 +158,18 @@ def test_malformed_stats_uploads_are_refused(
     assert got["uploads"] == []
 
 
-def test_pooled_mode_is_noised_by_default(tmp_path: Path) -> None:
+def test_default_sends_statistics_and_pooled_mode_is_noised(tmp_path: Path) -> None:
     s = Settings(admin_token=ADMIN_TOKEN, data_dir=tmp_path)
-    assert (s.privacy.mode, s.privacy.clip_norm, s.privacy.noise_sigma) == ("pooled", 24.0, 2.0)
-    # a partial privacy setting keeps the default noise; an explicit one replaces it
+    assert (s.privacy.mode, s.privacy.clip_norm, s.privacy.noise_sigma) == ("stats", None, 0.0)
+    assert s.privacy.stats_rank == 32
+    # asking for rows starts from the pooled mode's bound and noise; an explicit noise
+    # replaces it; a wire dtype of rows asks for rows
+    pooled = make_settings(tmp_path, privacy={"mode": "pooled"}).privacy
+    assert (pooled.clip_norm, pooled.noise_sigma) == (24.0, 2.0)
     assert make_settings(tmp_path, privacy={"dtype": "float16"}).privacy.noise_sigma == 2.0
-    assert make_settings(tmp_path, privacy={"noise_sigma": 0}).privacy.noise_sigma == 0
+    assert make_settings(tmp_path, privacy={"noise_sigma": 0}).privacy.mode == "stats"
     # other modes and a spatial cut start without the pooled rows' bound and noise
     stats = make_settings(tmp_path, privacy={"mode": "stats"}).privacy
     assert (stats.clip_norm, stats.noise_sigma) == (None, 0.0)
-    spatial = make_settings(tmp_path, cut="b1").privacy
+    spatial = Settings(admin_token=ADMIN_TOKEN, data_dir=tmp_path, cut="b1").privacy
     assert (spatial.clip_norm, spatial.noise_sigma) == (None, 0.0)

@@ -45,6 +45,8 @@ def server_process(data_dir: Path, port: int, log: Path) -> Iterator[subprocess.
         "FEDINSPECT_SERVER_INPUT_SIZE": "32",
         "FEDINSPECT_SERVER_MIN_EDGES": "2",
         "FEDINSPECT_SERVER_CYCLE_DEADLINE_S": "3600",
+        # rows on the wire, as make_upload builds them
+        "FEDINSPECT_SERVER_PRIVACY__MODE": "pooled",
     }
     with log.open("ab") as out:
         proc = subprocess.Popen(
