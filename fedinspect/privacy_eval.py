@@ -136,6 +136,11 @@ class Row:
     psnr_gain_db: float
     reid_top1: float
     reid_chance: float
+    input_size: int = 0
+    stats_rank: int = 0
+    #: stats: AUC of telling an edge's training images from unseen ones by how much of
+    #: their feature lies in the edge's factor subspace (0.5 is chance); None for rows
+    membership_auc: float | None = None
     default: bool = False
     note: str = ""
     examples: list[int] = field(default_factory=list, repr=False)
@@ -417,6 +422,7 @@ def _configs(opts: EvalOptions, default: PrivacyConfig, neu: bool) -> list[Confi
     ]
     spatial_cuts = ["b13"] if opts.quick else ["b13", "b10"]
     cfgs += [Config("spatial", c, PrivacyConfig(mode="spatial")) for c in spatial_cuts]
+    cfgs.append(Config("stats", "pooled", PrivacyConfig(mode="stats", stats_rank=0)))
     cfgs.append(Config("stats", "pooled", PrivacyConfig(mode="stats")))
     if not opts.quick:
         cfgs.append(
@@ -438,9 +444,44 @@ def _configs(opts: EvalOptions, default: PrivacyConfig, neu: bool) -> list[Confi
 
 def server_default_privacy() -> PrivacyConfig:
     """The privacy config a server gets without PRIVACY__* settings."""
-    from server_service.config import POOLED_PRIVACY_DEFAULTS
+    from server_service.config import Settings
 
-    return PrivacyConfig(mode="pooled", **POOLED_PRIVACY_DEFAULTS)  # type: ignore[arg-type]
+    privacy: PrivacyConfig = Settings.model_fields["privacy"].get_default(call_default_factory=True)
+    return privacy
+
+
+def _auc(members: np.ndarray, others: np.ndarray) -> float:
+    """Probability that a member scores above a non-member (ties count half)."""
+    ranks = np.concatenate([members, others]).argsort().argsort() + 1.0
+    r = ranks[: len(members)].sum() - len(members) * (len(members) + 1) / 2
+    return float(r / (len(members) * len(others)))
+
+
+def membership_auc(
+    stats: Sequence[ClassStats],
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    parts: Sequence[Sequence[int]],
+    others: torch.Tensor,
+    other_labels: torch.Tensor,
+) -> float | None:
+    """Mean over edges of the AUC of an attacker who holds candidate images and an edge's
+    statistics: a training image shaped the edge's factors, so more of its feature (about
+    its class mean) lies in their span than of an image the edge never saw."""
+    aucs = []
+    for st, part in zip(stats, parts, strict=True):
+        if st.factors is None or not len(st.factors):
+            continue
+        basis = torch.linalg.qr(st.factors.double().T)[0]
+
+        def score(x: torch.Tensor, y: torch.Tensor, st: ClassStats = st) -> np.ndarray:
+            centred = x.double() - st.means.double()[y]
+            inside = ((centred @ basis) ** 2).sum(1)  # noqa: B023
+            return (inside / (centred**2).sum(1).clamp_min(1e-12)).numpy()
+
+        idx = torch.as_tensor(list(part))
+        aucs.append(_auc(score(feats[idx], labels[idx]), score(others, other_labels)))
+    return float(np.mean(aucs)) if aucs else None
 
 
 def mark_default(results: dict[str, Any], default: PrivacyConfig) -> dict[str, Any]:
@@ -453,6 +494,7 @@ def mark_default(results: dict[str, Any], default: PrivacyConfig) -> dict[str, A
             and m["cut"] == "pooled"
             and m["clip_norm"] == default.clip_norm
             and m["noise_sigma"] == default.noise_sigma
+            and (m["mode"] != "stats" or m.get("stats_rank") == default.stats_rank)
         )
     return results
 
@@ -509,6 +551,7 @@ def run_privacy_eval(options: EvalOptions, log: Log = _print) -> dict[str, Any]:
         acc = ev.accuracy(cfg, ups, test)
         dec = ev.decoder(cfg, attacker[cfg.attacker])
         note = ""
+        members_auc: float | None = None
         if cfg.mode == "stats":
             # one decoded class mean per edge and class: the best per-image guess
             recon = torch.empty_like(uploaded.images)
@@ -521,6 +564,15 @@ def run_privacy_eval(options: EvalOptions, log: Log = _print) -> dict[str, Any]:
                         recon[sel] = decoded[c] if int(st.counts[c]) else mean_image[0]
             reid = 0.0
             note = "no per-image rows: re-identification impossible; guess = decoded class mean"
+            stats = [u for u in ups if isinstance(u, ClassStats)]
+            members_auc = membership_auc(
+                stats,
+                uploaded.feats["pooled"],
+                uploaded.labels,
+                parts,
+                test.feats["pooled"],
+                test.labels,
+            )
         else:
             # uploads come back in edge order: put them back in image order
             sent = torch.empty_like(uploaded.feats[cfg.cut])
@@ -541,6 +593,9 @@ def run_privacy_eval(options: EvalOptions, log: Log = _print) -> dict[str, Any]:
             psnr_gain_db=0.0,
             reid_top1=reid,
             reid_chance=chance,
+            input_size=o.input_size or 0,
+            stats_rank=cfg.privacy.stats_rank if cfg.mode == "stats" else 0,
+            membership_auc=members_auc,
             default=cfg.privacy == default and cfg.attacker == "elpv",
             note=note,
         )
@@ -588,7 +643,8 @@ def _label(row: Row) -> str:
     noise = f" clip {row.clip_norm:g} sigma {row.noise_sigma:g}" if row.noise_sigma else ""
     who = "" if row.attacker == "elpv" else f" [{row.attacker} attacker]"
     cut = f" {row.cut}" if row.mode == "spatial" else ""
-    return f"{row.mode}{cut}{noise}{who}"
+    rank = f" rank {row.stats_rank}" if row.mode == "stats" else ""
+    return f"{row.mode}{rank}{cut}{noise}{who}"
 
 
 def _machine() -> str:
@@ -616,17 +672,20 @@ def results_markdown(results: dict[str, Any]) -> str:
         f"PSNR {b['psnr']:.2f} dB.",
         "",
         "| mode | cut | clip | sigma | attacker | accuracy | SSIM | PSNR dB | gain dB "
-        "| re-id top-1 | chance |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| re-id top-1 | chance | membership AUC |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in results["modes"]:
         star = " **(default)**" if m["default"] else ""
         clip = "" if m["clip_norm"] is None else f"{m['clip_norm']:g}"
+        auc = m.get("membership_auc")
+        rank = f", rank {m['stats_rank']}" if m["mode"] == "stats" else ""
         lines.append(
-            f"| {m['mode']}{star} | {m['cut']} | {clip} | {m['noise_sigma']:g} | {m['attacker']} "
+            f"| {m['mode']}{rank}{star} | {m['cut']} | {clip} | {m['noise_sigma']:g} "
+            f"| {m['attacker']} "
             f"| {100 * m['accuracy']:.1f}% | {m['ssim']:.3f} | {m['psnr']:.2f} "
             f"| {m['psnr_gain_db']:+.2f} | {100 * m['reid_top1']:.1f}% "
-            f"| {100 * m['reid_chance']:.2f}% |"
+            f"| {100 * m['reid_chance']:.2f}% | {'' if auc is None else f'{auc:.3f}'} |"
         )
     lines += [""]
     lines += [f"- {n}" for n in results["notes"]]

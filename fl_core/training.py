@@ -380,7 +380,7 @@ def finetune(
     if len(train) < 2:
         raise InvalidInput("fine-tuning needs at least two training images")
     start = finetune_start(model, cfg.train_from)
-    gen = _set_seed(cfg.seed)
+    _set_seed(cfg.seed)  # the augmented views draw from torch's global generator
     views = cfg.views if cfg.augment else 1
     total = views * len(train) + (len(val) if val else 0)
     seen = 0
@@ -399,20 +399,39 @@ def finetune(
         x_va, y_va = _activations(
             model, val, start, 1, False, cfg.batch_size, cfg.seed, on_images, frozen
         )
-    trainable = _Upper(model, start)
 
     def on_epoch(frac: float, msg: str) -> None:
         if progress is not None:
             progress(0.5 + 0.5 * frac, msg)
 
+    return finetune_activations(model, start, x_tr, y_tr, x_va, y_va, cfg, on_epoch)
+
+
+def finetune_activations(
+    model: SplitModel,
+    start: int,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_val: torch.Tensor | None = None,
+    y_val: torch.Tensor | None = None,
+    config: FinetuneConfig | None = None,
+    progress: Progress | None = None,
+) -> TrainReport:
+    """The fine-tuning recipe on activations at stage ``start`` (stages ``start`` up and
+    the head train, in place): what :func:`finetune` runs after caching them, and what a
+    federated round's local training runs on its cached activations. Without a
+    validation set it trains for ``config.epochs`` epochs and keeps the last; with one,
+    it keeps the best epoch (the starting weights included) by validation loss."""
+    cfg = config or FinetuneConfig()
+    gen = _set_seed(cfg.seed)
+    trainable = _Upper(model, start)
     # pretrained blocks move slowly, the head fast: large steps on a few hundred
     # images would wash out what the blocks learned on ImageNet and on other edges
     groups = [
         {"params": list(trainable.stages.parameters()), "lr": cfg.lr * cfg.backbone_lr_scale},
         {"params": list(trainable.head.parameters()), "lr": cfg.lr},
     ]
-
-    return _fit_model(model, trainable, x_tr, y_tr, x_va, y_va, cfg, gen, on_epoch, groups)
+    return _fit_model(model, trainable, x_train, y_train, x_val, y_val, cfg, gen, progress, groups)
 
 
 @torch.inference_mode()
@@ -529,6 +548,7 @@ __all__ = [
     "evaluate_activations",
     "evaluate_features",
     "finetune",
+    "finetune_activations",
     "finetune_start",
     "frozen_activations",
     "frozen_runner",

@@ -11,7 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from fedinspect.cli import app
-from fedinspect.privacy_eval import psnr, reid_top1, ssim
+from fedinspect.privacy_eval import membership_auc, psnr, reid_top1, ssim
+from fl_core.privacy import compute_stats
 
 pytest.importorskip("elpv_dataset", reason="the elpv dataset is an optional extra")
 
@@ -38,6 +39,19 @@ def test_reid_finds_each_image_among_the_others() -> None:
     assert reid_top1(close.flip(0), originals) == 0.0
 
 
+def test_membership_auc_sees_training_rows_that_shaped_the_factors() -> None:
+    gen = torch.Generator().manual_seed(0)
+    # few rows in many dimensions: the factors span the rows themselves
+    rows, labels = torch.randn(65, 64, generator=gen), torch.arange(65) % 2
+    others, other_labels = torch.randn(200, 64, generator=gen), torch.arange(200) % 2
+    shaped = compute_stats(rows, labels, 2, rank=32)
+    assert shaped.factors is not None and len(shaped.factors) == 2
+    auc = membership_auc([shaped], rows, labels, [range(65)], others, other_labels)
+    assert auc is not None and auc > 0.6
+    diagonal = compute_stats(rows, labels, 2, rank=0)
+    assert membership_auc([diagonal], rows, labels, [range(65)], others, other_labels) is None
+
+
 @pytest.mark.slow
 def test_quick_run_writes_results_in_range(tmp_path: Path) -> None:
     out = tmp_path / "privacy"
@@ -54,8 +68,16 @@ def test_quick_run_writes_results_in_range(tmp_path: Path) -> None:
         assert 0 <= m["accuracy"] <= 1 and -1 <= m["ssim"] <= 1
         assert 0 <= m["reid_top1"] <= 1 and 0 < m["reid_chance"] < 0.05
         assert m["psnr_gain_db"] == pytest.approx(m["psnr"] - data["baseline"]["psnr"])
+        assert m["input_size"] == 64
         if m["mode"] == "stats":
             assert m["reid_top1"] == 0 and "impossible" in m["note"]
-    assert sum(m["default"] for m in modes) == 1
+        if m["mode"] == "stats" and m["stats_rank"] > 0:
+            assert 0 <= m["membership_auc"] <= 1
+        else:
+            assert m["membership_auc"] is None
+    default = [m for m in modes if m["default"]]
+    assert len(default) == 1
+    assert (default[0]["mode"], default[0]["stats_rank"]) == ("stats", 32)
+    assert data["server_default_privacy"]["mode"] == "stats"
     assert "| mode |" in (out / "results.md").read_text()
     assert (out / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
