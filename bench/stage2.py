@@ -27,7 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from fl_core.data import ImageSet, load_elpv, load_image_folder, stratified_indices
+from fl_core.data import (
+    ImageSet,
+    dirichlet_indices,
+    load_elpv,
+    load_image_folder,
+    stratified_indices,
+)
 from fl_core.features import extract_images, make_spec
 from fl_core.model import build_split_model
 from fl_core.onnx_runtime import lower_runner
@@ -74,19 +80,6 @@ def _images(ds: Dataset) -> ImageSet:
     return load_elpv() if ds.name == "elpv" else load_image_folder(NEU_DET)
 
 
-def _dirichlet(labels: np.ndarray, n: int, alpha: float, seed: int) -> list[np.ndarray]:
-    """Indices of ``labels`` spread over ``n`` parts by Dirichlet(alpha) per class."""
-    rng = np.random.default_rng(seed)
-    parts: list[list[int]] = [[] for _ in range(n)]
-    for c in sorted(set(labels.tolist())):
-        idx = np.flatnonzero(labels == c)
-        rng.shuffle(idx)
-        cuts = (np.cumsum(rng.dirichlet([alpha] * n))[:-1] * len(idx)).astype(int)
-        for p, chunk in enumerate(np.split(idx, cuts)):
-            parts[p].extend(chunk.tolist())
-    return [np.array(sorted(p), dtype=np.int64) for p in parts]
-
-
 def _scores(m: EvalMetrics) -> dict[str, float]:
     return {
         "accuracy": m.accuracy,
@@ -108,8 +101,10 @@ def one_seed(
 ) -> dict[str, Any]:
     """Every configuration on one seed's split and partition."""
     tr, te = (np.array(i) for i in stratified_indices(labels.numpy(), [0.75, 0.25], seed))
-    parts = _dirichlet(labels[tr].numpy(), edges, alpha, seed)
-    test_parts = _dirichlet(labels[te].numpy(), edges, alpha, seed + 1000)
+    parts = [np.array(p) for p in dirichlet_indices(labels[tr].numpy(), edges, alpha, seed)]
+    test_parts = [
+        np.array(p) for p in dirichlet_indices(labels[te].numpy(), edges, alpha, seed + 1000)
+    ]
     x_te, y_te = features[te], labels[te]
     model0 = build_split_model(class_names, input_size=input_size, pretrained=False, seed=seed)
     out: dict[str, Any] = {"seed": seed, "train_rows_per_edge": [len(p) for p in parts]}

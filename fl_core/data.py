@@ -176,11 +176,11 @@ def partition_by_attribute(ds: ImageSet, key: str) -> dict[str, ImageSet]:
     return {v: ds.subset(idx, f"{ds.name}:{key}={v}") for v, idx in sorted(groups.items())}
 
 
-def partition_dirichlet(ds: ImageSet, n: int, alpha: float, seed: int = 0) -> list[ImageSet]:
-    """Label skew: each class is spread over edges by proportions ~ Dirichlet(alpha)."""
+def dirichlet_indices(labels: np.ndarray, n: int, alpha: float, seed: int = 0) -> list[list[int]]:
+    """Label skew: the indices of each class spread over ``n`` parts by proportions
+    ~ Dirichlet(alpha), each part sorted."""
     rng = np.random.default_rng(seed)
     parts: list[list[int]] = [[] for _ in range(n)]
-    labels = ds.labels
     for cls in sorted(set(labels.tolist())):
         idx = np.flatnonzero(labels == cls)
         rng.shuffle(idx)
@@ -188,7 +188,13 @@ def partition_dirichlet(ds: ImageSet, n: int, alpha: float, seed: int = 0) -> li
         cuts = (np.cumsum(props)[:-1] * len(idx)).astype(int)
         for p, chunk in enumerate(np.split(idx, cuts)):
             parts[p].extend(int(i) for i in chunk)
-    return [ds.subset(sorted(p), f"{ds.name}:dirichlet={i + 1}/{n}") for i, p in enumerate(parts)]
+    return [sorted(p) for p in parts]
+
+
+def partition_dirichlet(ds: ImageSet, n: int, alpha: float, seed: int = 0) -> list[ImageSet]:
+    """Label skew: each class is spread over edges by proportions ~ Dirichlet(alpha)."""
+    parts = dirichlet_indices(ds.labels, n, alpha, seed)
+    return [ds.subset(p, f"{ds.name}:dirichlet={i + 1}/{n}") for i, p in enumerate(parts)]
 
 
 # --------------------------------------------------------------------------- spec strings
@@ -396,6 +402,7 @@ __all__ = [
     "ImageSet",
     "Splits",
     "batches",
+    "dirichlet_indices",
     "elpv_root",
     "image_transform",
     "load_dataset_spec",

@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from fl_core.data import ImageSet, load_dataset_spec, load_image_folder, stratified_indices
+from fl_core.data import (
+    ImageSet,
+    dirichlet_indices,
+    load_dataset_spec,
+    load_image_folder,
+    stratified_indices,
+)
 from fl_core.features import extract_images, make_spec
 from fl_core.model import build_split_model
 from fl_core.privacy import pack_upload, training_rows, unpack_upload
@@ -50,18 +56,6 @@ def features(request: pytest.FixtureRequest) -> tuple[torch.Tensor, torch.Tensor
     return _features(_neu_two_classes())
 
 
-def _dirichlet(labels: np.ndarray, alpha: float, seed: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    parts: list[list[int]] = [[] for _ in range(EDGES)]
-    for c in sorted(set(labels.tolist())):
-        idx = np.flatnonzero(labels == c)
-        rng.shuffle(idx)
-        cuts = (np.cumsum(rng.dirichlet([alpha] * EDGES))[:-1] * len(idx)).astype(int)
-        for p, chunk in enumerate(np.split(idx, cuts)):
-            parts[p].extend(chunk.tolist())
-    return [np.array(sorted(p), dtype=np.int64) for p in parts]
-
-
 def _server_model(
     f: torch.Tensor, y: torch.Tensor, names: list[str], parts: list[np.ndarray], mode: str
 ) -> torch.nn.Module:
@@ -83,7 +77,7 @@ def test_server_model_for_each_skewed_edge_beats_its_majority(
 ) -> None:
     f, y, names = features
     # each edge holds a skewed share of the data and keeps a quarter of it for testing
-    shares = _dirichlet(y.numpy(), alpha=0.5, seed=0)
+    shares = [np.array(p) for p in dirichlet_indices(y.numpy(), EDGES, alpha=0.5, seed=0)]
     train_parts, tests = [], []
     for share in shares:
         tr, te = stratified_indices(y[share].numpy(), [3, 1], 0)
