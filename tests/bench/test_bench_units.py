@@ -101,11 +101,16 @@ def _flower_seed(seed: int, mean: float, reach: int | None) -> dict[str, Any]:
     return {
         "local_epochs": 3,
         "lr": 1e-3 * (seed + 1),
+        "selection": "validation",
         "best_round": 4 + seed,
         "rounds": 4 + seed,
         "accuracy": {"per_edge": [mean + 0.1, mean - 0.1], "mean": mean},
+        "balanced_accuracy": {"per_edge": [mean, mean - 0.2], "mean": mean - 0.1},
+        "macro_f1": {"per_edge": [mean - 0.1, mean - 0.3], "mean": mean - 0.2},
+        "val_accuracy": {"per_edge": [mean + 0.05, None], "mean": mean + 0.05},
         "rounds_to_reach_ours": reach,
         "history_mean": [mean],
+        "history_val_mean": [mean + 0.05],
         "bytes_per_round": 1000,
         "bytes": 1000 * (4 + seed),
         "parameter_bytes": 250,
@@ -114,9 +119,23 @@ def _flower_seed(seed: int, mean: float, reach: int | None) -> dict[str, Any]:
             "wall_to_best": 20.0 * (seed + 1),
             "frozen_part_once_s": 1.0,
         },
+        "test_selected": {
+            "local_epochs": 1,
+            "lr": 1e-3,
+            "round": 6 + seed,
+            "accuracy": {"per_edge": [mean + 0.15, mean + 0.05], "mean": mean + 0.1},
+            "bytes": 1000 * (6 + seed),
+        },
         "trained_from": "b11" if seed == 0 else "something-else",
         "grid": [{"local_epochs": 3, "lr": 1e-3}],
     }
+
+
+def _old_flower_seed(seed: int, mean: float) -> dict[str, Any]:
+    """The same, as stored by the earlier protocol (chosen on test, accuracy alone)."""
+    new = _flower_seed(seed, mean, None)
+    gone = ("selection", "balanced_accuracy", "macro_f1", "val_accuracy", "test_selected")
+    return {k: v for k, v in new.items() if k not in gone and k != "history_val_mean"}
 
 
 def _flower_runs() -> list[dict[str, Any]]:
@@ -347,6 +366,110 @@ def test_flower_summarize_reads_only_the_named_configuration() -> None:
     assert head["rounds_to_reach_ours"] == [None, None, None]
 
 
+def test_flower_summarize_says_how_the_round_was_chosen_and_shows_the_peek_apart() -> None:
+    s = flower.summarize(_flower_runs(), "flower")
+    assert s["selection"] == "validation"
+    assert s["balanced_accuracy"]["mean"] == {"median": 0.6, "min": 0.5, "max": 0.7, "runs": 3}
+    assert s["macro_f1"]["per_edge"][1]["median"] == pytest.approx(0.4)
+    assert s["val_accuracy"]["mean"]["median"] == pytest.approx(0.75)
+    # bytes and wall time are to the round chosen on validation (4, 5, 6), not the peek's
+    assert s["bytes"]["median"] == 5000
+    peek = s["test_selected"]
+    assert "for reference only" in peek["note"]
+    assert peek["accuracy"]["mean"]["median"] == pytest.approx(0.8)
+    assert peek["rounds"] == [6, 7, 8]
+    assert peek["choice"] == [{"local_epochs": 1, "lr": 1e-3}] * 3
+
+
+def test_flower_summarize_of_the_earlier_protocol_says_it_chose_on_test() -> None:
+    runs = [{"flower": _old_flower_seed(s, 0.7), "seed": s} for s in SEEDS]
+    s = flower.summarize(runs, "flower")
+    assert s["selection"] == "test"
+    assert "test_selected" not in s and "balanced_accuracy" not in s
+    runs[0]["flower"] = _flower_seed(0, 0.7, None)
+    assert flower.summarize(runs, "flower")["selection"] == "mixed: test, validation"
+
+
+def _round(rnd: int, val: float, test: float) -> dict[str, Any]:
+    """One row of ``flower.rounds``'s history: two clients, the second without a
+    validation split."""
+    return {
+        "round": rnd,
+        "val": {
+            "accuracy": [val, None],
+            "balanced_accuracy": [val, None],
+            "macro_f1": [val, None],
+            "mean": val,
+        },
+        "test": {
+            "accuracy": [test + 0.1, test - 0.1],
+            "balanced_accuracy": [test, test - 0.2],
+            "macro_f1": [test - 0.1, test - 0.1],
+            "mean": test,
+        },
+    }
+
+
+def test_flower_point_reports_the_test_scores_at_the_round_validation_chose() -> None:
+    # validation peaks at round 2, test at round 3: round 2 is reported, 3 only as the peek
+    history = [_round(1, 0.6, 0.9), _round(2, 0.8, 0.7), _round(3, 0.7, 0.95)]
+    p = flower.point_result(3, 1e-3, history, 0.85, 250, 2, 30.0, 60.0, 5.0)
+    assert p["selection"] == "validation"
+    assert p["best_round"] == 2
+    assert p["accuracy"] == {"per_edge": [0.8, 0.6], "mean": 0.7}
+    assert p["balanced_accuracy"] == {"per_edge": [0.7, 0.5], "mean": 0.6}
+    assert p["macro_f1"]["mean"] == pytest.approx(0.6)
+    assert p["val_accuracy"] == {"per_edge": [0.8, None], "mean": 0.8}
+    assert p["history_mean"] == [0.9, 0.7, 0.95]
+    assert p["history_val_mean"] == [0.6, 0.8, 0.7]
+    assert p["rounds_to_reach_ours"] == 1  # the test curve reaches 0.85 at round 1
+    assert p["bytes_per_round"] == 2 * 250 * 2
+    assert p["bytes"] == 1000 * 2  # to the chosen round
+    # two of three rounds, plus the frozen part run once
+    assert p["seconds"] == {
+        "edge_compute_to_best": 25.0,
+        "wall_to_best": 45.0,
+        "frozen_part_once_s": 5.0,
+    }
+    assert p["test_selected"]["round"] == 3
+    assert p["test_selected"]["accuracy"]["mean"] == 0.95
+    assert p["test_selected"]["bytes"] == 3000
+
+
+def test_flower_point_on_a_validation_tie_keeps_the_earlier_round() -> None:
+    history = [_round(1, 0.5, 0.5), _round(2, 0.8, 0.6), _round(3, 0.8, 0.9)]
+    assert flower.point_result(1, 1e-3, history, None, 1, 1, 1.0, 1.0, 0.0)["best_round"] == 2
+
+
+def test_flower_grid_point_is_chosen_on_validation_not_test() -> None:
+    peeks_well = flower.point_result(1, 1e-3, [_round(1, 0.6, 0.95)], None, 250, 2, 1.0, 1.0, 0.0)
+    validates_well = flower.point_result(
+        3, 1e-4, [_round(1, 0.8, 0.7)], None, 250, 2, 1.0, 1.0, 0.0
+    )
+    best = flower.choose_point([peeks_well, validates_well])
+    assert (best["local_epochs"], best["lr"]) == (3, 1e-4)
+    assert best["accuracy"]["mean"] == 0.7
+    assert best["test_selected"]["local_epochs"] == 1  # the whole grid's peek
+    assert best["test_selected"]["accuracy"]["mean"] == 0.95
+    assert validates_well["test_selected"]["local_epochs"] == 3  # the stored point stays
+
+
+def test_flower_rounds_stop_when_validation_stops_improving_whatever_test_does() -> None:
+    val = [0.8, 0.7, 0.6, 0.5, 0.4]
+    test = [0.5, 0.6, 0.7, 0.8, 0.9]
+
+    def step(rnd: int) -> dict[str, Any]:
+        row = _round(rnd, val[rnd - 1], test[rnd - 1])
+        return {"val": row["val"], "test": row["test"]}
+
+    history = flower.rounds(step, max_rounds=5, patience=2)
+    assert [h["round"] for h in history] == [1, 2, 3]
+    assert flower.select_round(history)["round"] == 1
+    assert flower.select_round(history, "test")["round"] == 3
+    # resumed after round 3: patience was spent at round 1, nothing more runs
+    assert flower.rounds(step, 5, 2, history=history) == history
+
+
 def test_ours_per_seed_keys_each_cycle_by_its_seed() -> None:
     ours = demo_runs.ours_per_seed(_runs())
     assert sorted(ours) == [0, 1, 2]
@@ -572,6 +695,41 @@ def test_to_markdown_lists_every_point_of_a_searched_flower_grid() -> None:
     ]
 
 
+def test_to_markdown_says_flower_chose_on_validation_and_shows_the_peek_apart() -> None:
+    fl = _flower_runs()
+    r = _header(
+        ours=demo_runs.ours_for_flower(_runs()),
+        flower=flower.summarize(fl, "flower"),
+        flower_head=flower.summarize(fl, "flower_head"),
+    )
+    md = to_markdown(r)
+    assert "the best mean accuracy on the clients' validation splits" in md
+    assert "best on the test split, which favours Flower" not in md
+    assert (
+        "flower: chosen on validation; at that round, test balanced accuracy 60.0 (50.0-70.0), "
+        "macro F1 50.0 (40.0-60.0), validation accuracy 75.0 (65.0-85.0)" in md
+    )
+    assert (
+        "flower, test-selected for reference only (favours Flower): mean acc 80.0 (70.0-90.0) "
+        "at rounds [6, 7, 8]" in md
+    )
+
+
+def test_to_markdown_of_results_stored_by_the_earlier_protocol_says_they_chose_on_test() -> None:
+    fl = [
+        {"flower": _old_flower_seed(s, 0.7), "flower_head": _old_flower_seed(s, 0.5), "seed": s}
+        for s in SEEDS
+    ]
+    r = _header(
+        ours=demo_runs.ours_for_flower(_runs()),
+        flower=flower.summarize(fl, "flower"),
+        flower_head=flower.summarize(fl, "flower_head"),
+    )
+    md = to_markdown(r)
+    assert "is the best on the test split, which favours Flower" in md
+    assert "test-selected" not in md and "balanced accuracy" not in md
+
+
 def test_to_markdown_flower_block_without_flower_results_shows_only_ours() -> None:
     """The Flower section failed: the block has ``ours`` alone (as ``_demos`` leaves it)."""
     r = _header(
@@ -599,10 +757,17 @@ def test_to_markdown_lists_reruns() -> None:
 
 def test_to_markdown_shows_the_grid_points_of_an_unfinished_flower_seed() -> None:
     point = {"accuracy": {"mean": 0.8123}, "best_round": 7, "rounds_run": 11}
-    md = to_markdown(_header(flower_partial={"elpv": {"0": {"flower": {"1:0.001": point}}}}))
+    point["selection"] = "validation"
+    old = {"accuracy": {"mean": 0.7}, "best_round": 2, "rounds_run": 6}  # earlier protocol
+    points = {"1:0.001": point, "3:0.001": old}
+    md = to_markdown(_header(flower_partial={"elpv": {"0": {"flower": points}}}))
     assert "## Flower, seeds still running (resume with --only flower --resume)" in md
     assert (
-        "- elpv seed 0, flower, (local epochs, lr) 1:0.001: best mean 81.2% at round 7 of 11" in md
+        "- elpv seed 0, flower, (local epochs, lr) 1:0.001: mean test accuracy 81.2% at "
+        "round 7 of 11, chosen on validation" in md
+    )
+    assert (
+        "(local epochs, lr) 3:0.001: mean test accuracy 70.0% at round 2 of 6, chosen on test" in md
     )
 
 
@@ -925,12 +1090,16 @@ def test_accuracy_table_says_how_references_were_trained_and_at_which_commits() 
 
 
 def _steps(means: list[float]) -> tuple[list[int], Any]:
+    """Rounds whose mean validation accuracies are ``means``; their test means, 0.2
+    below, are there to be recorded, not to steer."""
     called: list[int] = []
 
-    def step(rnd: int) -> list[float]:
+    def step(rnd: int) -> dict[str, Any]:
         called.append(rnd)
         m = means[rnd - 1]
-        return [m + 0.1, m - 0.1]
+        row = _round(rnd, m, m - 0.2)
+        row["val"] |= {"accuracy": [m + 0.1, m - 0.1]}
+        return {"val": row["val"], "test": row["test"]}
 
     return called, step
 
@@ -941,8 +1110,9 @@ def test_rounds_stop_after_patience_rounds_without_a_better_mean() -> None:
     # best 0.7 at round 2; rounds 3, 4 (equal is not better), 5 bring nothing: stop
     assert called == [1, 2, 3, 4, 5]
     assert [h["round"] for h in history] == [1, 2, 3, 4, 5]
-    assert history[1]["per_edge"] == [pytest.approx(0.8), pytest.approx(0.6)]
-    assert history[1]["mean"] == pytest.approx(0.7)
+    assert history[1]["val"]["accuracy"] == [pytest.approx(0.8), pytest.approx(0.6)]
+    assert history[1]["val"]["mean"] == pytest.approx(0.7)
+    assert history[1]["test"]["mean"] == pytest.approx(0.5)
 
 
 def test_rounds_without_patience_run_every_round() -> None:
@@ -956,8 +1126,8 @@ def test_rounds_print_a_line_per_round_when_labelled(capsys: pytest.CaptureFixtu
     flower.rounds(step, max_rounds=2, patience=None, label="neu-det seed 0, b11")
     lines = capsys.readouterr().err.splitlines()
     assert [ln.split(" (")[0] for ln in lines] == [
-        "[flower] neu-det seed 0, b11: round 1/2, mean test accuracy 0.5000",
-        "[flower] neu-det seed 0, b11: round 2/2, mean test accuracy 0.7500",
+        "[flower] neu-det seed 0, b11: round 1/2, mean accuracy validation 0.5000 test 0.3000",
+        "[flower] neu-det seed 0, b11: round 2/2, mean accuracy validation 0.7500 test 0.5500",
     ]
     flower.rounds(step, max_rounds=1, patience=None)
     assert capsys.readouterr().err == ""
