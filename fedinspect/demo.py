@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -510,6 +511,8 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                 "server_model": _scores(EvalMetrics(**r["metrics"]["server_model"])),
                 "federated": _scores(EvalMetrics(**federated)),
                 "federated_model": federated_model,
+                # always answering the edge's most frequent training class, on its test
+                "majority": _majority_accuracy(splits[i]),
                 "deployed": r["deployed"],
                 "decision": r["decision"],
                 "federated_confusion": federated["confusion_matrix"],
@@ -605,17 +608,25 @@ def _mark(row: Mapping[str, Any]) -> str:
     return " *" if row.get("federated_model") == NOT_DEPLOYED else ""
 
 
+def _majority_accuracy(splits: Splits) -> float:
+    """Test accuracy of always answering the training split's most frequent class."""
+    counts = np.bincount(splits.train.labels, minlength=len(splits.train.class_names))
+    return float(np.mean(splits.test.labels == int(np.argmax(counts))))
+
+
 def format_table(results: Mapping[str, Any]) -> str:
     """The per-edge table, as Markdown (readable in a terminal too)."""
     lines = [
-        "| edge | train | test | local-only acc / F1 | base acc / F1 | stage 2 acc / F1 "
-        "| federated acc / F1 | up MB | down MB | raw MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| edge | train | test | majority | local-only acc / F1 | base acc / F1 "
+        "| stage 2 acc / F1 | federated acc / F1 | up MB | down MB | raw MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["edges"]:
         b = r["bytes"]
+        majority = r.get("majority")
         lines.append(
             f"| {r['name']} | {r['n_train']} | {r['n_test']} "
+            f"| {'-' if majority is None else f'{100 * majority:.1f}'} "
             f"| {_pct(r['local_only'])} / {_pct(r['local_only'], 'macro_f1')} "
             f"| {_pct(r['base'])} / {_pct(r['base'], 'macro_f1')} "
             f"| {_pct(r['server_model'])} / {_pct(r['server_model'], 'macro_f1')} "
@@ -627,6 +638,10 @@ def format_table(results: Mapping[str, Any]) -> str:
             "\n* nothing deployed on that edge: its federated figure is the fine-tuned "
             "candidate's, which does not serve"
         )
+    lines.append(
+        "\nmajority: always answering the edge's most frequent training class, on its test "
+        "split; stage 2: the server's model; federated: the model the edge's gate deployed"
+    )
     c = results["centralized"]
     lines.append(
         f"\ncentralized upper bound: accuracy {_pct(c)}, macro F1 {_pct(c, 'macro_f1')}"

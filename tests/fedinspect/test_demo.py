@@ -81,6 +81,7 @@ def _fake_results() -> dict[str, Any]:
         "name": "edge-1",
         "n_train": 10,
         "n_test": 5,
+        "majority": 0.6,
         "local_only": scores,
         "base": scores,
         "server_model": scores,
@@ -108,7 +109,10 @@ def _fake_results() -> dict[str, Any]:
 def test_table_and_report(tmp_path: Path) -> None:
     results = _fake_results()
     table = format_table(results)
-    assert "| edge-1 | 10 | 5 | 80.0 / 75.0 | 80.0 / 75.0 | 80.0 / 75.0 | 90.0 / 85.0 |" in table
+    assert "| edge-1 | 10 | 5 | 60.0 | 80.0 / 75.0 | 80.0 / 75.0 | 80.0 / 75.0 | 90.0 / 85.0 |" in (
+        table
+    )
+    assert "majority: always answering the edge's most frequent training class" in table
     assert "centralized upper bound: accuracy 80.0" in table
     report = write_report(results, tmp_path / "report")
     assert table in report.read_text()
@@ -127,8 +131,9 @@ def test_the_federated_figure_is_the_deployed_models() -> None:
     results = _fake_results()
     results["edges"][1] = results["edges"][1] | {"federated_model": NOT_DEPLOYED}
     table = format_table(results)
-    assert "| edge-2 | 10 | 5 | 80.0 / 75.0 | 80.0 / 75.0 | 80.0 / 75.0 | 90.0 / 85.0 * |" in table
-    assert "| edge-1 | 10 | 5 | 80.0 / 75.0 | 80.0 / 75.0 | 80.0 / 75.0 | 90.0 / 85.0 |" in table
+    row = "| 60.0 | 80.0 / 75.0 | 80.0 / 75.0 | 80.0 / 75.0 | 90.0 / 85.0"
+    assert f"| edge-2 | 10 | 5 {row} * |" in table
+    assert f"| edge-1 | 10 | 5 {row} |" in table
     assert "* nothing deployed on that edge" in table
 
 
