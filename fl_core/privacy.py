@@ -5,7 +5,7 @@ In ``stats`` mode an edge sends, for each class, how many pooled feature rows it
 their mean and their per-dimension (diagonal) variance, computed after the spec's
 clipping and noise, plus the edge's ``factors``: the top principal directions of its
 rows about their class means, each scaled by its standard deviation (at most the spec's
-``stats_rank`` of them, and at most a quarter of the rows they summarise). No row leaves
+``stats_rank`` of them, and at most one for every 32 rows they summarise). No row leaves
 the edge. The server trains the part above the cut on *virtual features* drawn from one
 Gaussian per edge and class, as CCVR (Luo et al., NeurIPS 2021), FedPFT and FedCOF do:
 mean, low-rank covariance from the factors, and the rest of each dimension's variance
@@ -209,8 +209,8 @@ def unpack_stats(data: bytes, spec: FeatureSpec, max_rows: int) -> ClassStats:
         raise InvalidInput(f"upload holds {total} rows; the limit is {max_rows}")
     if factors.shape[0] > max_factors(total, spec.privacy.stats_rank):
         raise InvalidInput(
-            f"{factors.shape[0]} factors summarise {total} rows: at most one factor for "
-            f"{ROWS_PER_FACTOR} rows"
+            f"too many factors ({factors.shape[0]}) for {total} rows: at most one for "
+            f"every {ROWS_PER_FACTOR} rows"
         )
     finite = torch.isfinite(means).all() and torch.isfinite(variances).all()
     if not bool(finite and torch.isfinite(factors).all()):

@@ -66,7 +66,7 @@ class PrivacyConfig(BaseModel):
         ge=0,
         le=256,
         description="stats mode: how many principal directions of its rows (about their "
-        "class means) an edge sends, at most one for every 4 rows; 0 sends the diagonal "
+        "class means) an edge sends, at most one for every 32 rows; 0 sends the diagonal "
         "variance alone",
     )
 

@@ -106,8 +106,8 @@ def test_pack_unpack_stats_round_trip_carries_no_rows() -> None:
     tensors, _ = serialization.loads(body)
     assert set(tensors) == {"counts", "means", "vars", "factors"}
     assert tensors["means"].shape == (3, 32)
-    # the default rank, capped at one factor for every 4 rows: 14 of 60 rows
-    assert tensors["factors"].shape == (14, 32)
+    # the default rank, capped at one factor for every 32 rows: 1 of 60 rows
+    assert tensors["factors"].shape == (1, 32)
     stats = unpack_upload(body, spec, max_rows=100)
     assert isinstance(stats, ClassStats)
     assert stats.edge_id == "edge-1" and stats.spec_hash == spec.spec_hash()
@@ -223,14 +223,15 @@ def test_stats_upload_bounds_its_factors() -> None:
     dim = spec.feature_shape[0]
     with pytest.raises(InvalidInput, match=r"factors must be float32 of shape \[K, 32\]"):
         unpack_stats(_stats_body(spec, factors=torch.zeros(5, dim)), spec, 100)
-    with pytest.raises(InvalidInput, match="at most one factor for 4 rows"):
-        body = _stats_body(spec, counts=torch.tensor([10, 0, 0]), factors=torch.ones(4, dim))
+    with pytest.raises(InvalidInput, match=r"too many factors \(2\) for 40 rows"):
+        body = _stats_body(spec, counts=torch.tensor([40, 0, 0]), factors=torch.ones(2, dim))
         unpack_stats(body, spec, 100)
     with pytest.raises(InvalidInput, match="must be finite"):
-        bad = torch.full((4, dim), float("nan"))
+        bad = torch.full((1, dim), float("nan"))
         unpack_stats(_stats_body(spec, factors=bad), spec, 100)
-    ok = unpack_stats(_stats_body(spec, factors=torch.ones(4, dim)), spec, 100)
-    assert ok.factors is not None and ok.factors.shape == (4, dim)
+    body = _stats_body(spec, counts=torch.tensor([40, 40, 40]), factors=torch.ones(3, dim))
+    ok = unpack_stats(body, spec, 200)
+    assert ok.factors is not None and ok.factors.shape == (3, dim)
 
 
 def test_virtual_features_follow_the_statistics_and_are_seeded() -> None:

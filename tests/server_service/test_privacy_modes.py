@@ -133,8 +133,8 @@ def _dim(cycle: dict[str, Any]) -> int:
         ),
         (lambda d: {"vars": -torch.ones(2, d)}, "vars must not be negative"),
         (
-            lambda d: {"factors": torch.ones(4, d)},
-            "4 factors summarise 16 rows: at most one factor for 4 rows",
+            lambda d: {"factors": torch.ones(1, d)},
+            "too many factors (1) for 16 rows: at most one for every 32 rows",
         ),
     ],
 )
