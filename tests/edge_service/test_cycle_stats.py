@@ -12,6 +12,7 @@ from pydantic import SecretStr
 
 from edge_service.main import create_app
 from fl_core import serialization
+from fl_core.privacy import max_factors
 from server_service.config import Settings as ServerSettings
 from server_service.main import create_app as create_server_app
 from tests.edge_service.conftest import AUTH, CLASSES, TestClient, make_settings, wait_job
@@ -63,10 +64,13 @@ def test_whole_cycle_in_stats_mode(server: TestClient, tmp_path: Path, image_fol
         runtime = server.app.state.runtime  # type: ignore[attr-defined]
         tensors, _ = serialization.loads(runtime.blobs.get(upload["sha256"]))
         dim = cycle["spec"]["feature_shape"][0]
+        # and at most one principal direction for every 32 rows they summarise
+        rows = int(tensors["counts"].sum())
         assert {k: list(v.shape) for k, v in tensors.items()} == {
             "counts": [2],
             "means": [2, dim],
             "vars": [2, dim],
+            "factors": [max_factors(rows, cycle["spec"]["privacy"]["stats_rank"]), dim],
         }
         assert int(tensors["counts"].sum()) == result["n_train"]
 

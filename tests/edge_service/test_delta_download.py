@@ -152,9 +152,9 @@ def test_a_first_base_model_fetches_only_what_differs_from_the_local_imagenet_we
     got = _fetch(client, registry, v1, backbone="efficientnet_lite0")
     assert got.how == "delta" and got.data == v1
     head = sum(p.numel() * 4 for p in base.head.parameters())
-    # the head, the changed tensor, the manifest: a tenth of the file
+    # the head, its logit adjustment, the changed tensor, the manifest: a tenth of the file
     assert head < got.downloaded < len(v1) / 10
-    assert got.fetched_tensors == len(list(base.head.state_dict())) + 1
+    assert got.fetched_tensors == len(list(base.head.state_dict())) + 2
 
 
 def test_a_backbone_without_local_weights_downloads_the_first_base_in_full(
