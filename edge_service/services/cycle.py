@@ -13,7 +13,7 @@ stopping), then the deploy gate (:meth:`CycleService.gate_and_register`, its rul
 the server's model as received and the deployed model (when it has the same classes):
 the most accurate on the *validation* split (in-sample on the training split when that
 is empty), ties to the higher balanced accuracy, then to the deployed model, then to the
-server model, with ``deploy_min_delta`` in favour of a new model; and never a model
+fine-tuned one, with ``deploy_min_delta`` in favour of a new model; and never a model
 below always answering the training split's majority class: then nothing new is
 deployed. The test split is never used to choose: each model's test metrics are
 reported only. The fine-tuned candidate is always recorded (an operator can roll

@@ -11,7 +11,9 @@ stay honest for reporting):
    ``deploy_min_delta``, 0 by default: a new model replaces the deployed one when its
    accuracy is above the deployed one's minus delta, or equal to it with a higher
    balanced accuracy); ties go to the higher balanced accuracy, then to the previous
-   model (no churn), then to the server model.
+   model (no churn), then to the fine-tuned one: it started from the server model and
+   kept it unless an epoch lowered the validation loss, so on the same validation
+   accuracy it fits this edge's data at least as well.
 2. Majority floor: a model whose accuracy is below always answering the majority
    class (the most frequent class of the training split; its accuracy is the fraction
    of scored images of that class) is not eligible. When none is, nothing new is
@@ -37,8 +39,8 @@ ModelName = Literal["candidate", "server_model", "previous"]
 #: the order models are listed in reasons and results
 MODEL_NAMES: tuple[ModelName, ...] = ("candidate", "server_model", "previous")
 
-# last tie-break: the deployed model (no churn), then the server model
-_PREFERENCE: dict[ModelName, int] = {"previous": 2, "server_model": 1, "candidate": 0}
+# last tie-break: the deployed model (no churn), then the fine-tuned one
+_PREFERENCE: dict[ModelName, int] = {"previous": 2, "candidate": 1, "server_model": 0}
 _LABEL: dict[ModelName, str] = {
     "candidate": "fine-tuned",
     "server_model": "server model",

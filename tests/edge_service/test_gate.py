@@ -90,7 +90,7 @@ def test_the_best_of_three_on_validation_is_chosen() -> None:
     assert kept.reason.startswith("kept model 3: validation accuracy 80.0% on 50 images")
 
 
-def test_ties_go_to_balanced_accuracy_then_the_deployed_then_the_server_model() -> None:
+def test_ties_go_to_balanced_accuracy_then_the_deployed_then_the_fine_tuned_model() -> None:
     by_balanced = choose_model(
         {"candidate": _m(0.8, 0.75), "server_model": _m(0.8, 0.7), "previous": _m(0.8, 0.6)},
         GOOD,
@@ -104,7 +104,7 @@ def test_ties_go_to_balanced_accuracy_then_the_deployed_then_the_server_model() 
     no_churn = choose_model(full_tie, GOOD, deployed_id=3)
     assert no_churn.chosen == "previous" and not no_churn.deploy
     del full_tie["previous"]
-    assert choose_model(full_tie, GOOD).chosen == "server_model"
+    assert choose_model(full_tie, GOOD).chosen == "candidate"
 
 
 def test_min_delta_lets_a_new_model_replace_a_slightly_better_deployed_one() -> None:
@@ -293,7 +293,7 @@ def test_nothing_below_the_majority_class_is_deployed_and_the_reason_is_shown(
     assert evaluation["deployed"] is None
     assert evaluation["decision"].startswith(
         "nothing deployed: no model did as well as always answering 'bright' (90.0% of 10 "
-        "validation images); best was the server model at 10.0%"
+        "validation images); best was the fine-tuned model at 10.0%"
     )
     assert "deployed: no model was deployed" not in evaluation["decision"]
     assert {k: evaluation[k] for k in _GATE_FIELDS} == {
