@@ -472,16 +472,20 @@ def membership_auc(
     for st, part in zip(stats, parts, strict=True):
         if st.factors is None or not len(st.factors):
             continue
-        basis = torch.linalg.qr(st.factors.double().T)[0]
-
-        def score(x: torch.Tensor, y: torch.Tensor, st: ClassStats = st) -> np.ndarray:
-            centred = x.double() - st.means.double()[y]
-            inside = ((centred @ basis) ** 2).sum(1)  # noqa: B023
-            return (inside / (centred**2).sum(1).clamp_min(1e-12)).numpy()
-
         idx = torch.as_tensor(list(part))
-        aucs.append(_auc(score(feats[idx], labels[idx]), score(others, other_labels)))
+        members = _share_in_factors(st, feats[idx], labels[idx])
+        aucs.append(_auc(members, _share_in_factors(st, others, other_labels)))
     return float(np.mean(aucs)) if aucs else None
+
+
+def _share_in_factors(st: ClassStats, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """Per row: the share of its squared distance from its class mean that lies in the
+    span of the edge's factors."""
+    assert st.factors is not None
+    basis = torch.linalg.qr(st.factors.double().T)[0]
+    centred = x.double() - st.means.double()[y]
+    inside = ((centred @ basis) ** 2).sum(1)
+    return (inside / (centred**2).sum(1).clamp_min(1e-12)).numpy()
 
 
 def mark_default(results: dict[str, Any], default: PrivacyConfig) -> dict[str, Any]:

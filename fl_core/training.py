@@ -139,7 +139,8 @@ def _fit(
 
     The starting weights are a candidate too (epoch 0): when no epoch beats them on the
     validation set, training changes nothing, so fine-tuning can never make a model
-    worse on held-out data than the one it started from.
+    worse on held-out data than the one it started from. The report's metrics are left
+    to :func:`_fit_model`, which scores the model as it will predict.
     """
     groups = param_groups or [{"params": list(trainable.parameters()), "lr": cfg.lr}]
     groups = [g | {"params": [p for p in g["params"] if p.requires_grad]} for g in groups]
@@ -194,14 +195,8 @@ def _fit(
             progress(epoch / cfg.epochs, f"epoch {epoch}/{cfg.epochs} loss {row['train_loss']:.4f}")
     trainable.load_state_dict(best_state)
     trainable.eval()
-    metrics = None
-    if x_val is not None and y_val is not None and len(x_val):
-        probs = _predict_rows(trainable, x_val, cfg.batch_size)
-        metrics = compute_metrics(
-            y_val.numpy(), probs.argmax(1).numpy(), class_names, probs.numpy()
-        )
     n_val = len(x_val) if x_val is not None else 0
-    return TrainReport(metrics, epoch, best_epoch, history, len(x_train), n_val)
+    return TrainReport(None, epoch, best_epoch, history, len(x_train), n_val)
 
 
 def _train_mode(module: nn.Module) -> None:

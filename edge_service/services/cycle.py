@@ -440,7 +440,6 @@ class CycleService:
         progress: Callable[[float, str], None] | None = None,
         scored_acts: FrozenActivations | None = None,
         test_acts: FrozenActivations | None = None,
-        server_test: EvalMetrics | None = None,
     ) -> GateOutcome:
         """Choose what serves among the fine-tuned ``candidate``, the ``server_model`` as
         received and the deployed model (when it has the same classes), by their metrics
@@ -448,10 +447,9 @@ class CycleService:
         :func:`~edge_service.services.gate.choose_model`; record the candidate, and the
         server model when it wins; deploy the winner unless the deployed model stays.
 
-        Test-split metrics of each model are computed for reporting only (``server_test``
-        when already known). ``scored_acts`` and ``test_acts`` (activations of the scored
-        and test splits at some frozen stage) stand in for the images for each model whose
-        frozen weights made them."""
+        Test-split metrics of each model are computed for reporting only. ``scored_acts``
+        and ``test_acts`` (activations of the scored and test splits at some frozen stage)
+        stand in for the images for each model whose frozen weights made them."""
         s = self.settings
         in_sample = not len(splits.val)
         scored_set = splits.train if in_sample else splits.val
@@ -480,12 +478,7 @@ class CycleService:
         validation = {n: score(m, scored_set, scored_acts) for n, m in models.items()}
         if progress is not None:
             progress(0.6, "evaluating on the test split (reporting only)")
-        test = {
-            n: server_test
-            if n == "server_model" and server_test is not None
-            else score(m, splits.test, test_acts)
-            for n, m in models.items()
-        }
+        test = {n: score(m, splits.test, test_acts) for n, m in models.items()}
         majority = majority_baseline(splits.train.labels, scored_set.labels, candidate.class_names)
         majority_test = float(np.mean(splits.test.labels == majority.class_index))
         choice = choose_model(

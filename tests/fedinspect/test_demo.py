@@ -196,6 +196,13 @@ def _fake_cycle(names: list[str]) -> dict[str, Any]:
             "deployed": _metrics(0.75),
         },
         "chosen": "server_model",
+        "majority": {
+            "class_name": names[0],
+            "validation_accuracy": 0.5,
+            "test_accuracy": 0.5,
+            "n_scored": 2,
+            "scored_on": "validation",
+        },
         "deployed": True,
         "decision": "deployed the server model",
         "bytes_uploaded": 100,
@@ -246,6 +253,7 @@ def test_interrupted_references_keep_the_cycles_results(
     assert saved["references"] == "pending" and saved["centralized"] is None
     assert [e["federated"]["accuracy"] for e in saved["edges"]] == [0.75, 0.75]
     assert [e["federated_model"] for e in saved["edges"]] == ["server_model", "server_model"]
+    assert [e["majority"] for e in saved["edges"]] == [0.5, 0.5]  # the edge's own figure
     assert [e["local_only"] for e in saved["edges"]] == [None, None]
     assert saved["cycle"]["seconds"] == 12.0 and saved["cycle"]["model_version"] == 2
 
