@@ -695,14 +695,18 @@ def test_to_markdown_lists_every_point_of_a_searched_flower_grid() -> None:
     ]
 
 
-def test_to_markdown_says_flower_chose_on_validation_and_shows_the_peek_apart() -> None:
-    fl = _flower_runs()
+def _flower_markdown(fl: list[dict[str, Any]]) -> str:
+    """results.md of a bench whose Flower section holds the runs ``fl``."""
     r = _header(
         ours=demo_runs.ours_for_flower(_runs()),
         flower=flower.summarize(fl, "flower"),
         flower_head=flower.summarize(fl, "flower_head"),
     )
-    md = to_markdown(r)
+    return to_markdown(r)
+
+
+def test_to_markdown_says_flower_chose_on_validation_and_shows_the_peek_apart() -> None:
+    md = _flower_markdown(_flower_runs())
     assert "the best mean accuracy on the clients' validation splits" in md
     assert "best on the test split, which favours Flower" not in md
     assert (
@@ -720,12 +724,7 @@ def test_to_markdown_of_results_stored_by_the_earlier_protocol_says_they_chose_o
         {"flower": _old_flower_seed(s, 0.7), "flower_head": _old_flower_seed(s, 0.5), "seed": s}
         for s in SEEDS
     ]
-    r = _header(
-        ours=demo_runs.ours_for_flower(_runs()),
-        flower=flower.summarize(fl, "flower"),
-        flower_head=flower.summarize(fl, "flower_head"),
-    )
-    md = to_markdown(r)
+    md = _flower_markdown(fl)
     assert "is the best on the test split, which favours Flower" in md
     assert "test-selected" not in md and "balanced accuracy" not in md
 
