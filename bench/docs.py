@@ -16,13 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import report, stage2
+from bench import recipe, report, stage2
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PAGE = ROOT / "docs" / "benchmarks.md"
 #: directories shown first, in this order; any other follows alphabetically
-ORDER = ("full", "stage2", "quick", "extraction")
+ORDER = ("full", "recipe", "stage2", "quick", "extraction")
 
 HEADER = """\
 # Benchmarks
@@ -34,6 +34,8 @@ bench/results/reading.md: edit those, not this page -->
 
 
 def _renderer(results: dict[str, Any]) -> Callable[[dict[str, Any]], str]:
+    if "options" in results and "recipes" in results:
+        return recipe.markdown
     if "options" in results and "datasets" in results:
         return stage2.markdown
     if "mode" in results and "machine" in results:
