@@ -454,13 +454,13 @@ def run_cycle(plan: DemoPlan, work: Path, procs: Processes) -> dict[str, Any]:
                     )
                 ).json()
                 shown.update(e["name"], job)
-                if job["state"] in ("succeeded", "failed"):
+                if job["state"] in ("done", "failed"):
                     final[e["name"]] = job
             time.sleep(1.0)
     finally:
         shown.close()
     seconds = time.monotonic() - started
-    failed = {n: j.get("error") for n, j in final.items() if j["state"] != "succeeded"}
+    failed = {n: j.get("error") for n, j in final.items() if j["state"] != "done"}
     if failed:
         raise RuntimeError(f"cycle jobs failed: {failed}")
     results = {n: final[n]["result"] for n in final}
