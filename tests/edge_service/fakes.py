@@ -5,7 +5,6 @@ failing on cue (status codes or transport errors), so tests can count attempts."
 from __future__ import annotations
 
 import json
-
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field

@@ -106,7 +106,13 @@ def test_the_edge_sends_only_features_never_images(
     # the evaluation report: metrics and the gate's words, nothing from an image
     (report,) = [r for r in fake_server.requests if r.url.path.endswith("/evaluation")]
     assert report.headers["Content-Type"] == "application/json"
-    assert set(json.loads(report.content)) == {"chosen", "deployed", "decision", "n_test", "metrics"}
+    assert set(json.loads(report.content)) == {
+        "chosen",
+        "deployed",
+        "decision",
+        "n_test",
+        "metrics",
+    }
     assert len(report.content) < 8192
     puts = [r for r in fake_server.requests if r.url.path.endswith("/features")]
     assert len(puts) == 1
@@ -145,7 +151,9 @@ def test_progress_is_monotone_with_stage_messages(
     assert abs(sum(w for _, w in PLANS["cycle"]) - 1.0) < 1e-9
     stages = [s for s, _, _ in seen]
     assert "wait" in stages
-    assert any(m.startswith("waiting for cycle 7 (training): the server is training") for _, _, m in seen)
+    assert any(
+        m.startswith("waiting for cycle 7 (training): the server is training") for _, _, m in seen
+    )
 
 
 def test_server_failed_cycle_fails_the_job_with_its_reason(

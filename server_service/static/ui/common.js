@@ -137,7 +137,7 @@ const FI = (() => {
     // through the CSSOM: the Content-Security-Policy forbids style attributes
     fillNode.style.width = `${(100 * fraction).toFixed(1)}%`;
     bar.append(fillNode);
-    return el("div", { class: "progress" }, bar, el("span", { class: "muted" }, label || pct(fraction)));
+    return el("div", { class: "progress" }, bar, el("span", { class: "muted" }, label === undefined ? pct(fraction) : label));
   }
 
   function fill(tbody, rows) {
