@@ -40,8 +40,10 @@ CYCLE_TIMEOUT_MS = 240_000
 expect.set_options(timeout=PAGE_TIMEOUT_MS)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    # one module at a time: Playwright's sync API keeps an event loop running in this
+    # thread while it is open, and tests after it that call asyncio.run() need none
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install chromium"
     with sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
