@@ -244,7 +244,9 @@ class EdgeStore:
         with self._sessions() as s:
             rows = s.execute(select(JobRow.state, func.count()).group_by(JobRow.state)).all()
         counts = {state.value: 0 for state in JobState}
-        counts.update({str(state): int(n) for state, n in rows})
+        for state, n in rows:  # rows written as "succeeded" count as "done"
+            key = JobState(state).value
+            counts[key] = counts.get(key, 0) + int(n)
         return counts
 
     # ------------------------------------------------------------------ local models

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 from fastapi import FastAPI, Request
@@ -21,9 +23,12 @@ from edge_service.api.deps import get_settings
 from edge_service.api.main import api_router
 from edge_service.config import Settings
 from edge_service.services.context import build_context
+from fedinspect.pages import install_pages
 from fl_core.errors import AuthError, FedInspectError
 
 log = logging.getLogger("edge_service")
+
+STATIC_DIR = Path(__file__).parent / "static" / "ui"
 
 
 class _BodyTooLarge(Exception):
@@ -129,6 +134,7 @@ def create_app(
             settings.server_url,
             settings.dataset,
         )
+        await asyncio.to_thread(ctx.log_readiness)
         try:
             yield
         finally:
@@ -141,6 +147,8 @@ def create_app(
         "of local images (never the images), fine-tunes and gates the resulting model on "
         "local data, and serves predictions with Grad-CAM heat maps.",
         lifespan=lifespan,
+        docs_url=None,  # served offline by install_pages
+        redoc_url=None,
     )
     app.dependency_overrides[get_settings] = lambda: settings
     app.add_exception_handler(FedInspectError, _fedinspect_error)
@@ -149,6 +157,7 @@ def create_app(
         BodySizeLimit, max_bytes=settings.max_predict_bytes, paths=frozenset({"/v1/predict"})
     )
     app.include_router(api_router)
+    install_pages(app, STATIC_DIR)
     return app
 
 

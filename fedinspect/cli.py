@@ -25,7 +25,46 @@ app = typer.Typer(
 )
 
 
-@app.command()
+def _version(value: bool) -> None:
+    if value:
+        from fedinspect import __version__
+
+        typer.echo(f"fedinspect {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """FedInspect: federated training of visual defect-inspection models."""
+
+
+class Service(StrEnum):
+    server = "server"
+    edge = "edge"
+
+
+_SERVER_EPILOG = (
+    "Settings come from FEDINSPECT_SERVER_* environment variables; "
+    "FEDINSPECT_SERVER_ADMIN_TOKEN is required. 'fedinspect settings server' lists them "
+    "all with their defaults. Pages: /ui (dashboard), /docs (Swagger UI), /redoc."
+)
+_EDGE_EPILOG = (
+    "Settings come from FEDINSPECT_EDGE_* environment variables; "
+    "FEDINSPECT_EDGE_ADMIN_TOKEN is required, FEDINSPECT_EDGE_SERVER_URL, "
+    "FEDINSPECT_EDGE_TOKEN and FEDINSPECT_EDGE_DATASET say which server and which images. "
+    "'fedinspect settings edge' lists them all with their defaults. Pages: /ui (the "
+    "edge's page), /docs (Swagger UI), /redoc."
+)
+
+
+@app.command(epilog=_SERVER_EPILOG)
 def server() -> None:
     """Run the training-cycle server (settings from FEDINSPECT_SERVER_* variables)."""
     from server_service.main import run
@@ -33,12 +72,22 @@ def server() -> None:
     run()
 
 
-@app.command()
+@app.command(epilog=_EDGE_EPILOG)
 def edge() -> None:
     """Run an edge agent (settings from FEDINSPECT_EDGE_* variables)."""
     from edge_service.main import run
 
     run()
+
+
+@app.command()
+def settings(
+    service: Annotated[Service | None, typer.Argument(help="server or edge; default: both")] = None,
+) -> None:
+    """List the settings of the server and the edge: variable, default, meaning."""
+    from fedinspect.settings_doc import text
+
+    typer.echo(text(None if service is None else service.value))
 
 
 @app.command()

@@ -454,13 +454,13 @@ def run_cycle(plan: DemoPlan, work: Path, procs: Processes) -> dict[str, Any]:
                     )
                 ).json()
                 shown.update(e["name"], job)
-                if job["state"] in ("succeeded", "failed"):
+                if job["state"] in ("done", "failed"):
                     final[e["name"]] = job
             time.sleep(1.0)
     finally:
         shown.close()
     seconds = time.monotonic() - started
-    failed = {n: j.get("error") for n, j in final.items() if j["state"] != "succeeded"}
+    failed = {n: j.get("error") for n, j in final.items() if j["state"] != "done"}
     if failed:
         raise RuntimeError(f"cycle jobs failed: {failed}")
     results = {n: final[n]["result"] for n in final}
@@ -591,7 +591,13 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         from fedinspect.report import write_report
 
         write_report(results, options.report_dir)
-    shutil.rmtree(work, ignore_errors=True)
+    # the data folders (models, features) go; the logs the first line pointed to stay
+    for child in work.iterdir():
+        if child.is_dir() and child.name != "logs":
+            shutil.rmtree(child, ignore_errors=True)
+        elif child.is_file():
+            child.unlink()
+    print(f"process logs kept in {work / 'logs'}", file=sys.stderr)
     return results
 
 
@@ -631,14 +637,23 @@ def format_table(results: Mapping[str, Any]) -> str:
             "\n* nothing deployed on that edge: its federated figure is the fine-tuned "
             "candidate's, which does not serve"
         )
+    n_tests = [r["n_test"] for r in results["edges"]]
+    fewest = max(1, min(n_tests))
     lines.append(
-        "\nmajority: always answering the edge's most frequent training class, on its test "
-        "split; stage 2: the server's model; federated: the model the edge's gate deployed"
+        "\nlegend: train / test: images in the edge's splits; every figure of a row is on "
+        "that edge's own test images (the test column), in %, accuracy / macro F1.\n"
+        "majority: always answering the edge's most frequent training class, on its test "
+        "split (the floor); local-only: trained on that edge's images alone; base: the "
+        "model before the cycle; stage 2: the server's model; federated: the model the "
+        "edge's gate deployed.\n"
+        f"One test image is worth {100 / fewest:.1f} points on the smallest test split "
+        f"({fewest} images): differences of that order between columns are noise."
     )
     c = results["centralized"]
     lines.append(
         f"\ncentralized upper bound: accuracy {_pct(c)}, macro F1 {_pct(c, 'macro_f1')}"
-        f" (references: {results.get('references', 'full')})"
+        f" on {sum(n_tests)} test images (all edges' test splits;"
+        f" references: {results.get('references', 'full')})"
     )
     lines.append(f"mean federated accuracy: {100 * results['mean_federated_accuracy']:.1f}")
     cyc = results["cycle"]

@@ -39,6 +39,28 @@ def table(cls: type[BaseSettings], prefix: str) -> str:
     return "\n".join(rows)
 
 
+def text(service: str | None = None) -> str:
+    """The settings as plain text for a terminal (``fedinspect settings``)."""
+    from edge_service.config import Settings as EdgeSettings
+    from server_service.config import Settings as ServerSettings
+
+    classes: list[tuple[str, type[BaseSettings], str]] = [
+        ("server", ServerSettings, "FEDINSPECT_SERVER_"),
+        ("edge", EdgeSettings, "FEDINSPECT_EDGE_"),
+    ]
+    lines: list[str] = []
+    for name, cls, prefix in classes:
+        if service is not None and service != name:
+            continue
+        lines.append(f"fedinspect {name}: environment variables")
+        for field_name, field in cls.model_fields.items():
+            default = _default(field).replace("`", "").replace("**", "")
+            lines.append(f"  {prefix}{field_name.upper()}  (default: {default})")
+            lines.append(f"      {field.description or ''}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def render() -> str:
     from edge_service.config import Settings as EdgeSettings
     from server_service.config import Settings as ServerSettings

@@ -244,6 +244,78 @@ class TensorSubset(BaseModel):
     names: list[str] = Field(min_length=1, max_length=10_000)
 
 
+ReportedModel = Literal["candidate", "server_model", "previous", "deployed"]
+
+
+class EdgeEvaluationReport(BaseModel):
+    """What an edge tells the server after stage 3 about a server model version: test
+    metrics of each model the gate weighed, and what it deployed. Metrics only: no
+    image, no feature, no prediction leaves the edge this way."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    chosen: Literal["candidate", "server_model", "previous"] | None = Field(
+        default=None, description="the model that serves after the gate; None: none"
+    )
+    deployed: bool = Field(description="a new model went into service")
+    decision: str = Field(default="", max_length=1000, description="the gate's reason")
+    n_test: int = Field(ge=0, description="images of the edge's test split")
+    metrics: dict[ReportedModel, EvalMetrics | None] = Field(
+        default={}, description="test-split metrics of each model the gate weighed"
+    )
+
+
+class EdgeEvaluation(BaseModel):
+    """An edge's report as the server stored it."""
+
+    edge_id: str
+    model_version: int
+    cycle_id: int | None = Field(description="the cycle that trained the model version")
+    reported_at: datetime
+    report: EdgeEvaluationReport
+
+
+class EdgeActivity(BaseModel):
+    """One edge as the fleet view shows it."""
+
+    edge_id: str
+    name: str
+    created_at: datetime
+    revoked: bool
+    last_seen: datetime | None = Field(
+        description="the edge's latest recorded act: joining a cycle, uploading, reporting"
+    )
+    last_upload: datetime | None
+    last_cycle_id: int | None
+    deployed_model_version: int | None = Field(
+        description="server model version behind the model the edge reported serving"
+    )
+    test_accuracy: float | None = Field(
+        description="test accuracy the edge reported for the model it serves"
+    )
+    reported_at: datetime | None
+
+
+class TrainingProgress(BaseModel):
+    cycle_id: int
+    fraction: float = Field(ge=0.0, le=1.0)
+    message: str
+    updated_at: datetime
+
+
+class Overview(BaseModel):
+    """Everything the dashboard shows, in one answer."""
+
+    now: datetime
+    edges: list[EdgeActivity]
+    cycles: list[Cycle]
+    models: list[ModelInfo]
+    evaluations: list[EdgeEvaluation]
+    training: list[TrainingProgress] = Field(
+        description="progress of the trainings this server process runs (best effort)"
+    )
+
+
 # --------------------------------------------------------------------------- edge
 
 
@@ -254,10 +326,18 @@ class JobKind(StrEnum):
 
 
 class JobState(StrEnum):
+    """A job's state, in the words of :class:`CycleState`: a job ends ``done`` or
+    ``failed`` as a cycle does (databases written before this read ``succeeded`` as
+    ``done``)."""
+
     queued = "queued"
     running = "running"
-    succeeded = "succeeded"
+    done = "done"
     failed = "failed"
+
+    @classmethod
+    def _missing_(cls, value: object) -> JobState | None:
+        return cls.done if value == "succeeded" else None
 
 
 class Job(BaseModel):
@@ -297,6 +377,15 @@ class LocalModel(BaseModel):
     note: str = ""
 
 
+class ServerLink(BaseModel):
+    """Whether the edge reached its server with its token, checked when asked."""
+
+    url: str
+    reachable: bool
+    authorized: bool = Field(description="the server accepted this edge's token")
+    detail: str = Field(description="what the check found, in words")
+
+
 class EdgeStatus(BaseModel):
     edge_name: str
     server_url: str
@@ -304,13 +393,28 @@ class EdgeStatus(BaseModel):
     deployed_model: LocalModel | None
     last_cycle_id: int | None
     last_job: Job | None
+    server: ServerLink | None = Field(
+        default=None, description="the server check made for this answer"
+    )
+    problems: list[str] = Field(
+        default=[],
+        description="what stops this edge from taking part in a cycle (server unreachable, "
+        "token refused, dataset missing); empty when nothing does",
+    )
 
 
 class ScoredLabel(BaseModel):
     filename: str
     label: str
     scores: dict[str, float]
-    heatmap_png_base64: str | None = None
+    heatmap_png_base64: str | None = Field(
+        default=None,
+        description="Grad-CAM of the predicted class over the image, a PNG in base64 "
+        "(POST /v1/predict?heatmap=true&format=png answers the PNG itself)",
+    )
+    heatmap_class: str | None = Field(
+        default=None, description="the class the heat map shows (the predicted one)"
+    )
 
 
 class PredictResponse(BaseModel):
@@ -361,8 +465,11 @@ __all__ = [
     "Cycle",
     "CycleState",
     "DatasetSummary",
+    "EdgeActivity",
     "EdgeCreate",
     "EdgeCreated",
+    "EdgeEvaluation",
+    "EdgeEvaluationReport",
     "EdgeInfo",
     "EdgeStatus",
     "ErrorResponse",
@@ -376,13 +483,17 @@ __all__ = [
     "LocalModel",
     "ModelInfo",
     "ModelManifest",
+    "Overview",
     "PredictResponse",
     "PrivacyConfig",
     "PrivacyMode",
+    "ReportedModel",
     "ScoredLabel",
+    "ServerLink",
     "SplitCounts",
     "TensorSubset",
     "TrainedFrom",
+    "TrainingProgress",
     "UploadAck",
     "UploadInfo",
 ]

@@ -1,8 +1,8 @@
 """Database schema and engine: SQLAlchemy 2.0 over SQLite (default) or PostgreSQL.
 
-Tables: ``edges``, ``cycles``, ``cycle_members``, ``uploads`` and ``models``. Only
-portable SQL is used; SQLite gets WAL and a busy timeout so the API threads, the
-training thread and the deadline watcher can share one file.
+Tables: ``edges``, ``cycles``, ``cycle_members``, ``uploads``, ``models`` and
+``edge_evaluations``. Only portable SQL is used; SQLite gets WAL and a busy timeout so
+the API threads, the training thread and the deadline watcher can share one file.
 """
 
 from __future__ import annotations
@@ -135,6 +135,19 @@ class ModelRow(Base):
     privacy_json: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
+class EdgeEvaluationRow(Base):
+    """An edge's stage-3 report on a server model version (metrics only), one per pair."""
+
+    __tablename__ = "edge_evaluations"
+    __table_args__ = (UniqueConstraint("edge_id", "model_version", name="one_report_per_model"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    edge_id: Mapped[str] = mapped_column(ForeignKey("edges.id"), index=True)
+    model_version: Mapped[int] = mapped_column(Integer)
+    report_json: Mapped[str] = mapped_column(Text)
+    reported_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -175,6 +188,7 @@ __all__ = [
     "Base",
     "CycleMemberRow",
     "CycleRow",
+    "EdgeEvaluationRow",
     "EdgeRow",
     "ModelRow",
     "Session",

@@ -12,12 +12,14 @@ import contextlib
 import sys
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from fedinspect.pages import install_pages
 from fl_core import __version__
 from fl_core.blobstore import LocalBlobStore
 from fl_core.errors import AuthError, ConfigError, FedInspectError, Forbidden
@@ -31,6 +33,8 @@ from server_service.runtime import Runtime
 from server_service.services.cycles import resume_training
 from server_service.services.models import ensure_base_model
 from server_service.services.watcher import watch_deadlines
+
+STATIC_DIR = Path(__file__).parent / "static" / "ui"
 
 
 def start_runtime(settings: Settings, metrics: ServerMetrics) -> Runtime:
@@ -104,6 +108,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Training cycles of federated visual defect inspection.",
         lifespan=lifespan,
+        docs_url=None,  # served offline by install_pages
+        redoc_url=None,
     )
     app.add_exception_handler(FedInspectError, _fedinspect_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -116,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         wait_s=settings.admission_wait_s,
     )
     app.include_router(api_router)
+    install_pages(app, STATIC_DIR)
     return app
 
 

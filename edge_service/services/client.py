@@ -30,7 +30,15 @@ from pydantic import BaseModel, ValidationError
 
 from edge_service.config import Settings
 from fl_core.errors import ConfigError, IntegrityError, RemoteError, Unavailable
-from fl_core.schemas import Cycle, ModelInfo, ModelManifest, TensorSubset, UploadAck
+from fl_core.schemas import (
+    Cycle,
+    EdgeEvaluationReport,
+    ModelInfo,
+    ModelManifest,
+    ServerLink,
+    TensorSubset,
+    UploadAck,
+)
 from fl_core.serialization import sha256_bytes
 
 log = logging.getLogger("edge_service.client")
@@ -271,6 +279,61 @@ class ServerClient:
         if self.on_transfer is not None:
             self.on_transfer("download", len(response.content))
         return response.content
+
+    def report_evaluation(self, version: int, report: EdgeEvaluationReport) -> None:
+        """Tell the server how server model ``version`` did here (metrics only)."""
+        self.request(
+            "PUT",
+            f"/v1/models/{version}/evaluation",
+            content=report.model_dump_json().encode(),
+            headers={"Content-Type": "application/json"},
+        )
+
+    def check(self, timeout_s: float = 3.0) -> ServerLink:
+        """One authenticated request to the server, no retries: can this edge work?"""
+        url = str(self.http.base_url)
+        if not self._token:
+            return ServerLink(
+                url=url,
+                reachable=False,
+                authorized=False,
+                detail="no server token: set FEDINSPECT_EDGE_TOKEN to the token issued by "
+                "the server's POST /v1/edges",
+            )
+        try:
+            # built, then sent: a short timeout of its own, whatever the client's default
+            request = self.http.build_request(
+                "GET",
+                "/v1/cycles",
+                params={"limit": 1},
+                headers={"Authorization": f"Bearer {self._token}"},
+                timeout=timeout_s,
+            )
+            response = self.http.send(request)
+        except httpx.HTTPError as exc:
+            return ServerLink(
+                url=url,
+                reachable=False,
+                authorized=False,
+                detail=f"cannot reach the server at {url}: {type(exc).__name__}: {exc}",
+            )
+        if response.status_code == 200:
+            return ServerLink(url=url, reachable=True, authorized=True, detail="ok")
+        detail = _detail(response)
+        if response.status_code in (401, 403):
+            return ServerLink(
+                url=url,
+                reachable=True,
+                authorized=False,
+                detail=f"the server refused this edge's token ({response.status_code}: "
+                f"{detail}): check FEDINSPECT_EDGE_TOKEN",
+            )
+        return ServerLink(
+            url=url,
+            reachable=True,
+            authorized=False,
+            detail=f"the server answered {response.status_code}: {detail}",
+        )
 
 
 __all__ = [

@@ -22,7 +22,7 @@ from edge_service.services.metrics import EdgeMetrics
 from edge_service.services.predict import Predictor
 from edge_service.services.registry import ModelRegistry
 from fl_core.blobstore import LocalBlobStore
-from fl_core.schemas import EdgeStatus, Job, JobKind
+from fl_core.schemas import EdgeStatus, Job, JobKind, ServerLink
 
 log = logging.getLogger("edge_service")
 
@@ -59,6 +59,7 @@ class EdgeContext:
 
     def status(self) -> EdgeStatus:
         last_cycle = self.store.get_state(LAST_CYCLE_KEY)
+        server, problems = self.readiness()
         return EdgeStatus(
             edge_name=self.settings.name,
             server_url=self.settings.server_url,
@@ -66,7 +67,26 @@ class EdgeContext:
             deployed_model=self.registry.deployed(),
             last_cycle_id=last_cycle if isinstance(last_cycle, int) else None,
             last_job=self.store.last_job(),
+            server=server,
+            problems=problems,
         )
+
+    def readiness(self) -> tuple[ServerLink, list[str]]:
+        """The server check and what stops this edge from taking part in a cycle."""
+        server = self.client.check()
+        problems = [] if server.authorized else [server.detail]
+        dataset = self.data.problem()
+        if dataset is not None:
+            problems.append(dataset)
+        return server, problems
+
+    def log_readiness(self) -> None:
+        """At start-up: say at once what will make the first job fail."""
+        server, problems = self.readiness()
+        for problem in problems:
+            log.warning("event=not_ready edge=%s problem=%r", self.settings.name, problem)
+        if not problems:
+            log.info("event=ready edge=%s server=%s", self.settings.name, server.url)
 
     def close(self) -> None:
         self.runner.shutdown(timeout=5.0)

@@ -51,12 +51,19 @@ from edge_service.services.jobs import JobContext, Plan
 from edge_service.services.registry import ModelRegistry
 from edge_service.services.weights import fetch_base_weights
 from fl_core.data import ImageSet, Splits
-from fl_core.errors import Conflict, InvalidInput, RemoteError, Unavailable
+from fl_core.errors import Conflict, FedInspectError, InvalidInput, RemoteError, Unavailable
 from fl_core.features import check_model_matches_spec, extract_images
 from fl_core.model import SplitModel, model_from_bytes
 from fl_core.onnx_runtime import lower_runner
 from fl_core.privacy import pack_upload
-from fl_core.schemas import Cycle, CycleState, EvalMetrics, FeatureSpec, LocalModel
+from fl_core.schemas import (
+    Cycle,
+    CycleState,
+    EdgeEvaluationReport,
+    EvalMetrics,
+    FeatureSpec,
+    LocalModel,
+)
 from fl_core.training import (
     FinetuneConfig,
     FrozenActivations,
@@ -87,6 +94,37 @@ PLANS: dict[str, Plan] = {
     "extract": [("request", 0.05), ("download", 0.1), ("extract", 0.7), ("upload", 0.15)],
     "finetune": [("download", 0.08), ("evaluate", 0.07), ("finetune", 0.75), ("evaluate", 0.1)],
 }
+
+
+def waiting_message(cycle: Cycle, now: datetime) -> str:
+    """What a job waiting for ``cycle`` waits for, until when, and what cuts it short."""
+    deadline = cycle.deadline if cycle.deadline.tzinfo else cycle.deadline.replace(tzinfo=UTC)
+    at = deadline.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    head = f"waiting for cycle {cycle.id} ({cycle.state.value})"
+    if cycle.state == CycleState.training:
+        return f"{head}: the server is training on {len(cycle.uploads)} uploads"
+    uploads = f"{len(cycle.uploads)}/{cycle.min_edges} uploads"
+    left = (deadline - now).total_seconds()
+    if left > 0:
+        when = f"until its deadline {at} (in {_duration(left)})"
+    else:
+        when = f"its deadline {at} passed {_duration(-left)} ago"
+    return (
+        f"{head}: {uploads}, the server trains when {cycle.min_edges} edges have uploaded "
+        f"or at the deadline; waiting {when}; an operator can train now with "
+        f"POST /v1/cycles/{cycle.id}/train on the server"
+    )
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
 
 
 # --------------------------------------------------------------------------- the gate
@@ -342,11 +380,7 @@ class CycleService:
                     f"deadline (margin {s.wait_margin_s:.0f}s): gave up waiting"
                 )
             elapsed = (now - started).total_seconds()
-            ctx.update(
-                min(0.95, elapsed / span),
-                f"waiting for cycle {cycle.id}: {current.state.value}, "
-                f"{len(current.uploads)}/{current.min_edges} uploads",
-            )
+            ctx.update(min(0.95, elapsed / span), waiting_message(current, now))
             ctx.sleep(interval)
             interval = min(interval * 1.5, s.poll_max_interval_s)
 
@@ -429,7 +463,35 @@ class CycleService:
             test_acts=test_acts,
         )
         result.update(outcome.result_fields())
+        self._report(info.version, outcome, len(splits.test))
         ctx.update(1.0, outcome.decision)
+
+    def _report(self, version: int, outcome: GateOutcome, n_test: int) -> None:
+        """Send the server the gate's test metrics (never images): the fleet's accuracy
+        view. A refused or failed report is logged; the deployed model is not undone."""
+        report = EdgeEvaluationReport(
+            chosen=outcome.chosen,
+            deployed=outcome.deployed,
+            decision=outcome.decision[:1000],
+            n_test=n_test,
+            metrics={
+                "candidate": outcome.candidate,
+                "server_model": outcome.server_model,
+                "previous": outcome.previous,
+                "deployed": outcome.deployed_metrics,
+            },
+        )
+        try:
+            self.client.report_evaluation(version, report)
+        except FedInspectError as exc:
+            log.warning(
+                "edge=%s event=report_failed model=%d error=%r",
+                self.settings.name,
+                version,
+                exc.detail,
+            )
+        else:
+            log.info("edge=%s event=reported model=%d", self.settings.name, version)
 
     def gate_and_register(
         self,
@@ -551,4 +613,5 @@ __all__ = [
     "PLANS",
     "CycleService",
     "GateOutcome",
+    "waiting_message",
 ]

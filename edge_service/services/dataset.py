@@ -56,6 +56,15 @@ class LocalData:
             counts=SplitCounts(train=s.train.counts(), val=s.val.counts(), test=s.test.counts()),
         )
 
+    def problem(self) -> str | None:
+        """Why the dataset cannot be used, in words; None when it loads."""
+        try:
+            self.splits()
+        except Exception as exc:
+            detail = getattr(exc, "detail", None) or f"{type(exc).__name__}: {exc}"
+            return f"dataset {self.spec!r} cannot be loaded: {detail}"
+        return None
+
     def try_summary(self) -> DatasetSummary | None:
         """The summary, or None when the dataset cannot be loaded (status must not fail)."""
         try:

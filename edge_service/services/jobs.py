@@ -140,14 +140,16 @@ class JobRunner:
             )
         else:
             result["stage_seconds"] = ctx.finish()
+            # a finished job names no stage it is in: "done", like its state
             self.store.update_job(
                 job_id,
-                state=JobState.succeeded,
+                state=JobState.done,
+                stage="done",
                 progress=1.0,
                 message="done",
                 result=result,
             )
-            log.info("job=%s event=succeeded", job_id)
+            log.info("job=%s event=done", job_id)
         finally:
             with self._lock:
                 self._current = None

@@ -146,6 +146,7 @@ class Predictor:
                     label=names[top],
                     scores={n: float(probs[i, j]) for j, n in enumerate(names)},
                     heatmap_png_base64=png,
+                    heatmap_class=names[top] if heatmap else None,
                 )
             )
         seconds = time.perf_counter() - started

@@ -25,6 +25,7 @@ from server_service.logs import log_event
 from server_service.runtime import Runtime
 from server_service.services import cycle_state
 from server_service.services.models import get_model, load_model, model_row, next_version
+from server_service.services.progress import TRAINING
 
 #: attempts at taking the next version number when replicas register concurrently
 _VERSION_ATTEMPTS = 3
@@ -117,6 +118,7 @@ def train_cycle(rt: Runtime, cycle_id: int) -> None:
         # Called after every epoch: the place where a stopping server can cut in.
         if rt.stopping.is_set():
             raise TrainingInterrupted()
+        TRAINING.report(cycle_id, fraction, message)
         log_event(
             "cycle.training_progress",
             logging.DEBUG,

@@ -124,7 +124,7 @@ def wait_job(client: TestClient, job_id: str, timeout: float = 60.0) -> dict[str
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}", headers=AUTH).json()
-        if job["state"] in ("succeeded", "failed"):
+        if job["state"] in ("done", "failed"):
             return job
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} did not finish in {timeout}s")

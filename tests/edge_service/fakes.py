@@ -4,6 +4,7 @@ failing on cue (status codes or transport errors), so tests can count attempts."
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ class FakeServer:
     faults: dict[tuple[str, str], list[Fault]] = field(default_factory=dict)
     attempts: dict[tuple[str, str], int] = field(default_factory=dict)
     uploads: list[bytes] = field(default_factory=list)
+    #: evaluation reports received (PUT /v1/models/{version}/evaluation), parsed
+    reports: list[dict[str, object]] = field(default_factory=list)
     tamper_weights: bool = False
 
     def __post_init__(self) -> None:
@@ -113,7 +116,15 @@ class FakeServer:
             return self._get_model
         if method == "GET" and re.fullmatch(r"/v1/models/\d+/weights", path):
             return self._get_weights
+        if method == "GET" and path == "/v1/cycles":
+            return lambda _r: httpx.Response(200, json=[])
+        if method == "PUT" and re.fullmatch(r"/v1/models/\d+/evaluation", path):
+            return self._put_evaluation
         return None
+
+    def _put_evaluation(self, request: httpx.Request) -> httpx.Response:
+        self.reports.append(json.loads(request.content))
+        return httpx.Response(200, json={})
 
     def _create_cycle(self, _request: httpx.Request) -> httpx.Response:
         now = datetime.now(UTC)

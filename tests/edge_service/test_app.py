@@ -69,9 +69,9 @@ def test_openapi_documents_every_route(edge: TestClient) -> None:
 
 def test_metrics_count_jobs_and_bytes(edge: TestClient, fake_server: FakeServer) -> None:
     done = wait_job(edge, edge.post("/v1/jobs/extract", headers=AUTH).json()["id"])
-    assert done["state"] == "succeeded"
+    assert done["state"] == "done"
     text = edge.get("/metrics", headers=AUTH).text
-    assert 'fedinspect_edge_jobs{state="succeeded"} 1.0' in text
+    assert 'fedinspect_edge_jobs{state="done"} 1.0' in text
     assert 'fedinspect_edge_jobs{state="running"} 0.0' in text
     uploaded = float(done["result"]["bytes_uploaded"])
     downloaded = float(done["result"]["bytes_downloaded"])

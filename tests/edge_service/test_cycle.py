@@ -38,7 +38,7 @@ def test_cycle_job_runs_every_stage_and_deploys(edge: TestClient, fake_server: F
     job = response.json()
     assert job["kind"] == "cycle" and job["state"] in ("queued", "running")
     done = wait_job(edge, job["id"])
-    assert done["state"] == "succeeded", done["error"]
+    assert done["state"] == "done", done["error"]
     assert done["progress"] == 1.0
     result = done["result"]
     assert set(result) >= RESULT_KEYS
@@ -82,7 +82,7 @@ def test_the_edge_sends_only_features_never_images(
     edge: TestClient, fake_server: FakeServer
 ) -> None:
     done = wait_job(edge, edge.post("/v1/jobs/cycle", headers=AUTH).json()["id"])
-    assert done["state"] == "succeeded", done["error"]
+    assert done["state"] == "done", done["error"]
     allowed = [
         ("POST", r"/v1/cycles"),
         ("GET", r"/v1/cycles/\d+"),
@@ -91,6 +91,9 @@ def test_the_edge_sends_only_features_never_images(
         ("GET", r"/v1/models/\d+/weights"),
         ("GET", r"/v1/models/\d+/manifest"),
         ("POST", r"/v1/models/\d+/weights/subset"),
+        # the start-up check of the link, and the evaluation report after stage 3
+        ("GET", r"/v1/cycles"),
+        ("PUT", r"/v1/models/\d+/evaluation"),
     ]
     for request in fake_server.requests:
         assert any(request.method == m and re.fullmatch(p, request.url.path) for m, p in allowed), (
@@ -100,7 +103,18 @@ def test_the_edge_sends_only_features_never_images(
             assert set(json.loads(request.content)) == {"names"}
         elif request.method != "PUT":
             assert request.content == b""
-    puts = [r for r in fake_server.requests if r.method == "PUT"]
+    # the evaluation report: metrics and the gate's words, nothing from an image
+    (report,) = [r for r in fake_server.requests if r.url.path.endswith("/evaluation")]
+    assert report.headers["Content-Type"] == "application/json"
+    assert set(json.loads(report.content)) == {
+        "chosen",
+        "deployed",
+        "decision",
+        "n_test",
+        "metrics",
+    }
+    assert len(report.content) < 8192
+    puts = [r for r in fake_server.requests if r.url.path.endswith("/features")]
     assert len(puts) == 1
     body = puts[0].content
     assert puts[0].headers["Content-Type"] == "application/octet-stream"
@@ -128,16 +142,18 @@ def test_progress_is_monotone_with_stage_messages(
     while True:
         job = edge.get(f"/v1/jobs/{job_id}", headers=AUTH).json()
         seen.append((job["stage"], job["progress"], job["message"]))
-        if job["state"] in ("succeeded", "failed"):
+        if job["state"] in ("done", "failed"):
             break
-    assert job["state"] == "succeeded", job["error"]
+    assert job["state"] == "done", job["error"]
     progress = [p for _, p, _ in seen]
     assert progress == sorted(progress)
     assert all(0.0 <= p <= 1.0 for p in progress)
     assert abs(sum(w for _, w in PLANS["cycle"]) - 1.0) < 1e-9
     stages = [s for s, _, _ in seen]
     assert "wait" in stages
-    assert any(m.startswith("waiting for cycle 7: training") for _, _, m in seen)
+    assert any(
+        m.startswith("waiting for cycle 7 (training): the server is training") for _, _, m in seen
+    )
 
 
 def test_server_failed_cycle_fails_the_job_with_its_reason(
@@ -167,7 +183,7 @@ def test_network_faults_are_retried_inside_a_job(edge: TestClient, fake_server: 
     fake_server.fail("GET", r"/v1/models/\d+/weights", httpx.ReadTimeout, 502)
     fake_server.fail("PUT", r"/v1/cycles/\d+/features", httpx.WriteError, 500)
     done = wait_job(edge, edge.post("/v1/jobs/extract", headers=AUTH).json()["id"])
-    assert done["state"] == "succeeded", done["error"]
+    assert done["state"] == "done", done["error"]
     assert len(fake_server.uploads) == 1  # the failed attempts never reached the route
     assert fake_server.attempts[("PUT", r"/v1/cycles/\d+/features")] == 2
 
@@ -185,7 +201,7 @@ def test_weights_with_a_wrong_digest_fail_the_job(
 def test_base_weights_are_downloaded_once(edge: TestClient, fake_server: FakeServer) -> None:
     for _ in range(2):
         done = wait_job(edge, edge.post("/v1/jobs/extract", headers=AUTH).json()["id"])
-        assert done["state"] == "succeeded", done["error"]
+        assert done["state"] == "done", done["error"]
     downloads = [r for r in fake_server.requests if r.url.path.endswith("/weights")]
     assert len(downloads) == 1
     assert done["result"]["bytes_downloaded"] == 0
@@ -210,7 +226,7 @@ def test_finetune_job_defaults_to_the_latest_model(
     edge: TestClient, fake_server: FakeServer
 ) -> None:
     done = wait_job(edge, edge.post("/v1/jobs/finetune", headers=AUTH).json()["id"])
-    assert done["state"] == "succeeded", done["error"]
+    assert done["state"] == "done", done["error"]
     assert done["result"]["model_version"] == 2
     assert done["result"]["cycle_id"] is None
     assert fake_server.uploads == []

@@ -346,7 +346,7 @@ def test_skewed_edge_deploys_no_worse_than_the_majority_class(
     monkeypatch.setattr(cycle, "finetune", gone_wrong)
     monkeypatch.setattr(cycle, "evaluate", counting)
     done = wait_job(edge, edge.post("/v1/jobs/finetune", headers=AUTH).json()["id"])
-    assert done["state"] == "succeeded", done["error"]
+    assert done["state"] == "done", done["error"]
     # both models scored from one pass of the frozen stages over each split
     assert full_passes == []
     result = done["result"]

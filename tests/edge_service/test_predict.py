@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
 import zlib
 
@@ -191,3 +192,24 @@ def test_predictions_are_counted_in_metrics(edge: TestClient) -> None:
     text = edge.get("/metrics", headers=AUTH).text
     assert "fedinspect_edge_predictions_total 2.0" in text
     assert "fedinspect_edge_prediction_latency_seconds_count 2.0" in text
+
+
+def test_heatmap_as_png_names_the_class_it_shows(edge: TestClient) -> None:
+    deploy_tiny(edge)
+    one = {"files": ("a.png", png(48, 36), "image/png")}
+    as_json = edge.post("/v1/predict?heatmap=true", headers=AUTH, files=one).json()
+    (scored,) = as_json["predictions"]
+    assert scored["heatmap_class"] == scored["label"]
+
+    response = edge.post("/v1/predict?format=png", headers=AUTH, files=one)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    assert response.content == base64.b64decode(scored["heatmap_png_base64"])
+    assert response.headers["X-FedInspect-Label"] == scored["label"]
+    assert response.headers["X-FedInspect-Heatmap-Class"] == scored["label"]
+    assert json.loads(response.headers["X-FedInspect-Scores"]) == pytest.approx(scored["scores"])
+
+    two = [("files", ("a.png", png(8, 8))), ("files", ("b.png", png(8, 8)))]
+    refused = edge.post("/v1/predict?format=png", headers=AUTH, files=two)
+    assert refused.status_code == 422
+    assert refused.json() == {"detail": "format=png answers one heat map: send one image, not 2"}

@@ -6,8 +6,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 
-from edge_service.db import EdgeStore
+from edge_service.db import EdgeStore, JobRow
 from edge_service.services.jobs import JobContext, JobRunner
 from fl_core.errors import Conflict, InvalidInput
 from fl_core.schemas import JobKind, JobState
@@ -19,12 +20,12 @@ def test_jobs_persist_across_reopening(tmp_path: Path) -> None:
     store = EdgeStore.open(tmp_path / "edge.db")
     job = store.create_job(JobKind.extract, {"x": 1})
     store.update_job(job.id, state=JobState.running, stage="extract", progress=0.4, message="m")
-    store.update_job(job.id, state=JobState.succeeded, progress=1.0, result={"n_train": 3})
+    store.update_job(job.id, state=JobState.done, progress=1.0, result={"n_train": 3})
     store.close()
 
     again = EdgeStore.open(tmp_path / "edge.db")
     loaded = again.get_job(job.id)
-    assert loaded.state == JobState.succeeded and loaded.result == {"n_train": 3}
+    assert loaded.state == JobState.done and loaded.result == {"n_train": 3}
     assert loaded.stage == "extract" and loaded.progress == 1.0
     assert loaded.created_at.tzinfo is not None
     assert again.job_params(job.id) == {"x": 1}
@@ -89,7 +90,7 @@ def test_runner_progress_is_monotone_and_persisted(tmp_path: Path) -> None:
     job = runner.submit(JobKind.extract, work, [("extract", 3.0), ("upload", 1.0)])
     assert runner.wait_idle(10)
     done = store.get_job(job.id)
-    assert done.state == JobState.succeeded and done.progress == 1.0
+    assert done.state == JobState.done and done.progress == 1.0
     assert done.result is not None and done.result["ok"] is True
     assert set(done.result["stage_seconds"]) >= {"extract", "upload"}
     assert seen == sorted(seen)
@@ -141,4 +142,16 @@ def test_shutdown_interrupts_a_waiting_job(tmp_path: Path) -> None:
     assert store.get_job(job.id).error == "interrupted: the edge stopped during wait"
     with pytest.raises(Conflict, match="shutting down"):
         runner.submit(JobKind.cycle, waits, [("wait", 1.0)])
+    store.close()
+
+
+def test_jobs_stored_as_succeeded_read_as_done(tmp_path: Path) -> None:
+    """Databases written before jobs and cycles shared one vocabulary stay readable."""
+    store = EdgeStore.open(tmp_path / "edge.db")
+    job = store.create_job(JobKind.extract)
+    with store._sessions() as s:
+        s.execute(update(JobRow).where(JobRow.id == job.id).values(state="succeeded"))
+        s.commit()
+    assert store.get_job(job.id).state == JobState.done
+    assert store.count_jobs_by_state()["done"] == 1
     store.close()

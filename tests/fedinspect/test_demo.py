@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -114,6 +116,10 @@ def test_table_and_report(tmp_path: Path) -> None:
     )
     assert "majority: always answering the edge's most frequent training class" in table
     assert "centralized upper bound: accuracy 80.0" in table
+    # how many test images each figure rests on, and what one image is worth
+    assert "every figure of a row is on that edge's own test images" in table
+    assert "One test image is worth 20.0 points on the smallest test split (5 images)" in table
+    assert "on 10 test images (all edges' test splits" in table
     report = write_report(results, tmp_path / "report")
     assert table in report.read_text()
     for png in ("accuracy.png", "confusion.png"):
@@ -162,6 +168,13 @@ def test_quick_demo_end_to_end(tmp_path: Path) -> None:
     assert 0 < wire["uploaded"] < wire["raw_images"]
     assert wire["downloaded"] > 0
     assert "centralized upper bound" in done.stdout
+    # the logs folder the first line pointed to is still there to read
+    kept = re.search(r"process logs kept in (\S+)", done.stderr)
+    assert kept is not None, done.stderr[-2000:]
+    logs = Path(kept.group(1))
+    assert sorted(p.name for p in logs.glob("*.log"))[:1] == ["edge-1.log"]
+    assert not [p for p in logs.parent.iterdir() if p.name != "logs"]
+    shutil.rmtree(logs.parent)
 
 
 def test_unknown_reference_mode_is_refused() -> None:

@@ -5,7 +5,8 @@ forgotten) is called by every kind of caller: none, a malformed Authorization he
 a wrong token, a revoked edge, another edge, the edge, the admin. Only ``/health``
 answers without a valid token; a role a route does not admit gets 403 (server) and an
 unknown token 401 with ``WWW-Authenticate: Bearer``. The schema and the interactive
-docs (``/openapi.json``, ``/docs``, ``/redoc``) are public on purpose (SECURITY.md).
+docs (``/openapi.json``, ``/docs``, ``/redoc``) and the operator page (``/ui``, data-free
+HTML whose data comes from the API with a token) are public on purpose (SECURITY.md).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from tests.server_service.helpers import (
 )
 
 PUBLIC = {("GET", "/health")}
-PUBLIC_DOCS = ["/openapi.json", "/docs", "/redoc"]
+PUBLIC_DOCS = ["/openapi.json", "/docs", "/redoc", "/ui"]
 
 #: server routes and the roles they admit; every route the schema lists must be here
 SERVER_ROLES: dict[tuple[str, str], set[str]] = {
@@ -55,6 +56,9 @@ SERVER_ROLES: dict[tuple[str, str], set[str]] = {
     ("GET", "/v1/models/{version}/weights"): {"edge", "admin"},
     ("GET", "/v1/models/{version}/manifest"): {"edge", "admin"},
     ("POST", "/v1/models/{version}/weights/subset"): {"edge", "admin"},
+    ("PUT", "/v1/models/{version}/evaluation"): {"edge"},
+    ("GET", "/v1/evaluations"): {"admin"},
+    ("GET", "/v1/overview"): {"admin"},
 }
 
 UNAUTHENTICATED = ["none", "malformed: no scheme", "malformed: basic", "wrong token", "revoked"]
@@ -100,6 +104,8 @@ class ServerWorld:
             kwargs["json"] = {"name": f"new-{caller.replace(' ', '-').replace(':', '')}"}
         if path.endswith("/weights/subset"):
             kwargs["json"] = {"names": ["head.1.bias"]}
+        if path.endswith("/evaluation"):
+            kwargs["json"] = {"deployed": False, "n_test": 0}
         if path.endswith("/features"):
             kwargs["content"] = make_upload(self.cycle, self.edge.edge_id, seed=3)
             kwargs["headers"] = {"Content-Type": "application/octet-stream"}

@@ -37,6 +37,9 @@ def test_every_route_is_documented(client: TestClient) -> None:
         ("GET", "/v1/models/{version}/weights"),
         ("GET", "/v1/models/{version}/manifest"),
         ("POST", "/v1/models/{version}/weights/subset"),
+        ("PUT", "/v1/models/{version}/evaluation"),
+        ("GET", "/v1/evaluations"),
+        ("GET", "/v1/overview"),
     }
     for key, op in ops.items():
         assert op.get("summary"), key
