@@ -208,3 +208,50 @@ def test_a_dribbling_body_is_cut_off_even_with_no_long_pause(tmp_path: Path) -> 
         assert answer.status == 408, answer
         with httpx.Client(base_url=server.url) as c:
             assert c.get("/health").status_code == 200
+
+
+@pytest.mark.slow
+def test_edge_admission_bounds_predictions_and_cuts_off_slow_bodies(
+    tmp_path: Path, image_folder: Path
+) -> None:
+    """The edge had no admission control: any number of predictions decoded images at
+    once, and a stalled body held its request for good."""
+    port = free_port()
+    env = edge_env(tmp_path / "edge", port, "http://127.0.0.1:9", "unused", "e1", image_folder)
+    env.update(
+        {
+            "FEDINSPECT_EDGE_MAX_CONCURRENT_PREDICTIONS": "1",
+            "FEDINSPECT_EDGE_ADMISSION_WAIT_S": "0.2",
+            "FEDINSPECT_EDGE_BODY_TIMEOUT_S": "2",
+            "FEDINSPECT_EDGE_MIN_BODY_RATE": "1000",
+        }
+    )
+    with services(tmp_path) as procs:
+        edge = procs.edge("edge", port, env)
+        stalled = open_request(
+            port,
+            "POST",
+            "/v1/predict",
+            1024 * 1024,
+            EDGE_ADMIN_TOKEN,
+            first_bytes=b"--xyz\r\n",
+            content_type=MULTIPART,
+        )
+        try:
+            with client(edge.url, EDGE_ADMIN_TOKEN) as c:
+                busy = None
+                for _ in range(50):  # the stalled request takes the one slot at once
+                    busy = c.post("/v1/predict", files={"files": ("a.png", b"x")})
+                    if busy.status_code == 503:
+                        break
+                assert busy is not None and busy.status_code == 503, busy and busy.text
+                assert busy.headers["Retry-After"] == "1"
+                assert c.get("/v1/status").status_code == 200  # other routes are served
+            cut = read_answer(stalled, 30)
+        finally:
+            stalled.close()
+        assert cut.status == 408, cut
+        with client(edge.url, EDGE_ADMIN_TOKEN) as c:
+            # no model deployed: 409, but admitted and answered
+            assert c.post("/v1/predict", files={"files": ("a.png", b"x")}).status_code == 409
+        assert "Traceback" not in edge.log(200_000)
