@@ -202,7 +202,8 @@ class RequestGuard:
     caller sends at most ``max_uploads_per_caller`` bodies that ``is_upload(scope)`` at
     once; more are answered 503 with Retry-After. A body must keep arriving: a gap of
     more than ``idle_timeout_s`` between chunks, or fewer than ``min_rate`` bytes a
-    second on average once ``idle_timeout_s`` has passed, ends the request with 408.
+    second on average once ``idle_timeout_s`` has passed since the app first asked for
+    the body (time spent waiting for admission does not count), ends it with 408.
     A client that hangs up mid-body is logged as one WARNING line, no traceback.
     """
 
@@ -277,7 +278,7 @@ class RequestGuard:
     async def _guarded(
         self, scope: Scope, receive: Receive, send: Send, counted: list[str]
     ) -> None:
-        started = time.monotonic()
+        started = 0.0  # when the app first asked for the body: waits before it are ours
         limit = self.body_limit(scope)
         received = 0
         admitted = False
@@ -287,7 +288,7 @@ class RequestGuard:
         response_started = False
 
         async def guarded_receive() -> Message:
-            nonlocal received, admitted, body_done, disconnected, refused
+            nonlocal received, admitted, body_done, disconnected, refused, started
             if refused is not None:
                 raise refused
             if body_done:
@@ -299,6 +300,7 @@ class RequestGuard:
                 except _Refused as exc:
                     refused = exc
                     raise
+                started = time.monotonic()
             # the body must keep coming: no long gap, and a minimum average rate
             allowed = started + self.idle_timeout_s + received / self.min_rate
             timeout = min(self.idle_timeout_s, allowed - time.monotonic())
