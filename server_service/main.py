@@ -72,10 +72,10 @@ def _fedinspect_error(_request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-def _storage_error(_request: Request, exc: Exception) -> JSONResponse:
+def _storage_error(request: Request, exc: Exception) -> JSONResponse:
     if not is_disk_full(exc):
         raise exc  # not ours to explain: the server's error handler answers 500
-    settings: Settings = _request.app.state.runtime.settings
+    settings: Settings = request.app.state.runtime.settings
     log_event("storage.full", logging.WARNING, data_dir=settings.data_dir, error=shorten(str(exc)))
     return JSONResponse({"detail": DISK_FULL_DETAIL}, status_code=507)
 
