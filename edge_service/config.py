@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fl_core.guards import token_problem
+
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
@@ -66,7 +68,8 @@ class Settings(BaseSettings):
     # ---------------------------------------------------------------- identity, auth
     admin_token: SecretStr = Field(
         description="Bearer token of this edge's operators; every route but /health "
-        "needs it. Required: the edge refuses to start without it.",
+        "needs it. Required: the edge refuses to start without it; at least 16 "
+        "characters, 8 of them different, and not equal to TOKEN.",
     )
     name: str = Field(default="edge", description="Name of this edge, shown in its status.")
 
@@ -143,11 +146,68 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         default=50_000_000, ge=1, description="Largest image accepted for prediction, pixels."
     )
+    max_predict_pixels: int = Field(
+        default=100_000_000,
+        ge=1,
+        description="Most pixels of all images in one POST /v1/predict request together.",
+    )
+    max_predict_files: int = Field(
+        default=16, ge=1, description="Most images in one POST /v1/predict request."
+    )
+    max_image_aspect: float = Field(
+        default=32.0,
+        ge=1,
+        description="Largest ratio of an image's longer side to its shorter one.",
+    )
+
+    # ---------------------------------------------------------------- HTTP limits
+    max_request_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1,
+        description="Largest body of any request but POST /v1/predict, bytes.",
+    )
+    max_concurrent_requests: int = Field(
+        default=16,
+        ge=1,
+        description="Requests handled at once; more wait up to ADMISSION_WAIT_S, then get "
+        "503 with Retry-After (/health is exempt).",
+    )
+    max_concurrent_predictions: int = Field(
+        default=2,
+        ge=1,
+        description="POST /v1/predict requests handled at once (each decodes images); more "
+        "wait up to ADMISSION_WAIT_S, then get 503 with Retry-After.",
+    )
+    admission_wait_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="How long a request over the concurrency limits waits for a slot, s.",
+    )
+    body_timeout_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="A request body that pauses longer than this, in seconds, is cut off with 408.",
+    )
+    min_body_rate: float = Field(
+        default=16 * 1024,
+        gt=0,
+        description="Slowest average rate a request body may arrive at once BODY_TIMEOUT_S "
+        "has passed, bytes per second; slower bodies are cut off with 408.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
-        if not self.admin_token.get_secret_value():
+        admin = self.admin_token.get_secret_value()
+        if not admin:
             raise ValueError("admin_token must not be empty")
+        problem = token_problem(admin)
+        if problem is not None:
+            raise ValueError(f"admin_token {problem}")
+        if self.token is not None and admin == self.token.get_secret_value():
+            raise ValueError(
+                "admin_token must differ from token (the edge's server token): whoever "
+                "holds one would hold both"
+            )
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must be below 1")
         if self.poll_max_interval_s < self.poll_interval_s:

@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -16,94 +15,40 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import fl_core
-from edge_service.api.deps import get_settings
+from edge_service.api.deps import check_admin, get_settings, require_admin
 from edge_service.api.main import api_router
 from edge_service.config import Settings
 from edge_service.services.context import build_context
 from fedinspect.pages import install_pages
 from fl_core.errors import AuthError, FedInspectError
+from fl_core.guards import (
+    AdmissionControl,
+    RequestGuard,
+    Scope,
+    install_access_log_filter,
+    redact_url,
+    route_needs,
+    shorten,
+)
+
+#: an error detail never repeats more of the caller's input than this
+MAX_DETAIL_CHARS = 1000
 
 log = logging.getLogger("edge_service")
 
 STATIC_DIR = Path(__file__).parent / "static" / "ui"
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
-class BodySizeLimit:
-    """Refuse request bodies over ``max_bytes`` on ``paths`` with 413, before they are
-    spooled to disk: by Content-Length when sent, else by counting the stream."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int, paths: frozenset[str]) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.paths = paths
-
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps(
-            {"detail": f"request body too large: the limit is {self.max_bytes} bytes"}
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in self.paths:
-            await self.app(scope, receive, send)
-            return
-        for key, value in scope["headers"]:
-            if key == b"content-length":
-                try:
-                    too_big = int(value) > self.max_bytes
-                except ValueError:
-                    too_big = False
-                if too_big:
-                    await self._refuse(send)
-                    return
-        received = 0
-        exceeded = False
-
-        async def limited_receive() -> Message:
-            nonlocal received, exceeded
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    exceeded = True
-                    raise _BodyTooLarge
-            return message
-
-        async def guarded_send(message: Message) -> None:
-            # once over the limit, whatever the app makes of the cut body is dropped
-            if not exceeded:
-                await send(message)
-
-        try:
-            await self.app(scope, limited_receive, guarded_send)
-        except Exception:
-            if not exceeded:
-                raise
-        if exceeded:
-            await self._refuse(send)
-
-
 async def _fedinspect_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, FedInspectError)
     headers = {"WWW-Authenticate": "Bearer"} if type(exc) is AuthError else None
-    return JSONResponse({"detail": exc.detail}, status_code=exc.http_status, headers=headers)
+    return JSONResponse(
+        {"detail": shorten(exc.detail, MAX_DETAIL_CHARS)},
+        status_code=exc.http_status,
+        headers=headers,
+    )
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -111,9 +56,18 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     problems = []
     for err in exc.errors():
-        where = ".".join(str(part) for part in err.get("loc", ()))
-        problems.append(f"{where}: {err.get('msg', 'invalid')}")
-    return JSONResponse({"detail": "; ".join(problems) or "invalid request"}, status_code=422)
+        where = ".".join(shorten(str(part)) for part in err.get("loc", ()))
+        problems.append(f"{where}: {shorten(str(err.get('msg', 'invalid')))}")
+    detail = shorten("; ".join(problems) or "invalid request", MAX_DETAIL_CHARS)
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+def _authenticate(settings: Settings) -> Callable[[Scope, str | None], Awaitable[str]]:
+    async def authenticate(_scope: Scope, token: str | None) -> str:
+        check_admin(settings, token)
+        return "admin"
+
+    return authenticate
 
 
 def create_app(
@@ -131,7 +85,7 @@ def create_app(
         log.info(
             "event=started edge=%s server=%s dataset=%s",
             settings.name,
-            settings.server_url,
+            redact_url(settings.server_url),
             settings.dataset,
         )
         await asyncio.to_thread(ctx.log_readiness)
@@ -153,8 +107,27 @@ def create_app(
     app.dependency_overrides[get_settings] = lambda: settings
     app.add_exception_handler(FedInspectError, _fedinspect_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    predict = ("POST", "/v1/predict")
     app.add_middleware(
-        BodySizeLimit, max_bytes=settings.max_predict_bytes, paths=frozenset({"/v1/predict"})
+        AdmissionControl,
+        max_requests=settings.max_concurrent_requests,
+        max_uploads=settings.max_concurrent_predictions,
+        wait_s=settings.admission_wait_s,
+        is_upload=lambda scope: (scope["method"], scope["path"]) == predict,
+    )
+    # Outermost: 401 before a byte of the body is read, size and rate limits on bodies.
+    app.add_middleware(
+        RequestGuard,
+        needs_auth=route_needs(require_admin),
+        authenticate=_authenticate(settings),
+        body_limit=lambda scope: (
+            settings.max_predict_bytes
+            if (scope["method"], scope["path"]) == predict
+            else settings.max_request_bytes
+        ),
+        idle_timeout_s=settings.body_timeout_s,
+        min_rate=settings.min_body_rate,
+        logger=log,
     )
     app.include_router(api_router)
     install_pages(app, STATIC_DIR)
@@ -186,6 +159,7 @@ def run(settings: Settings | None = None) -> None:
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
     apply_threads(settings)
+    install_access_log_filter()
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -194,4 +168,4 @@ def run(settings: Settings | None = None) -> None:
     )
 
 
-__all__ = ["BodySizeLimit", "apply_threads", "create_app", "run"]
+__all__ = ["apply_threads", "create_app", "run"]

@@ -8,6 +8,7 @@ whole or not at all, whatever moment the process is killed. Services depend on t
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -15,7 +16,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
-from fl_core.errors import IntegrityError, NotFound
+from fl_core.errors import InsufficientStorage, IntegrityError, NotFound
+
+#: errno values of a full disk (or quota): the write failed, nothing is stored
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 _CHUNK = 1 << 20
 
@@ -83,6 +87,11 @@ class LocalBlobStore:
             os.replace(tmp, final)
             _fsync_dir(final.parent)
             return sha, size
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in _DISK_FULL:
+                raise InsufficientStorage("no space left on the device of the blob store") from exc
+            raise
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

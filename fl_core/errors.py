@@ -14,6 +14,7 @@ carries the status code it should become and a stable, human-readable message, s
     ├── PayloadTooLarge (413)
     ├── IntegrityError (502)          bytes whose sha256 does not match
     ├── Unavailable (503)             try again later
+    ├── InsufficientStorage (507)     no space left on this machine's disk
     ├── RemoteError (502)             the other service answered with an error
     └── ConfigError (500)             settings or files on this machine are wrong
 """
@@ -67,6 +68,12 @@ class Unavailable(FedInspectError):
     http_status = 503
 
 
+class InsufficientStorage(FedInspectError):
+    """A write failed for lack of disk space (ENOSPC, EDQUOT); nothing was stored."""
+
+    http_status = 507
+
+
 class RemoteError(FedInspectError):
     """The other service answered with an error status; ``status`` is what it said."""
 
@@ -87,6 +94,7 @@ __all__ = [
     "Conflict",
     "FedInspectError",
     "Forbidden",
+    "InsufficientStorage",
     "IntegrityError",
     "InvalidInput",
     "NotFound",

@@ -13,6 +13,7 @@ the edge id and the class names.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -96,6 +97,50 @@ def apply_privacy(
     if privacy.noise_sigma > 0:
         x = x + torch.randn(x.shape, generator=generator) * privacy.noise_sigma
     return x
+
+
+#: Gaussian noise of std s in D dimensions has a norm above s * (sqrt(D) + NOISE_TAIL)
+#: with probability below exp(-NOISE_TAIL**2 / 2), about 1e-14: an honest row never
+#: lies past the bound below, whatever the edge's luck.
+NOISE_TAIL = 8.0
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def row_norm_bound(privacy: PrivacyConfig, dim: int) -> float | None:
+    """The largest L2 norm a row of ``dim`` values can have after the privacy transform
+    (clip, noise, then the wire dtype's rounding), or None when nothing clips rows."""
+    if privacy.clip_norm is None:
+        return None
+    bound = privacy.clip_norm + privacy.noise_sigma * (math.sqrt(dim) + NOISE_TAIL)
+    if privacy.dtype == "int8":
+        # rounding to a per-row scale of max|x| / 127 moves each value by at most half
+        # a step: the row by at most sqrt(dim) * max|x| / 254 <= sqrt(dim) * |x| / 254
+        bound *= 1 + math.sqrt(dim) / 254
+    return bound * 1.001 + 1e-6  # float16 and float32 rounding
+
+
+def check_row_norms(features: torch.Tensor, privacy: PrivacyConfig) -> None:
+    """Refuse rows no honest edge could send under ``privacy``: norms over
+    :func:`row_norm_bound`, or too large for float32 arithmetic at all."""
+    if features.shape[0] == 0:
+        return
+    flat = features.reshape(features.shape[0], -1).double()
+    norms = torch.linalg.vector_norm(flat, dim=1)
+    worst = int(norms.argmax())
+    largest = float(norms[worst])
+    if largest > FLOAT32_MAX:
+        raise InvalidInput(
+            f"feature row {worst} has a norm of {largest:.3g}: too large for float32"
+        )
+    bound = row_norm_bound(privacy, flat.shape[1])
+    if bound is not None and largest > bound:
+        raise InvalidInput(
+            f"feature row {worst} has norm {largest:.4g}; the spec's privacy transform "
+            f"(clip norm {privacy.clip_norm:g}, noise sigma {privacy.noise_sigma:g}) allows "
+            f"at most {bound:.4g}: rows must be clipped and noised as the spec says"
+        )
 
 
 def quantize(features: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
@@ -274,6 +319,7 @@ def unpack_features(data: bytes, spec: FeatureSpec, max_rows: int) -> FeatureBat
     labels = tensors["labels"]
     if not bool(torch.isfinite(features).all()):
         raise InvalidInput("features contain NaN or Inf")
+    check_row_norms(features, spec.privacy)
     n_classes = len(spec.class_names)
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
         raise InvalidInput(f"labels must lie in [0, {n_classes - 1}]")
@@ -293,6 +339,7 @@ __all__ = [
     "Progress",
     "apply_privacy",
     "check_model_matches_spec",
+    "check_row_norms",
     "dequantize",
     "extract_features",
     "extract_images",
@@ -300,6 +347,7 @@ __all__ = [
     "overlaps_decoding",
     "pack_features",
     "quantize",
+    "row_norm_bound",
     "unpack_features",
     "usable_cores",
     "validate_upload_header",

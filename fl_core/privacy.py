@@ -36,10 +36,12 @@ from fl_core.errors import InvalidInput
 from fl_core.features import (
     CLASSES_KEY,
     EDGE_KEY,
+    FLOAT32_MAX,
     SPEC_HASH_KEY,
     FeatureBatch,
     apply_privacy,
     pack_features,
+    row_norm_bound,
     unpack_features,
 )
 from fl_core.schemas import FeatureSpec
@@ -217,6 +219,7 @@ def unpack_stats(data: bytes, spec: FeatureSpec, max_rows: int) -> ClassStats:
         raise InvalidInput("means, vars and factors must be finite")
     if bool((variances < 0).any()):
         raise InvalidInput("vars must not be negative")
+    check_stats_bounds(counts, means, variances, factors, spec)
     return ClassStats(
         counts=counts,
         means=means,
@@ -225,6 +228,55 @@ def unpack_stats(data: bytes, spec: FeatureSpec, max_rows: int) -> ClassStats:
         spec_hash=meta.get(SPEC_HASH_KEY, ""),
         edge_id=meta.get(EDGE_KEY, ""),
     )
+
+
+def check_stats_bounds(
+    counts: torch.Tensor,
+    means: torch.Tensor,
+    variances: torch.Tensor,
+    factors: torch.Tensor,
+    spec: FeatureSpec,
+) -> None:
+    """Refuse statistics no honest edge could compute under the spec's privacy transform.
+
+    With a clip norm, every row the statistics summarise has a norm of at most
+    B = :func:`row_norm_bound`, so each class mean has norm <= B and the sum of a
+    class's (unbiased) variances is <= n / (n - 1) * B^2. In every mode the factors'
+    total energy cannot exceed the within-class scatter the variances describe; and
+    nothing may be too large for float32 arithmetic.
+    """
+    dim = means.shape[1]
+    n = counts.double()
+    mean_norms = torch.linalg.vector_norm(means.double(), dim=1)
+    spread = variances.double().sum(1)  # trace of each class's covariance
+    if float(mean_norms.max()) > FLOAT32_MAX or float(spread.max()) > FLOAT32_MAX:
+        raise InvalidInput("means or vars too large for float32")
+    bound = row_norm_bound(spec.privacy, dim)
+    if bound is not None:
+        counted = counts > 0
+        worst = float((mean_norms * counted).max())
+        if worst > bound:
+            raise InvalidInput(
+                f"a class mean has norm {worst:.4g}; rows clipped to norm "
+                f"{spec.privacy.clip_norm:g} and noised with sigma "
+                f"{spec.privacy.noise_sigma:g} allow at most {bound:.4g}: statistics must "
+                "be computed from rows clipped and noised as the spec says"
+            )
+        several = counts > 1
+        allowed = n / (n - 1).clamp_min(1) * bound**2
+        if bool(((spread > allowed) & several).any()):
+            raise InvalidInput(
+                f"a class's variances sum past what rows of norm <= {bound:.4g} allow: "
+                "statistics must be computed from rows clipped and noised as the spec says"
+            )
+    dof = max(1, int(counts.sum()) - int((counts > 0).sum()))
+    scatter = float(((n - 1).clamp_min(0) * spread).sum()) / dof
+    energy = float((factors.double() ** 2).sum())
+    if energy > scatter * 1.001 + 1e-6:
+        raise InvalidInput(
+            f"the factors carry more variance ({energy:.4g}) than the class variances "
+            f"describe ({scatter:.4g})"
+        )
 
 
 def pool_stats(stats: Sequence[ClassStats]) -> ClassStats:
@@ -321,6 +373,7 @@ __all__ = [
     "STATS_TENSORS",
     "ClassStats",
     "Upload",
+    "check_stats_bounds",
     "compute_stats",
     "max_factors",
     "pack_stats",

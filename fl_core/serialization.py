@@ -19,6 +19,7 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
 from fl_core.errors import NotSafetensors
+from fl_core.guards import shorten
 
 #: Largest JSON header we accept; real headers of our models are a few tens of KiB.
 MAX_HEADER_BYTES = 8 * 1024 * 1024
@@ -66,8 +67,9 @@ def inspect_header(data: bytes) -> tuple[dict[str, dict[str, object]], dict[str,
         raise NotSafetensors("body is not a safetensors file: header length out of range")
     try:
         header = json.loads(data[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise NotSafetensors("body is not a safetensors file: header is not JSON") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        # RecursionError: JSON nested thousands deep, which no real header is
+        raise NotSafetensors("body is not a safetensors file: header is not valid JSON") from None
     if not isinstance(header, dict):
         raise NotSafetensors("body is not a safetensors file: header is not an object")
     raw_meta = header.pop("__metadata__", {}) or {}
@@ -78,12 +80,13 @@ def inspect_header(data: bytes) -> tuple[dict[str, dict[str, object]], dict[str,
     payload = len(data) - 8 - header_len
     covered = 0
     tensors: dict[str, dict[str, object]] = {}
-    for name, info in header.items():
+    for full_name, info in header.items():
+        name = shorten(full_name)  # errors name the tensor, not a megabyte of it
         if not isinstance(info, dict):
             raise NotSafetensors(f"tensor {name!r}: malformed header entry")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if dtype not in _DTYPE_SIZES:
-            raise NotSafetensors(f"tensor {name!r}: unknown dtype {dtype!r}")
+            raise NotSafetensors(f"tensor {name!r}: unknown dtype {shorten(repr(dtype))}")
         if (
             not isinstance(shape, list)
             or not all(isinstance(d, int) and d >= 0 for d in shape)
@@ -102,7 +105,7 @@ def inspect_header(data: bytes) -> tuple[dict[str, dict[str, object]], dict[str,
                 f"(truncated body or a header claiming more data than present)"
             )
         covered += end - start
-        tensors[name] = {"dtype": dtype, "shape": shape, "data_offsets": offsets}
+        tensors[full_name] = {"dtype": dtype, "shape": shape, "data_offsets": offsets}
     if covered != payload:
         raise NotSafetensors("body is not a safetensors file: data does not match the header")
     return tensors, dict(raw_meta)

@@ -16,12 +16,11 @@ from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_va
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fl_core.errors import ConfigError, InvalidInput
+from fl_core.guards import token_problem
 from fl_core.schemas import PrivacyConfig
 from fl_core.training import UpperTrainConfig
 
 ENV_PREFIX = "FEDINSPECT_SERVER_"
-
-MIN_ADMIN_TOKEN_CHARS = 16
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -47,7 +46,8 @@ class Settings(BaseSettings):
     )
 
     admin_token: SecretStr = Field(
-        description="Bearer token of operators (required, at least 16 characters). "
+        description="Bearer token of operators (required, at least 16 characters, 8 of "
+        "them different). "
         "Edges get their own tokens from POST /v1/edges.",
     )
     data_dir: Path = Field(
@@ -121,6 +121,29 @@ class Settings(BaseSettings):
         description="Feature uploads received at once (each body is held in memory while "
         "it is validated); more get 503 with Retry-After.",
     )
+    max_concurrent_uploads_per_edge: int = Field(
+        default=1,
+        ge=1,
+        description="Feature uploads one edge may send at once: one edge cannot hold every "
+        "upload slot; its extra uploads get 503 with Retry-After.",
+    )
+    max_request_bytes: int = Field(
+        default=1024 * 1024,
+        gt=0,
+        description="Largest body of any request but a feature upload (JSON bodies), bytes.",
+    )
+    body_timeout_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="A request body that pauses longer than this, in seconds, is cut off "
+        "with 408 (so slow clients cannot hold admission slots).",
+    )
+    min_body_rate: float = Field(
+        default=16 * 1024,
+        gt=0,
+        description="Slowest average rate a request body may arrive at once BODY_TIMEOUT_S "
+        "has passed, bytes per second; slower bodies are cut off with 408.",
+    )
     admission_wait_s: float = Field(
         default=2.0,
         ge=0,
@@ -142,8 +165,9 @@ class Settings(BaseSettings):
     @field_validator("admin_token")
     @classmethod
     def _long_enough(cls, value: SecretStr) -> SecretStr:
-        if len(value.get_secret_value()) < MIN_ADMIN_TOKEN_CHARS:
-            raise ValueError(f"must be at least {MIN_ADMIN_TOKEN_CHARS} characters")
+        problem = token_problem(value.get_secret_value())
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("privacy", mode="before")

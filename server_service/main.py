@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,21 +19,28 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 
 from fedinspect.pages import install_pages
 from fl_core import __version__
 from fl_core.blobstore import LocalBlobStore
-from fl_core.errors import AuthError, ConfigError, FedInspectError, Forbidden
+from fl_core.errors import AuthError, ConfigError, FedInspectError, Forbidden, InsufficientStorage
+from fl_core.guards import RequestGuard, Scope, install_access_log_filter, route_needs, shorten
 from server_service.admission import AdmissionControl
+from server_service.api.deps import authenticate_scope, get_caller
 from server_service.api.main import api_router
 from server_service.config import Settings, get_settings
 from server_service.db import create_schema, make_engine, make_sessionmaker
-from server_service.logs import configure_logging, log_event
+from server_service.logs import configure_logging, log_event, logger
 from server_service.metrics import RequestMetricsMiddleware, ServerMetrics
 from server_service.runtime import Runtime
 from server_service.services.cycles import resume_training
 from server_service.services.models import ensure_base_model
 from server_service.services.watcher import watch_deadlines
+from server_service.storage import DISK_FULL_DETAIL, is_disk_full
+
+#: an error detail never repeats more of the caller's input than this
+MAX_DETAIL_CHARS = 1000
 
 STATIC_DIR = Path(__file__).parent / "static" / "ui"
 
@@ -61,16 +69,35 @@ def _fedinspect_error(_request: Request, exc: Exception) -> JSONResponse:
     headers = None
     if isinstance(exc, AuthError) and not isinstance(exc, Forbidden):
         headers = {"WWW-Authenticate": "Bearer"}
-    return JSONResponse({"detail": exc.detail}, status_code=exc.http_status, headers=headers)
+    return JSONResponse(
+        {"detail": shorten(exc.detail, MAX_DETAIL_CHARS)},
+        status_code=exc.http_status,
+        headers=headers,
+    )
+
+
+def _storage_error(request: Request, exc: Exception) -> JSONResponse:
+    if not is_disk_full(exc):
+        raise exc  # not ours to explain: the server's error handler answers 500
+    settings: Settings = request.app.state.runtime.settings
+    log_event("storage.full", logging.WARNING, data_dir=settings.data_dir, error=shorten(str(exc)))
+    return JSONResponse({"detail": DISK_FULL_DETAIL}, status_code=507)
 
 
 def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     problems = []
     for err in exc.errors():
-        where = ".".join(str(part) for part in err.get("loc", ()))
-        problems.append(f"{where}: {err.get('msg', 'invalid')}")
-    return JSONResponse({"detail": "; ".join(problems) or "invalid request"}, status_code=422)
+        where = ".".join(shorten(str(part)) for part in err.get("loc", ()))
+        problems.append(f"{where}: {shorten(str(err.get('msg', 'invalid')))}")
+    detail = shorten("; ".join(problems) or "invalid request", MAX_DETAIL_CHARS)
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+def _too_large(scope: Scope, limit: int) -> str:
+    if scope["method"] == "PUT":
+        return f"upload exceeds the limit of {limit} bytes"
+    return f"request body too large: the limit is {limit} bytes"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -113,13 +140,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_exception_handler(FedInspectError, _fedinspect_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    for storage_error in (InsufficientStorage, OSError, OperationalError):
+        app.add_exception_handler(storage_error, _storage_error)
     app.add_middleware(RequestMetricsMiddleware, get_metrics=lambda: metrics)
-    # Outermost: a refused request costs no worker thread and no database connection.
+    # A refused request costs no worker thread and no database connection.
     app.add_middleware(
         AdmissionControl,
         max_requests=settings.max_concurrent_requests,
         max_uploads=settings.max_concurrent_uploads,
         wait_s=settings.admission_wait_s,
+    )
+    # Outermost: 401 before a byte of the body is read, size and rate limits on bodies.
+    app.add_middleware(
+        RequestGuard,
+        needs_auth=route_needs(get_caller),
+        authenticate=authenticate_scope,
+        body_limit=lambda scope: (
+            settings.max_upload_bytes if scope["method"] == "PUT" else settings.max_request_bytes
+        ),
+        too_large_detail=_too_large,
+        idle_timeout_s=settings.body_timeout_s,
+        min_rate=settings.min_body_rate,
+        logger=logger,
+        max_uploads_per_caller=settings.max_concurrent_uploads_per_edge,
     )
     app.include_router(api_router)
     install_pages(app, STATIC_DIR)
@@ -134,6 +177,7 @@ def run(settings: Settings | None = None) -> None:
         except ConfigError as exc:
             sys.exit(f"fedinspect server: {exc.detail}")
     configure_logging(settings.log_level)
+    install_access_log_filter()
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -12,6 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fl_core.guards import method_label
 from fl_core.schemas import CycleState
 
 
@@ -83,9 +84,9 @@ class RequestMetricsMiddleware:
                 route: Any = scope.get("route")
                 # Raw paths of unknown URLs would grow the label set without bound.
                 template = getattr(route, "path", None) or "<unmatched>"
-                metrics.requests.labels(
-                    route=template, method=scope.get("method", ""), status=str(status)
-                ).inc()
+                # Likewise any method name a client makes up: one label for them all.
+                method = method_label(str(scope.get("method", "")))
+                metrics.requests.labels(route=template, method=method, status=str(status)).inc()
 
 
 __all__ = ["RequestMetricsMiddleware", "ServerMetrics"]

@@ -38,6 +38,9 @@ class Runtime:
     #: cycles queued or training in this process, so a cycle is never queued twice
     training_ids: set[int] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: failed trainings whose `failed` state could not be written yet (full disk), by
+    #: cycle id: the deadline watcher writes them as soon as it can
+    unrecorded_failures: dict[int, str] = field(default_factory=dict)
     #: set at shutdown: a running training stops at its next epoch, left `training`
     stopping: threading.Event = field(default_factory=threading.Event)
 

@@ -32,17 +32,25 @@ def get_context(request: Request) -> EdgeContext:
 _bearer = HTTPBearer(auto_error=False, description="the edge's admin token")
 
 
+def check_admin(settings: Settings, token: str | None) -> None:
+    """AuthError (401) unless ``token`` is this edge's admin token."""
+    if token is None:
+        raise AuthError("missing bearer token: send Authorization: Bearer <admin token>")
+    expected = settings.admin_token.get_secret_value().encode()
+    # constant-time comparison: response timing must not reveal a token's prefix
+    if not hmac.compare_digest(token.encode(), expected):
+        raise AuthError("invalid token")
+
+
 def require_admin(
     settings: Annotated[Settings, Depends(get_settings)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
     """401 unless the request carries ``Authorization: Bearer <admin token>``."""
     if credentials is None or credentials.scheme.lower() != "bearer":
-        raise AuthError("missing bearer token: send Authorization: Bearer <admin token>")
-    expected = settings.admin_token.get_secret_value().encode()
-    # constant-time comparison: response timing must not reveal a token's prefix
-    if not hmac.compare_digest(credentials.credentials.encode(), expected):
-        raise AuthError("invalid token")
+        check_admin(settings, None)
+    else:
+        check_admin(settings, credentials.credentials)
 
 
 _ERROR_DESCRIPTIONS = {
@@ -69,6 +77,7 @@ ContextDep = Annotated[EdgeContext, Depends(get_context)]
 __all__ = [
     "ContextDep",
     "SettingsDep",
+    "check_admin",
     "error_responses",
     "get_context",
     "get_settings",

@@ -19,9 +19,10 @@ from edge_service.services.cycle import LAST_CYCLE_KEY, PLANS, CycleService
 from edge_service.services.dataset import LocalData
 from edge_service.services.jobs import JobRunner, interruptible_sleep
 from edge_service.services.metrics import EdgeMetrics
-from edge_service.services.predict import Predictor
+from edge_service.services.predict import PredictLimits, Predictor
 from edge_service.services.registry import ModelRegistry
 from fl_core.blobstore import LocalBlobStore
+from fl_core.guards import redact_url
 from fl_core.schemas import EdgeStatus, Job, JobKind, ServerLink
 
 log = logging.getLogger("edge_service")
@@ -62,7 +63,7 @@ class EdgeContext:
         server, problems = self.readiness()
         return EdgeStatus(
             edge_name=self.settings.name,
-            server_url=self.settings.server_url,
+            server_url=redact_url(self.settings.server_url),
             dataset=self.data.try_summary(),
             deployed_model=self.registry.deployed(),
             last_cycle_id=last_cycle if isinstance(last_cycle, int) else None,
@@ -134,7 +135,15 @@ def build_context(settings: Settings, http: httpx.Client | None = None) -> EdgeC
         runner=runner,
         cycles=CycleService(settings, client, data, registry),
         predictor=Predictor(
-            registry, metrics, settings.max_image_pixels, settings.max_predict_bytes
+            registry,
+            metrics,
+            PredictLimits(
+                max_pixels=settings.max_image_pixels,
+                max_bytes=settings.max_predict_bytes,
+                max_files=settings.max_predict_files,
+                max_request_pixels=settings.max_predict_pixels,
+                max_aspect=settings.max_image_aspect,
+            ),
         ),
     )
 

@@ -1,9 +1,11 @@
 """Inference with the deployed model, and Grad-CAM heat maps.
 
-Uploaded bytes are decoded defensively: the pixel count is checked from the header
-before any pixel is decoded (decompression bombs), and a file that is not an image,
-or is truncated, is refused with a clear 4xx. Images go through the same transform as
-training (``fl_core.data.image_transform``), so a prediction sees what the model saw.
+Uploaded bytes are decoded defensively: the pixel count, the aspect ratio and the
+pixels of the whole request are checked from the headers before any pixel is decoded
+(decompression bombs), each image is shrunk right after it is decoded, before the next
+one is, and a file that is not an image, or is truncated, is refused with a clear 4xx.
+Images go through the same transform as training (``fl_core.data.image_transform``),
+so a prediction sees what the model saw.
 
 Grad-CAM: the activations of the last spatial stage are weighted by the mean gradient
 of the predicted class's logit over each channel; the positive part, upsampled to the
@@ -27,6 +29,7 @@ from edge_service.services.metrics import EdgeMetrics
 from edge_service.services.registry import ModelRegistry
 from fl_core.data import image_transform
 from fl_core.errors import Conflict, InvalidInput, PayloadTooLarge
+from fl_core.guards import shorten
 from fl_core.model import SplitModel
 from fl_core.schemas import PredictResponse, ScoredLabel
 
@@ -42,11 +45,23 @@ class Upload:
     data: bytes
 
 
-def decode_image(upload: Upload, max_pixels: int, max_bytes: int) -> Image.Image:
-    """Decode one uploaded image as RGB, or raise a 4xx error saying what is wrong."""
-    name = upload.filename or "image"
-    if len(upload.data) > max_bytes:
-        raise PayloadTooLarge(f"{name}: {len(upload.data)} bytes; the limit is {max_bytes}")
+@dataclass(frozen=True)
+class PredictLimits:
+    """What one ``POST /v1/predict`` may ask of this edge's memory and time."""
+
+    max_pixels: int  # per image, read from its header before any pixel is decoded
+    max_bytes: int  # per file
+    max_files: int = 16
+    max_request_pixels: int = 100_000_000  # all images of one request together
+    max_aspect: float = 32.0  # longest side over shortest side
+
+
+def open_image(upload: Upload, limits: PredictLimits) -> Image.Image:
+    """Open one uploaded image and check its header (size, pixels, aspect ratio); no
+    pixel is decoded yet. Raises a 4xx error saying what is wrong."""
+    name = shorten(upload.filename or "image")
+    if len(upload.data) > limits.max_bytes:
+        raise PayloadTooLarge(f"{name}: {len(upload.data)} bytes; the limit is {limits.max_bytes}")
     if not upload.data:
         raise InvalidInput(f"{name}: empty file")
     try:
@@ -60,16 +75,53 @@ def decode_image(upload: Upload, max_pixels: int, max_bytes: int) -> Image.Image
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise InvalidInput(f"{name}: not an image (or a format this edge cannot read)") from None
     width, height = img.size
-    if width * height > max_pixels:
+    if width * height > limits.max_pixels:
         img.close()
         raise PayloadTooLarge(
-            f"{name}: {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+            f"{name}: {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}"
         )
+    if min(width, height) < 1 or max(width, height) > limits.max_aspect * min(width, height):
+        img.close()
+        raise PayloadTooLarge(
+            f"{name}: {width}x{height}: one side is more than {limits.max_aspect:g} times the other"
+        )
+    return img
+
+
+#: rows of the full-size image converted at a time while shrinking it
+_STRIP_ROWS = 256
+
+
+def decode_small(img: Image.Image, name: str, min_size: tuple[int, int]) -> Image.Image:
+    """Decode an opened image as RGB (or L for grey and 1-bit ones, which the transform
+    reads the same), shrunk by an integer factor right after decoding while both sides
+    stay at least ``min_size``. Conversion and shrinking go a strip of rows at a time,
+    so the full-size decoded image is the only full-size copy ever held."""
+    width, height = img.size
+    factor = max(1, min(width // max(1, min_size[0]), height // max(1, min_size[1])))
+    target = "L" if img.mode in ("1", "L") else "RGB"
     try:
         with img:
-            return img.convert("RGB")
+            img.load()
+            if factor == 1:
+                return img.convert(target) if img.mode != target else img.copy()
+            out = Image.new(target, (-(-width // factor), -(-height // factor)))
+            rows = factor * max(1, _STRIP_ROWS // factor)  # whole blocks of the reduction
+            for top in range(0, height, rows):
+                strip = img.crop((0, top, width, min(height, top + rows)))
+                if strip.mode != target:
+                    strip = strip.convert(target)
+                out.paste(strip.reduce(factor), (0, top // factor))
+            return out
     except (OSError, SyntaxError, ValueError) as exc:
-        raise InvalidInput(f"{name}: the image is truncated or corrupt ({exc})") from None
+        raise InvalidInput(
+            f"{name}: the image is truncated or corrupt ({shorten(str(exc))})"
+        ) from None
+
+
+def _heatmap_size(width: int, height: int) -> tuple[int, int]:
+    scale = min(1.0, MAX_HEATMAP_SIDE / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def grad_cam(model: SplitModel, x: torch.Tensor, class_index: int) -> torch.Tensor:
@@ -96,9 +148,7 @@ def _jet(v: np.ndarray) -> np.ndarray:
 
 def heatmap_png(image: Image.Image, cam: torch.Tensor) -> bytes:
     """The heat map over the image, at the image's size (longest side capped), as PNG."""
-    width, height = image.size
-    scale = min(1.0, MAX_HEATMAP_SIDE / max(width, height))
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    size = _heatmap_size(*image.size)
     cam_img = Image.fromarray((cam.numpy() * 255).astype(np.uint8))
     cam_big = np.asarray(cam_img.resize(size, Image.Resampling.BILINEAR), dtype=np.float32) / 255
     base = image if image.size == size else image.resize(size, Image.Resampling.BILINEAR)
@@ -112,12 +162,48 @@ class Predictor:
     """Classifies uploaded images with the deployed local model."""
 
     def __init__(
-        self, registry: ModelRegistry, metrics: EdgeMetrics, max_pixels: int, max_bytes: int
+        self, registry: ModelRegistry, metrics: EdgeMetrics, limits: PredictLimits
     ) -> None:
         self.registry = registry
         self.metrics = metrics
-        self.max_pixels = max_pixels
-        self.max_bytes = max_bytes
+        self.limits = limits
+
+    def _images(
+        self, uploads: list[Upload], input_size: int, heatmap: bool
+    ) -> tuple[torch.Tensor, list[Image.Image | None]]:
+        """The model's input for every upload, and (with ``heatmap``) each image at its
+        heat map's size. Headers are all checked before any pixel is decoded; images
+        are then decoded one at a time, each shrunk and transformed before the next."""
+        limits = self.limits
+        if len(uploads) > limits.max_files:
+            raise PayloadTooLarge(
+                f"{len(uploads)} files in one request; the limit is {limits.max_files}"
+            )
+        opened: list[Image.Image] = []
+        try:
+            for upload in uploads:
+                opened.append(open_image(upload, limits))
+            total = sum(img.size[0] * img.size[1] for img in opened)
+            if total > limits.max_request_pixels:
+                raise PayloadTooLarge(
+                    f"{total} pixels in one request; the limit is {limits.max_request_pixels}"
+                )
+            transform = image_transform(input_size, augment=False)
+            inputs: list[torch.Tensor] = []
+            bases: list[Image.Image | None] = []
+            for upload, img in zip(uploads, opened, strict=True):
+                name = shorten(upload.filename or "image")
+                heat = _heatmap_size(*img.size) if heatmap else (0, 0)
+                need = (max(input_size, heat[0]), max(input_size, heat[1]))
+                small = decode_small(img, name, need)
+                inputs.append(transform(small))
+                if heatmap and small.size != heat:
+                    small = small.resize(heat, Image.Resampling.BILINEAR)
+                bases.append(small.convert("RGB") if heatmap else None)
+            return torch.stack(inputs), bases
+        finally:
+            for img in opened:
+                img.close()
 
     def predict(self, uploads: list[Upload], heatmap: bool = False) -> PredictResponse:
         started = time.perf_counter()
@@ -127,9 +213,7 @@ class Predictor:
         if serving is None:
             raise Conflict(NO_MODEL)
         local, model = serving
-        images = [decode_image(u, self.max_pixels, self.max_bytes) for u in uploads]
-        transform = image_transform(model.arch.input_size, augment=False)
-        x = torch.stack([transform(img) for img in images])
+        x, images = self._images(uploads, model.arch.input_size, heatmap)
         with torch.inference_mode():
             probs = model(x).softmax(dim=1)
         names = model.class_names
@@ -137,12 +221,12 @@ class Predictor:
         for i, (upload, img) in enumerate(zip(uploads, images, strict=True)):
             top = int(probs[i].argmax())
             png = None
-            if heatmap:
+            if img is not None:
                 cam = grad_cam(model, x[i : i + 1].clone(), top)
                 png = base64.b64encode(heatmap_png(img, cam)).decode("ascii")
             predictions.append(
                 ScoredLabel(
-                    filename=upload.filename,
+                    filename=shorten(upload.filename, 255),
                     label=names[top],
                     scores={n: float(probs[i, j]) for j, n in enumerate(names)},
                     heatmap_png_base64=png,
@@ -160,4 +244,13 @@ class Predictor:
         )
 
 
-__all__ = ["MAX_HEATMAP_SIDE", "NO_MODEL", "Predictor", "Upload", "decode_image", "grad_cam"]
+__all__ = [
+    "MAX_HEATMAP_SIDE",
+    "NO_MODEL",
+    "PredictLimits",
+    "Predictor",
+    "Upload",
+    "decode_small",
+    "grad_cam",
+    "open_image",
+]

@@ -7,12 +7,13 @@ a valid one) and check the role (403).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
-from fl_core.errors import InvalidInput, PayloadTooLarge
+from fl_core.errors import AuthError, InvalidInput, PayloadTooLarge
 from fl_core.schemas import ErrorResponse
 from server_service.config import Settings
 from server_service.db import Session
@@ -59,6 +60,21 @@ def get_caller(
 
 
 EdgeOrAdminDep = Annotated[Caller, Depends(get_caller)]
+
+
+async def authenticate_scope(scope: Any, token: str | None) -> str:
+    """The caller's key (``admin`` or ``edge:<id>``) for the request guard; AuthError
+    (401) as the routes' own dependency would raise it."""
+    rt: Runtime = scope["app"].state.runtime
+
+    def lookup() -> Caller:
+        with rt.sessions() as session:
+            return auth.authenticate(session, rt.settings, token)
+
+    if not token:
+        raise AuthError(auth.MISSING_TOKEN)  # no database lookup for nothing
+    caller = await run_in_threadpool(lookup)
+    return "admin" if caller.role == "admin" else f"edge:{caller.edge_id}"
 
 
 def get_admin(caller: EdgeOrAdminDep) -> Caller:
@@ -146,6 +162,7 @@ __all__ = [
     "RuntimeDep",
     "SessionDep",
     "SettingsDep",
+    "authenticate_scope",
     "check_content_length",
     "errors",
     "get_caller",

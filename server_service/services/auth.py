@@ -16,6 +16,8 @@ from server_service.db import EdgeRow, Session
 
 Role = Literal["admin", "edge"]
 
+MISSING_TOKEN = "missing bearer token"
+
 
 @dataclass(frozen=True)
 class Caller:
@@ -36,7 +38,7 @@ def hash_token(token: str) -> str:
 def authenticate(session: Session, settings: Settings, token: str | None) -> Caller:
     """The caller a bearer token belongs to; AuthError (401) when there is none."""
     if not token:
-        raise AuthError("missing bearer token")
+        raise AuthError(MISSING_TOKEN)
     admin = settings.admin_token.get_secret_value().encode()
     if hmac.compare_digest(token.encode(), admin):
         return Caller(role="admin")

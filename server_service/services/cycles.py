@@ -6,6 +6,7 @@ one collecting cycle and is called after every upload and by the deadline watche
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import Literal
@@ -13,7 +14,7 @@ from typing import Literal
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
-from fl_core.errors import Conflict, NotFound
+from fl_core.errors import Conflict, NotFound, Unavailable
 from fl_core.schemas import Cycle, CycleState, EvalMetrics, FeatureSpec, UploadInfo
 from server_service.db import CycleMemberRow, CycleRow, Session, UploadRow, utcnow
 from server_service.logs import log_event
@@ -21,7 +22,7 @@ from server_service.runtime import Runtime
 from server_service.services import cycle_state
 from server_service.services.auth import Caller
 from server_service.services.models import latest_model, spec_for
-from server_service.services.training import submit_training
+from server_service.services.training import record_failures, submit_training
 
 Decision = Literal["wait", "train", "fail"]
 
@@ -122,6 +123,12 @@ def open_or_join(rt: Runtime, session: Session, caller: Caller) -> tuple[Cycle, 
     row = _collecting(session)
     if row is None:
         base = latest_model(session)
+        if not rt.blobs.exists(base.sha256):
+            log_event("cycle.base_missing", logging.ERROR, model_version=base.version)
+            raise Unavailable(
+                f"the weights of base model version {base.version} are missing from the "
+                "server's blob store: no cycle opens until an operator restores them"
+            )
         spec = spec_for(rt, base)
         now = utcnow()
         row = CycleRow(
@@ -235,7 +242,9 @@ def cancel(rt: Runtime, cycle_id: int) -> Cycle:
 
 
 def check_cycles(rt: Runtime) -> None:
-    """One pass of the deadline watcher over every collecting cycle."""
+    """One pass of the deadline watcher over every collecting cycle (and the failed
+    trainings that could not be recorded yet)."""
+    record_failures(rt)
     with rt.sessions() as session:
         ids = session.scalars(
             select(CycleRow.id).where(CycleRow.state == CycleState.collecting.value)

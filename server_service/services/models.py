@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -11,8 +12,9 @@ from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
 from fl_core import serialization
 from fl_core.backbones import build_backbone
-from fl_core.errors import InvalidInput, NotFound
+from fl_core.errors import IntegrityError, InvalidInput, NotFound, Unavailable
 from fl_core.features import make_spec
+from fl_core.guards import shorten
 from fl_core.model import (
     HeadConfig,
     SplitModel,
@@ -139,6 +141,32 @@ def weights_path(rt: Runtime, row: ModelRow) -> Path:
     return path
 
 
+def verified_weights_path(rt: Runtime, row: ModelRow) -> Path:
+    """The weights' file, after checking its bytes still hash to the recorded sha256
+    (a blob that rotted on disk is not served under its old ETag)."""
+    path = weights_path(rt, row)
+    if serialization.sha256_file(path) != row.sha256:
+        log_event("model.weights_corrupt", logging.ERROR, version=row.version, sha256=row.sha256)
+        raise Unavailable(_corrupt(row))
+    return path
+
+
+def _corrupt(row: ModelRow) -> str:
+    return (
+        f"the stored weights of model version {row.version} are corrupt (their sha256 no "
+        "longer matches); an operator must restore them"
+    )
+
+
+def _weights_bytes(rt: Runtime, row: ModelRow) -> bytes:
+    weights_path(rt, row)  # 404 when missing
+    try:
+        return rt.blobs.get(row.sha256)  # checks the sha256
+    except IntegrityError:
+        log_event("model.weights_corrupt", logging.ERROR, version=row.version, sha256=row.sha256)
+        raise Unavailable(_corrupt(row)) from None
+
+
 @functools.lru_cache(maxsize=16)
 def _digests(sha256: str, data_source: Path) -> dict[str, str]:
     # keyed by the content's sha256: a blob never changes, so neither do its digests
@@ -147,17 +175,18 @@ def _digests(sha256: str, data_source: Path) -> dict[str, str]:
 
 def manifest(rt: Runtime, row: ModelRow) -> ModelManifest:
     """Per-tensor digests of a version's weights (what an edge needs to fetch a delta)."""
-    digests = _digests(row.sha256, weights_path(rt, row))
+    digests = _digests(row.sha256, verified_weights_path(rt, row))
     return ModelManifest(version=row.version, sha256=row.sha256, tensors=dict(digests))
 
 
 def weights_subset(rt: Runtime, row: ModelRow, names: list[str]) -> bytes:
     """The named tensors of a version's weights, with the full file's metadata."""
-    data = weights_path(rt, row).read_bytes()
+    data = _weights_bytes(rt, row)
     try:
         return serialization.subset(data, list(dict.fromkeys(names)))
     except KeyError as exc:
-        raise InvalidInput(f"model version {row.version} has no tensor {exc.args[0]!r}") from None
+        missing = shorten(str(exc.args[0]))
+        raise InvalidInput(f"model version {row.version} has no tensor {missing!r}") from None
 
 
 def load_model(rt: Runtime, row: ModelRow) -> SplitModel:
@@ -193,6 +222,7 @@ __all__ = [
     "next_version",
     "spec_for",
     "to_info",
+    "verified_weights_path",
     "weights_path",
     "weights_subset",
 ]

@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
 from fl_core.errors import FedInspectError
+from fl_core.guards import shorten
 from fl_core.model import SplitModel, model_to_bytes
 from fl_core.privacy import Upload, training_rows, unpack_upload, upload_rows
 from fl_core.schemas import CycleState, EvalMetrics, FeatureSpec, TrainedFrom
@@ -26,6 +27,7 @@ from server_service.runtime import Runtime
 from server_service.services import cycle_state
 from server_service.services.models import get_model, load_model, model_row, next_version
 from server_service.services.progress import TRAINING
+from server_service.storage import is_disk_full
 
 #: attempts at taking the next version number when replicas register concurrently
 _VERSION_ATTEMPTS = 3
@@ -58,8 +60,14 @@ def _train_guarded(rt: Runtime, cycle_id: int) -> None:
     except TrainingInterrupted:
         log_event("cycle.training_interrupted", cycle_id=cycle_id)
     except Exception as exc:  # a training thread must never take the server down
-        expected = isinstance(exc, FedInspectError)
-        detail = exc.detail if isinstance(exc, FedInspectError) else repr(exc)
+        disk_full = is_disk_full(exc)
+        expected = disk_full or isinstance(exc, FedInspectError)
+        if disk_full:
+            detail = "the server's data dir is full (no space left on device)"
+        elif isinstance(exc, FedInspectError):
+            detail = exc.detail
+        else:
+            detail = repr(exc)
         reason = f"training failed: {detail}"
         # A traceback only for errors nobody raised on purpose.
         log_event(
@@ -68,6 +76,7 @@ def _train_guarded(rt: Runtime, cycle_id: int) -> None:
             exc_info=not expected,
             cycle_id=cycle_id,
             reason=reason,
+            data_dir=rt.settings.data_dir if disk_full else None,
         )
         _mark_failed(rt, cycle_id, reason)
     finally:
@@ -75,15 +84,39 @@ def _train_guarded(rt: Runtime, cycle_id: int) -> None:
             rt.training_ids.discard(cycle_id)
 
 
-def _mark_failed(rt: Runtime, cycle_id: int, reason: str) -> None:
+def _mark_failed(rt: Runtime, cycle_id: int, reason: str) -> bool:
+    """Record a failed training; when even that cannot be written (a full disk), the
+    deadline watcher tries again (:func:`record_failures`) rather than leave the cycle
+    ``training`` for good."""
     try:
         with rt.sessions() as session:
             if cycle_state.move(
                 session, cycle_id, CycleState.failed, [CycleState.training], reason=reason
             ):
                 session.commit()
-    except Exception:
-        log_event("cycle.mark_failed_error", logging.ERROR, cycle_id=cycle_id)
+    except Exception as exc:
+        with rt.lock:
+            rt.unrecorded_failures[cycle_id] = reason
+        log_event(
+            "cycle.mark_failed_error",
+            logging.ERROR,
+            cycle_id=cycle_id,
+            error=shorten(str(exc)),
+            retry="by the deadline watcher",
+        )
+        return False
+    with rt.lock:
+        rt.unrecorded_failures.pop(cycle_id, None)
+    return True
+
+
+def record_failures(rt: Runtime) -> None:
+    """Write the failed trainings that could not be recorded when they failed."""
+    with rt.lock:
+        pending = dict(rt.unrecorded_failures)
+    for cycle_id, reason in pending.items():
+        if _mark_failed(rt, cycle_id, reason):
+            log_event("cycle.failed", cycle_id=cycle_id, reason=reason)
 
 
 def train_cycle(rt: Runtime, cycle_id: int) -> None:
@@ -205,4 +238,4 @@ def _register(
     return None
 
 
-__all__ = ["TrainingInterrupted", "submit_training", "train_cycle"]
+__all__ = ["TrainingInterrupted", "record_failures", "submit_training", "train_cycle"]

@@ -23,7 +23,7 @@ from tests.edge_service.fakes import EDGE_TOKEN, FakeServer
 from tests.factories import make_image_folder
 from tests.testclient import TestClient
 
-ADMIN_TOKEN = "admin-secret"
+ADMIN_TOKEN = "edge-admin-secret-0123"
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 CLASSES = ["bright", "dark"]
 

@@ -13,6 +13,8 @@ from edge_service.main import apply_threads, run
 from tests.edge_service.conftest import AUTH, TestClient, wait_job
 from tests.edge_service.fakes import FakeServer
 
+TOKEN = "edge-admin-token-0123456789"
+
 
 def test_admin_token_is_required(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FEDINSPECT_EDGE_ADMIN_TOKEN", raising=False)
@@ -25,7 +27,7 @@ def test_admin_token_is_required(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FEDINSPECT_EDGE_ADMIN_TOKEN", "a")
+    monkeypatch.setenv("FEDINSPECT_EDGE_ADMIN_TOKEN", TOKEN)
     monkeypatch.setenv("FEDINSPECT_EDGE_DATASET", "elpv:type=mono")
     monkeypatch.setenv("FEDINSPECT_EDGE_PORT", "8123")
     monkeypatch.setenv("FEDINSPECT_EDGE_FINETUNE_TRAIN_FROM", "upper")
@@ -35,7 +37,7 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert s.val_fraction == 0.1 and s.test_fraction == 0.25 and s.deploy_min_delta == 0.0
     assert s.max_predict_bytes == 20 * 1024 * 1024 and s.poll_max_interval_s == 10
     assert s.data_dir == Path("data/edge") and s.token is None
-    assert "a" not in repr(s.admin_token)
+    assert TOKEN not in repr(s.admin_token)
 
 
 def test_every_setting_is_described() -> None:
@@ -82,12 +84,12 @@ def test_metrics_count_jobs_and_bytes(edge: TestClient, fake_server: FakeServer)
 def test_threads_setting_sizes_the_torch_pool(monkeypatch: pytest.MonkeyPatch) -> None:
     before = torch.get_num_threads()
     try:
-        apply_threads(Settings(admin_token=SecretStr("a")))  # unset: left as it is
+        apply_threads(Settings(admin_token=SecretStr(TOKEN)))  # unset: left as it is
         assert torch.get_num_threads() == before
         monkeypatch.setenv("FEDINSPECT_EDGE_THREADS", "1")
-        apply_threads(Settings(admin_token=SecretStr("a")))
+        apply_threads(Settings(admin_token=SecretStr(TOKEN)))
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
     with pytest.raises(ValidationError):
-        Settings(admin_token=SecretStr("a"), threads=0)
+        Settings(admin_token=SecretStr(TOKEN), threads=0)

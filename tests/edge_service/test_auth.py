@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tests.edge_service.conftest import AUTH, TestClient, wait_job
+from tests.edge_service.conftest import ADMIN_TOKEN, AUTH, TestClient, wait_job
 
 
 def _routes(client: TestClient) -> list[tuple[str, str]]:
@@ -61,4 +61,4 @@ def test_tokens_never_reach_the_logs(edge: TestClient, caplog: pytest.LogCapture
     wait_job(edge, edge.post("/v1/jobs/extract", headers=AUTH).json()["id"])
     edge.get("/v1/status", headers={"Authorization": "Bearer wrong-token"})
     text = caplog.text
-    assert "admin-secret" not in text and "edge-token" not in text
+    assert ADMIN_TOKEN not in text and "edge-token" not in text

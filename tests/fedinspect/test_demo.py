@@ -52,7 +52,15 @@ def test_edges_share_the_machines_cores(
 ) -> None:
     monkeypatch.setattr("fedinspect.demo.usable_cores", lambda: cores)
     plan = plan_demo(DemoOptions(edges=edges, quick=True))
-    env = plan.edge_env(0, "edge-1", "e1", ("t", "a"), "http://127.0.0.1:1", 1, tmp_path)
+    env = plan.edge_env(
+        0,
+        "edge-1",
+        "e1",
+        ("server-token-0123456789", "edge-admin-token-0123456789"),
+        "http://127.0.0.1:1",
+        1,
+        tmp_path,
+    )
     assert env["FEDINSPECT_EDGE_THREADS"] == str(threads)
     monkeypatch.setattr("os.environ", env)
     assert EdgeSettings().threads == threads  # type: ignore[call-arg]

@@ -7,7 +7,7 @@ import torch
 
 from fl_core import serialization
 from fl_core.errors import InvalidInput
-from fl_core.features import SPEC_HASH_KEY, FeatureBatch, make_spec
+from fl_core.features import SPEC_HASH_KEY, FeatureBatch, make_spec, pack_features, row_norm_bound
 from fl_core.model import build_split_model
 from fl_core.privacy import (
     ClassStats,
@@ -229,7 +229,13 @@ def test_stats_upload_bounds_its_factors() -> None:
     with pytest.raises(InvalidInput, match="must be finite"):
         bad = torch.full((1, dim), float("nan"))
         unpack_stats(_stats_body(spec, factors=bad), spec, 100)
-    body = _stats_body(spec, counts=torch.tensor([40, 40, 40]), factors=torch.ones(3, dim))
+    # factors explaining no more variance than the classes have (3 * dim of 4 * dim)
+    body = _stats_body(
+        spec,
+        counts=torch.tensor([40, 40, 40]),
+        vars=torch.full((3, dim), 4.0),
+        factors=torch.ones(3, dim),
+    )
     ok = unpack_stats(body, spec, 200)
     assert ok.factors is not None and ok.factors.shape == (3, dim)
 
@@ -257,3 +263,56 @@ def test_training_rows_take_rows_or_sample_statistics() -> None:
     assert x.shape == (60, 32) and torch.bincount(y).tolist() == [20, 20, 20]
     with pytest.raises(InvalidInput, match="mix"):
         training_rows([batch, stats], seed=0)
+
+
+# ------------------------------------------------------- privacy bounds (issue 24, #7)
+
+
+def test_honest_clipped_and_noised_uploads_pass_the_bounds() -> None:
+    features, labels = _rows(n=300)
+    features = features * 50  # far past the clip norm before the edge's transform
+    for mode in ("stats", "pooled"):
+        for dtype in ("float32", "float16", "int8") if mode == "pooled" else ("float32",):
+            privacy = PrivacyConfig(mode=mode, dtype=dtype, clip_norm=4.0, noise_sigma=1.0)
+            spec = _spec(privacy)
+            for seed in range(3):
+                body = pack_upload(features, labels, spec, "e", seed=seed)
+                unpack_upload(body, spec, 1000)  # no error: honest edges are never refused
+
+
+def test_rows_past_the_clip_norm_are_refused() -> None:
+    spec = _spec(PrivacyConfig(mode="pooled", clip_norm=4.0, noise_sigma=0.5))
+    features, labels = _rows()
+    bound = row_norm_bound(spec.privacy, features.shape[1])
+    assert bound is not None and 4.0 + 0.5 * 32**0.5 < bound < 4.0 + 0.5 * (32**0.5 + 9)
+    # what an edge that skipped its privacy transform sends
+    unclipped = serialization.dumps(
+        {"features": features * 10, "labels": labels}, {SPEC_HASH_KEY: spec.spec_hash()}
+    )
+    with pytest.raises(InvalidInput, match=r"the spec's privacy transform .* allows at most"):
+        unpack_upload(unclipped, spec, 1000)
+
+
+def test_rows_too_large_for_float32_are_refused_without_a_clip_norm() -> None:
+    spec = _spec(PrivacyConfig(mode="pooled"))
+    features, labels = _rows()
+    huge = pack_features(torch.full_like(features, 3e38), labels, spec, "e")
+    with pytest.raises(InvalidInput, match="too large for float32"):
+        unpack_upload(huge, spec, 1000)
+
+
+def test_stats_past_the_bounds_are_refused() -> None:
+    spec = _spec(PrivacyConfig(mode="stats", clip_norm=4.0, noise_sigma=0.0))
+    dim = spec.feature_shape[0]
+    far = torch.zeros(3, dim)
+    far[1, 0] = 100.0  # a mean no rows of norm <= 4 can have
+    with pytest.raises(InvalidInput, match="a class mean has norm 100"):
+        unpack_stats(_stats_body(spec, means=far), spec, 1000)
+    wide = torch.full((3, dim), 10.0)  # variances summing to 10 * dim > 20/19 * 4**2
+    with pytest.raises(InvalidInput, match="variances sum past"):
+        unpack_stats(_stats_body(spec, vars=wide), spec, 1000)
+    unbounded = _spec(PrivacyConfig(mode="stats", stats_rank=4))
+    loud = torch.zeros(1, dim)
+    loud[0, 0] = 100.0  # 10,000 of variance in a factor; the vars describe 3 * 19 * dim / 57
+    with pytest.raises(InvalidInput, match="the factors carry more variance"):
+        unpack_stats(_stats_body(unbounded, factors=loud), unbounded, 1000)

@@ -72,3 +72,19 @@ def test_refuses_non_string_metadata() -> None:
     raw = json.dumps(header).encode()
     with pytest.raises(NotSafetensors, match="metadata"):
         serialization.inspect_header(struct.pack("<Q", len(raw)) + raw)
+
+
+def test_a_deeply_nested_header_is_not_safetensors() -> None:
+    """Issue 24, defect 4: JSON nested 100,000 deep raised RecursionError (a 500)."""
+    raw = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(NotSafetensors, match="header is not valid JSON"):
+        serialization.loads(struct.pack("<Q", len(raw)) + raw)
+
+
+def test_errors_do_not_echo_a_huge_tensor_name() -> None:
+    header = {"n" * 1_000_000: {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}
+    raw = json.dumps(header).encode()
+    with pytest.raises(NotSafetensors) as err:
+        serialization.inspect_header(struct.pack("<Q", len(raw)) + raw + b"\0" * 4)
+    assert err.value.detail.startswith("tensor 'nnnn") and "unknown dtype 'F99'" in err.value.detail
+    assert len(err.value.detail) < 300

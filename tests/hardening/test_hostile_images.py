@@ -9,6 +9,7 @@ any pixel is decoded). A 1x1 image is valid input and is classified.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import struct
@@ -106,3 +107,72 @@ def test_hostile_images_are_refused_with_bounded_memory(tmp_path: Path, image_fo
     (tmp_path / "hostile-images.json").write_text(json.dumps(report))
     print("\nhostile images:", report)
     assert peak < baseline + RSS_BOUND_KIB, report
+
+
+def _png(width: int, height: int, bit_depth: int, colour_type: int) -> bytes:
+    """A valid, all-zero PNG (compressed to a few KiB), of any size and pixel format."""
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}[colour_type]
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    compressor = zlib.compressobj(9)
+    row = b"\0" * (1 + (width * channels * bit_depth + 7) // 8)  # filter byte + pixels
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    return (
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+    )
+
+
+#: the issue's bound: a request within the body limit raises the edge's peak RSS by less
+PREDICT_RSS_BOUND_KIB = 500 * 1024
+
+
+@pytest.mark.slow
+def test_predict_memory_is_bounded_per_request(tmp_path: Path, image_folder: Path) -> None:
+    """Issue 24, defect 3: twelve 7000x7000 1-bit PNGs in one request (6 KB each, each
+    under the per-image limit) took 2.3 GB; one 49,000,000x1 PNG took 945 MB. Now the
+    request's pixels, its file count and each image's aspect ratio are bounded from the
+    headers, and each image is shrunk right after decoding: the worst request that is
+    accepted (two 49 MP RGBA images, with heat maps) stays under 500 MB."""
+    data_dir = tmp_path / "edge"
+    _deploy_tiny_model(data_dir, image_folder)
+    one_bit = _png(7000, 7000, 1, 0)
+    rgba = _png(7000, 7000, 8, 6)
+    line = _png(49_000_000, 1, 1, 0)
+    assert len(one_bit) < 64 * 1024 and len(rgba) < 1024 * 1024
+    port = free_port()
+    env = edge_env(data_dir, port, "http://127.0.0.1:9", "unused", "edge-img", image_folder)
+    with services(tmp_path) as procs:
+        edge = procs.edge("edge", port, env)
+        with client(edge.url, EDGE_ADMIN_TOKEN, timeout=300) as c:
+            assert c.post("/v1/predict", files={"files": ("w.png", png(8, 8))}).status_code == 200
+            baseline = edge.rss_kib()
+            twelve = c.post(
+                "/v1/predict", files=[("files", (f"{i}.png", one_bit)) for i in range(12)]
+            )
+            assert twelve.status_code == 413, twelve.text
+            assert twelve.json()["detail"] == (
+                "588000000 pixels in one request; the limit is 100000000"
+            )
+            many = c.post(
+                "/v1/predict", files=[("files", (f"{i}.png", png(2, 2))) for i in range(17)]
+            )
+            assert many.status_code == 413
+            assert many.json()["detail"] == "17 files in one request; the limit is 16"
+            thin = c.post("/v1/predict", files={"files": ("line.png", line)})
+            assert thin.status_code == 413, thin.text
+            assert thin.json()["detail"] == (
+                "line.png: 49000000x1: one side is more than 32 times the other"
+            )
+            worst = c.post(
+                "/v1/predict?heatmap=true",
+                files=[("files", ("a.png", rgba)), ("files", ("b.png", one_bit))],
+            )
+            assert worst.status_code == 200, worst.text
+            heat = worst.json()["predictions"][0]["heatmap_png_base64"]
+            with Image.open(io.BytesIO(base64.b64decode(heat))) as img:
+                assert img.size == (1024, 1024)
+            edge.check_alive()
+            peak = edge.peak_rss_kib()
+    report = {"baseline_rss_mib": round(baseline / 1024, 1), "peak_rss_mib": round(peak / 1024, 1)}
+    (tmp_path / "predict-memory.json").write_text(json.dumps(report))
+    print("\npredict memory:", report)
+    assert peak < baseline + PREDICT_RSS_BOUND_KIB, report

@@ -58,6 +58,21 @@ def _header_claiming(rows: int, spec: FeatureSpec) -> bytes:
     return struct.pack("<Q", len(raw)) + raw + b"\0" * 64
 
 
+def _nested_header(depth: int = 100_000) -> bytes:
+    """A safetensors body whose JSON header nests ``depth`` lists (a RecursionError in
+    a recursive parser: issue 24, defect 4)."""
+    raw = b"[" * depth + b"]" * depth
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _long_name_header(chars: int = 1_000_000) -> bytes:
+    """A header naming a tensor with ``chars`` characters and an unknown dtype (the 422
+    repeated the whole name)."""
+    header = {"x" * chars: {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + b"\0" * 4
+
+
 def _torch_save(tensors: dict[str, torch.Tensor]) -> bytes:
     out = io.BytesIO()
     torch.save(tensors, out)
@@ -120,6 +135,19 @@ def hostile_bodies(cycle: dict[str, Any]) -> list[tuple[str, bytes, str]]:
             "negative label",
             raw_upload(cycle, {"features": features, "labels": labels - 1}),
             "labels must lie in [0, 1]",
+        ),
+        ("nested JSON header", _nested_header(), "header is not valid JSON"),
+        ("1 MB tensor name", _long_name_header(), "unknown dtype 'F99'"),
+        # issue 24, defect 7: rows that ignore the spec's clip norm (24) and noise (2)
+        (
+            "rows of norm 5,657",
+            raw_upload(cycle, {"features": features / features.norm() * 5657, "labels": labels}),
+            "the spec's privacy transform (clip norm 24, noise sigma 2) allows at most",
+        ),
+        (
+            "rows of 3e38",
+            raw_upload(cycle, {"features": torch.full_like(features, 3e38), "labels": labels}),
+            "too large for float32",
         ),
         (
             "another cycle's spec hash",
@@ -198,9 +226,16 @@ def test_hostile_uploads_are_refused_with_bounded_memory(tmp_path: Path) -> None
                 )
                 detail = response.json()["detail"]
                 outcomes[name] = (response.status_code, detail)
-                assert response.status_code == 422, (name, response.text)
-                assert fragment in detail, (name, detail)
+                assert response.status_code == 422, (name, response.text[:500])
+                assert fragment in detail, (name, detail[:500])
+                assert len(detail) <= 1000, (name, len(detail))  # input is not echoed whole
                 peak_during = max(peak_during, server.rss_kib())
+
+            # A subset of weights naming a 1 MB tensor: 422, the name not echoed whole.
+            subset = x.post("/v1/models/1/weights/subset", json={"names": ["y" * 1_000_000]})
+            assert subset.status_code == 422
+            assert subset.json()["detail"].startswith("model version 1 has no tensor 'yyyy")
+            assert len(subset.text) < 1000
 
             # Over the limit, declared up front: refused before a byte is read.
             big = x.put(f"/v1/cycles/{cycle['id']}/features", content=b"\0" * (LIMIT + 1))

@@ -1,4 +1,4 @@
-"""Safe defaults: loopback binding, no start without tokens, size limits.
+"""Safe defaults: loopback binding, no start without strong tokens, size limits.
 
 That no token reaches a log is checked on a whole cycle run by real processes at
 DEBUG level, in ``test_dropouts.py`` (the outage test), to start processes once."""
@@ -40,6 +40,35 @@ def test_services_bind_to_loopback_and_limit_bodies_by_default() -> None:
         ),
         ("edge_service", {}, "FEDINSPECT_EDGE_ADMIN_TOKEN: Field required"),
         ("edge_service", {"FEDINSPECT_EDGE_ADMIN_TOKEN": ""}, "admin_token must not be empty"),
+        # issue 24, defect 9: weak operator tokens, on both services
+        (
+            "edge_service",
+            {"FEDINSPECT_EDGE_ADMIN_TOKEN": "x"},
+            "admin_token must be at least 16 characters",
+        ),
+        (
+            "server_service",
+            {"FEDINSPECT_SERVER_ADMIN_TOKEN": "a" * 16},
+            "FEDINSPECT_SERVER_ADMIN_TOKEN: Value error, has almost no entropy",
+        ),
+        (
+            "server_service",
+            {"FEDINSPECT_SERVER_ADMIN_TOKEN": " " * 16},
+            "FEDINSPECT_SERVER_ADMIN_TOKEN: Value error, must not start or end with whitespace",
+        ),
+        (
+            "edge_service",
+            {"FEDINSPECT_EDGE_ADMIN_TOKEN": "abababababababababab"},
+            "admin_token has almost no entropy",
+        ),
+        (
+            "edge_service",
+            {
+                "FEDINSPECT_EDGE_ADMIN_TOKEN": "edge-token-shared-0123456789",
+                "FEDINSPECT_EDGE_TOKEN": "edge-token-shared-0123456789",
+            },
+            "admin_token must differ from token (the edge's server token)",
+        ),
     ],
 )
 def test_services_refuse_to_start_without_tokens(

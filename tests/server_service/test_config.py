@@ -10,6 +10,8 @@ from fl_core.errors import ConfigError
 from server_service.config import Settings, load_settings
 from server_service.main import run
 
+TOKEN = "server-admin-token-0123456789"
+
 
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
@@ -22,24 +24,24 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 
 def test_reads_prefixed_env_with_nested_privacy(clean_env: pytest.MonkeyPatch) -> None:
-    clean_env.setenv("FEDINSPECT_SERVER_ADMIN_TOKEN", "a" * 20)
+    clean_env.setenv("FEDINSPECT_SERVER_ADMIN_TOKEN", TOKEN)
     clean_env.setenv("FEDINSPECT_SERVER_PORT", "8123")
     clean_env.setenv("FEDINSPECT_SERVER_CLASS_NAMES", '["ok", "scratch", "dent"]')
     clean_env.setenv("FEDINSPECT_SERVER_PRIVACY__DTYPE", "float16")
     clean_env.setenv("FEDINSPECT_SERVER_PRIVACY__CLIP_NORM", "2.5")
     s = load_settings()
-    assert s.admin_token.get_secret_value() == "a" * 20
+    assert s.admin_token.get_secret_value() == TOKEN
     assert s.port == 8123
     assert s.class_names == ["ok", "scratch", "dent"]
     assert s.privacy.dtype == "float16"
     assert s.privacy.clip_norm == 2.5
     # a wire dtype of rows asks for rows, with the pooled mode's noise
     assert (s.privacy.mode, s.privacy.noise_sigma) == ("pooled", 2.0)
-    assert "a" * 20 not in repr(s)  # the token never shows in logs or tracebacks
+    assert TOKEN not in repr(s)  # the token never shows in logs or tracebacks
 
 
 def test_defaults(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    s = Settings(admin_token="a" * 16, data_dir=tmp_path)
+    s = Settings(admin_token=TOKEN[:16], data_dir=tmp_path)
     assert (s.host, s.port, s.backbone, s.cut, s.input_size) == (
         "127.0.0.1",
         8000,

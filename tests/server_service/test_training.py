@@ -3,16 +3,20 @@ and resuming a cycle left in ``training`` by a dead process."""
 
 from __future__ import annotations
 
+import errno
+import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
+from fl_core.schemas import CycleState
 from fl_core.training import TrainReport
 from server_service.db import CycleRow
-from server_service.services import training
+from server_service.services import cycle_state, training
 from tests.server_service.conftest import EdgeFactory
 from tests.server_service.helpers import (
     ADMIN,
@@ -230,3 +234,44 @@ def test_shutdown_interrupts_training_and_the_next_start_resumes_it(
     with running(settings) as client:
         done = wait_for_state(client, cycle["id"], {"done", "failed"})
         assert done["state"] == "done", done["reason"]
+
+
+def test_a_training_failure_that_cannot_be_written_is_written_by_the_watcher(
+    client: TestClient, new_edge: EdgeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 24, defect 5: on a full disk even marking the cycle failed fails; it stayed
+    ``training`` with no reason for good. The watcher now writes it once it can."""
+    full = threading.Event()
+    full.set()
+
+    def no_space(*_args: Any, **_kwargs: Any) -> TrainReport:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_move = cycle_state.move
+
+    def move(session: Any, cycle_id: int, target: CycleState, *args: Any, **kw: Any) -> bool:
+        if target == CycleState.failed and full.is_set():
+            full_db = sqlite3.OperationalError("database or disk is full")
+            raise OperationalError("UPDATE cycles", {}, full_db)
+        return real_move(session, cycle_id, target, *args, **kw)
+
+    monkeypatch.setattr(training, "train_upper", no_space)
+    monkeypatch.setattr(cycle_state, "move", move)
+    edge = new_edge()
+    cycle = client.post("/v1/cycles", headers=edge.headers).json()
+    put_features(client, cycle["id"], edge, make_upload(cycle, edge.edge_id))
+    runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    for _ in range(600):  # bounded: 60 s
+        if cycle["id"] in runtime.unrecorded_failures:
+            break
+        time.sleep(0.1)
+    assert cycle["id"] in runtime.unrecorded_failures
+    time.sleep(0.3)  # watcher passes while the disk is still full
+    assert client.get(f"/v1/cycles/{cycle['id']}", headers=ADMIN).json()["state"] == "training"
+    full.clear()  # space freed
+    failed = wait_for_state(client, cycle["id"], {"failed", "done"})
+    assert failed["state"] == "failed"
+    assert failed["reason"] == (
+        "training failed: the server's data dir is full (no space left on device)"
+    )
+    assert runtime.unrecorded_failures == {}

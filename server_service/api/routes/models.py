@@ -85,7 +85,7 @@ def get_weights(
     if _etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers={"ETag": etag})
     return FileResponse(
-        models.weights_path(rt, row),
+        models.verified_weights_path(rt, row),
         media_type=_SAFETENSORS,
         filename=f"model-v{row.version}.safetensors",
         headers={"ETag": etag},
