@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import json
+import threading
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
 from fl_core import serialization
 from fl_core.backbones import build_backbone
+from fl_core.blobstore import BlobStore
 from fl_core.errors import InvalidInput, NotFound
 from fl_core.features import make_spec
 from fl_core.model import (
@@ -132,28 +133,57 @@ def next_version(session: Session) -> int:
     return int(session.scalar(select(func.max(ModelRow.version))) or 0) + 1
 
 
-def weights_path(rt: Runtime, row: ModelRow) -> Path:
-    path = rt.blobs.path(row.sha256)
-    if not path.is_file():
-        raise NotFound(f"weights of model version {row.version} are missing from the blob store")
-    return path
+def _missing(row: ModelRow) -> NotFound:
+    return NotFound(f"weights of model version {row.version} are missing from the blob store")
 
 
-@functools.lru_cache(maxsize=16)
-def _digests(sha256: str, data_source: Path) -> dict[str, str]:
-    # keyed by the content's sha256: a blob never changes, so neither do its digests
-    return serialization.tensor_digests(data_source.read_bytes())
+def weights_path(rt: Runtime, row: ModelRow) -> Path | None:
+    """The weights' file in a local blob store; None when the store is remote."""
+    try:
+        return rt.blobs.local_path(row.sha256)
+    except NotFound:
+        raise _missing(row) from None
+
+
+def weights_bytes(rt: Runtime, row: ModelRow) -> bytes:
+    """A version's weights, their sha256 checked."""
+    try:
+        return rt.blobs.get(row.sha256)
+    except NotFound:
+        raise _missing(row) from None
+
+
+#: per-tensor digests by the blob's sha256: a blob never changes, so neither do they
+_DIGESTS: dict[str, dict[str, str]] = {}
+_DIGESTS_MAX = 16
+_digests_lock = threading.Lock()
+
+
+def _digests(sha256: str, blobs: BlobStore) -> dict[str, str]:
+    with _digests_lock:
+        cached = _DIGESTS.get(sha256)
+    if cached is not None:
+        return cached
+    digests = serialization.tensor_digests(blobs.get(sha256))
+    with _digests_lock:
+        if len(_DIGESTS) >= _DIGESTS_MAX:
+            _DIGESTS.pop(next(iter(_DIGESTS)))
+        _DIGESTS[sha256] = digests
+    return digests
 
 
 def manifest(rt: Runtime, row: ModelRow) -> ModelManifest:
     """Per-tensor digests of a version's weights (what an edge needs to fetch a delta)."""
-    digests = _digests(row.sha256, weights_path(rt, row))
+    try:
+        digests = _digests(row.sha256, rt.blobs)
+    except NotFound:
+        raise _missing(row) from None
     return ModelManifest(version=row.version, sha256=row.sha256, tensors=dict(digests))
 
 
 def weights_subset(rt: Runtime, row: ModelRow, names: list[str]) -> bytes:
     """The named tensors of a version's weights, with the full file's metadata."""
-    data = weights_path(rt, row).read_bytes()
+    data = weights_bytes(rt, row)
     try:
         return serialization.subset(data, list(dict.fromkeys(names)))
     except KeyError as exc:
@@ -193,6 +223,7 @@ __all__ = [
     "next_version",
     "spec_for",
     "to_info",
+    "weights_bytes",
     "weights_path",
     "weights_subset",
 ]
