@@ -47,7 +47,11 @@ defaults
     # be replayed); the edges' own retries cover the rest
     retries 3
     option redispatch
-    retry-on conn-failure empty-response
+    retry-on conn-failure empty-response junk-response
+    # uvicorn closes a connection idle for 5 s; a request haproxy sends on a pooled
+    # connection as it closes came back 502 (about 1 in 500 under load): a new
+    # connection per request costs a handshake on the local network, no errors
+    http-reuse never
 frontend fedinspect
     bind {host}:{port}
     default_backend replicas
