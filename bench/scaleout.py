@@ -7,9 +7,12 @@ API server, behind haproxy, all on loopback, with the machinery of the replica t
 The edges are async clients in this process (one connection each, bounded by the
 edge count, each call bounded by a timeout), registered through the admin API; they
 join one cycle whose quorum is above N, so it keeps collecting, and upload one small
-feature batch each, answering 429/503 as a real edge does (``bench.ingest``). Latency
-is what an edge sees, waits included; errors are uploads that failed for good. Peak
-RSS is each replica's ``VmHWM`` at the end of its phase.
+feature batch each, all at once. Like a real edge (edge_service's client), an edge
+retries 429/5xx answers (after ``Retry-After``) and dropped connections, within a
+retry budget (``--budget-s``, 300 s; the edge's default is 120 s). Latency is what an
+edge sees, waits included; errors are uploads that failed for good (an answer that is
+not retried, or the budget spent). Peak RSS is each replica's ``VmHWM`` at the end of
+its phase.
 
 Writes bench/results/scaleout/results.json and results.md.
 """
@@ -27,12 +30,65 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.ingest import _load, _peak_rss_mb
+import httpx
+
+from bench.ingest import _body, _load, _peak_rss_mb
 from tests.integration.replicas import Cluster
 from tests.server_service.helpers import ADMIN_TOKEN
 from tests.services import PostgresServer, S3Server
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scaleout"
+#: answers a real edge retries (edge_service.services.client)
+_RETRIED = frozenset({429, 500, 502, 503, 504})
+
+
+def _edge_like(budget_s: float) -> Any:
+    """bench.ingest's per-edge upload loop, retrying as edge_service's client does."""
+
+    async def edge(
+        client: httpx.AsyncClient,
+        token: str,
+        edge_id: str,
+        uploads: int,
+        rows: int,
+        cycle: Any,
+        out: dict[str, Any],
+    ) -> None:
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"}
+        for i in range(uploads):
+            body = _body(cycle.spec, edge_id, rows, seed=hash((edge_id, i)) % 2**31)
+            began = time.perf_counter()
+            while True:
+                wait = 0.5
+                try:
+                    resp = await client.put(
+                        f"/v1/cycles/{cycle.id}/features", content=body, headers=headers
+                    )
+                except httpx.TransportError as exc:
+                    out["transport_errors"] += 1
+                    out["last_error"] = type(exc).__name__
+                else:
+                    if resp.status_code in (200, 201):
+                        out["latencies"].append(time.perf_counter() - began)
+                        out["bytes"] += len(body)
+                        break
+                    if resp.status_code not in _RETRIED:
+                        out["errors"] += 1
+                        out["last_error"] = f"{resp.status_code} {resp.text[:200]}"
+                        break
+                    out["retries"] += 1
+                    out.setdefault("retried_statuses", {}).setdefault(resp.status_code, 0)
+                    out["retried_statuses"][resp.status_code] += 1
+                    wait = float(resp.headers.get("Retry-After", "1"))
+                if time.perf_counter() - began + wait > budget_s:
+                    out["errors"] += 1
+                    out["last_error"] = f"retry budget of {budget_s:.0f} s spent"
+                    break
+                await asyncio.sleep(wait)
+
+    return edge
+
+
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -77,6 +133,7 @@ def run_phase(
     replicas: int,
     edges: int,
     rows: int,
+    budget_s: float = 300.0,
 ) -> dict[str, Any]:
     log_dir = work / f"replicas-{replicas}"
     log_dir.mkdir()
@@ -94,7 +151,9 @@ def run_phase(
     try:
         cluster.start()
         before = _cpu_snapshot(cluster, postgres, s3)
-        out = asyncio.run(_load(cluster.url, ADMIN_TOKEN, edges, 1, rows))
+        out = asyncio.run(
+            _load(cluster.url, ADMIN_TOKEN, edges, 1, rows, edge=_edge_like(budget_s))
+        )
         after = _cpu_snapshot(cluster, postgres, s3)
         peaks = {name: _peak_rss_mb(p.proc.pid) for name, p in cluster.procs.items()}
     finally:
@@ -116,7 +175,8 @@ def run_phase(
         "p99_ms": pct(0.99),
         "mean_ms": round(statistics.fmean(lat_ms), 1) if lat_ms else None,
         "errors": out["errors"],
-        "retries_429_503": out["retries"],
+        "retries_429_5xx": out["retries"],
+        "retried_statuses": out.get("retried_statuses", {}),
         "transport_errors_retried": out["transport_errors"],
         "last_error": out["last_error"],
         "peak_rss_mb": peaks,
@@ -135,7 +195,7 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "the edges are async clients in the bench's own process.",
         "",
         "| replicas | edges | uploads | bytes each | uploads/s | p50 ms | p99 ms | errors "
-        "| 503 retries | peak RSS per replica (MB) |",
+        "| retried answers | peak RSS per replica (MB) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -143,7 +203,7 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines.append(
             f"| {r['replicas']} | {r['edges']} | {r['uploads']} | {r['upload_bytes']} "
             f"| {r['uploads_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} "
-            f"| {r['retries_429_503']} | {peaks} |"
+            f"| {r['retries_429_5xx']} | {peaks} |"
         )
     lines += [
         "",
@@ -163,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--edges", type=int, default=1000)
     parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--budget-s", type=float, default=300.0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     postgres = PostgresServer()
@@ -171,14 +232,13 @@ def main(argv: list[str] | None = None) -> None:
         s3 = S3Server(Path(tmp))
         s3.start()
         try:
-            rows = [
-                run_phase(Path(tmp), postgres, s3, n, args.edges, args.rows) for n in (1, 3)
-            ]
+            rows = [run_phase(Path(tmp), postgres, s3, n, args.edges, args.rows) for n in (1, 3)]
         finally:
             s3.stop()
             postgres.close()
     meta = {
-        "command": f"python -m bench.scaleout --edges {args.edges} --rows {args.rows}",
+        "command": f"python -m bench.scaleout --edges {args.edges} --rows {args.rows} "
+        f"--budget-s {args.budget_s:g}",
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),

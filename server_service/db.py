@@ -32,8 +32,10 @@ from sqlalchemy import (
     inspect,
     text,
 )
+from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.orm import Session as Session
+from sqlalchemy.schema import CreateIndex
 
 
 def utcnow() -> datetime:
@@ -212,22 +214,35 @@ def has_schema(conn: Connection) -> bool:
     return inspect(conn).has_table(ModelRow.__tablename__)
 
 
-def create_schema(engine: Engine, before_create: Callable[[], None] | None = None) -> None:
-    """Create missing tables and indexes (an index added to an existing table too).
+def create_schema(engine: Engine, before_create: Callable[[], None] | None = None) -> list[str]:
+    """Create missing tables, and missing indexes (an index added to an existing table).
 
     ``before_create`` runs when the database has no tables yet, before any is made:
     it may refuse (raise) to initialise a new database. On PostgreSQL an advisory lock
-    serialises replicas that start at once.
+    serialises replicas that start at once. Returns the unique indexes that existing
+    rows break (left out, with the database's reason), for the caller to report.
     """
     with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
+        _schema_lock(conn)
         if before_create is not None and not has_schema(conn):
             before_create()
         Base.metadata.create_all(conn)
-        for table in Base.metadata.sorted_tables:
-            for index in table.indexes:
-                index.create(conn, checkfirst=True)
+    skipped = []
+    for table in Base.metadata.sorted_tables:
+        for index in table.indexes:
+            try:
+                with engine.begin() as conn:
+                    _schema_lock(conn)
+                    conn.execute(CreateIndex(index, if_not_exists=True))
+            except DBIntegrityError as exc:
+                reason = str(exc.orig).strip().splitlines()[0]
+                skipped.append(f"{index.name}: {reason}")
+    return skipped
+
+
+def _schema_lock(conn: Connection) -> None:
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

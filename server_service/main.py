@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import sys
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,68 +17,21 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy import Engine
-from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy.exc import OperationalError
 
 from fl_core import __version__
-from fl_core.blobstore import BlobStore, open_blob_store
 from fl_core.errors import AuthError, ConfigError, FedInspectError, Forbidden, Unavailable
 from server_service.admission import AdmissionControl
 from server_service.api.main import api_router
 from server_service.config import Settings, get_settings
-from server_service.db import create_schema, make_engine, make_sessionmaker
+from server_service.db import make_sessionmaker
 from server_service.logs import configure_logging, log_event
 from server_service.metrics import RequestMetricsMiddleware, ServerMetrics
 from server_service.runtime import Runtime
 from server_service.services.cycles import resume_training
 from server_service.services.models import ensure_base_model
 from server_service.services.watcher import watch_deadlines
-
-
-def open_storage(settings: Settings) -> tuple[Engine, BlobStore]:
-    """Open the blob store and the database, creating or upgrading the schema.
-
-    Refuses (ConfigError, one line) a database that cannot be opened, and a new,
-    empty database beside a blob store that holds blobs unless ALLOW_NEW_DATABASE.
-    """
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    blobs = open_blob_store(settings.blob_url, settings.blob_dir, settings.s3_endpoint_url)
-    engine = make_engine(settings.sqlalchemy_url)
-    where = engine.url.render_as_string(hide_password=True)
-    if engine.url.get_backend_name() == "sqlite":
-        where = f"file {engine.url.database}"
-
-    def refuse_new_database() -> None:
-        if not settings.allow_new_database and blobs.any_blob():
-            raise ConfigError(
-                f"the database {where} is empty (deleted or replaced?) but the blob store "
-                f"{blobs.describe()} holds blobs: restore the database from a backup, or set "
-                "FEDINSPECT_SERVER_ALLOW_NEW_DATABASE=true to start anew (every edge must "
-                "then register again)"
-            )
-
-    try:
-        create_schema(engine, before_create=refuse_new_database)
-    except OperationalError as exc:
-        engine.dispose()
-        raise ConfigError(
-            f"cannot open the database {where} ({_first_line(exc)}): check "
-            "FEDINSPECT_SERVER_DATABASE_URL, that the database is running, and permissions"
-        ) from None
-    except DatabaseError as exc:
-        engine.dispose()
-        raise ConfigError(
-            f"the database {where} is unreadable ({_first_line(exc)}): restore it from a "
-            "backup, or move it aside and start with FEDINSPECT_SERVER_ALLOW_NEW_DATABASE=true"
-        ) from None
-    except BaseException:
-        engine.dispose()
-        raise
-    return engine, blobs
-
-
-def _first_line(exc: DatabaseError) -> str:
-    return str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc).__name__
+from server_service.storage import RETRY_AFTER_S, database_unavailable, open_storage
 
 
 def start_runtime(settings: Settings, metrics: ServerMetrics) -> Runtime:
@@ -105,23 +57,8 @@ def _fedinspect_error(_request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, AuthError) and not isinstance(exc, Forbidden):
         headers = {"WWW-Authenticate": "Bearer"}
     if exc.http_status == 503:
-        headers = {"Retry-After": _RETRY_AFTER_S}
+        headers = {"Retry-After": RETRY_AFTER_S}
     return JSONResponse({"detail": exc.detail}, status_code=exc.http_status, headers=headers)
-
-
-#: seconds a client waits before retrying when the database or blob store is away
-_RETRY_AFTER_S = "2"
-
-
-def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
-    # Lost connections (a restarting PostgreSQL): the client retries; pre_ping gives
-    # the next request a fresh connection once the database is back.
-    log_event("database.unavailable", logging.WARNING, error=type(exc).__name__)
-    return JSONResponse(
-        {"detail": "database unavailable; retry later"},
-        status_code=503,
-        headers={"Retry-After": _RETRY_AFTER_S},
-    )
 
 
 def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -172,7 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_exception_handler(FedInspectError, _fedinspect_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(OperationalError, _database_unavailable)
+    app.add_exception_handler(OperationalError, database_unavailable)
     app.add_middleware(RequestMetricsMiddleware, get_metrics=lambda: metrics)
     # Outermost: a refused request costs no worker thread and no database connection.
     app.add_middleware(
@@ -207,4 +144,4 @@ def run(settings: Settings | None = None) -> None:
     )
 
 
-__all__ = ["create_app", "open_storage", "run", "start_runtime"]
+__all__ = ["create_app", "run", "start_runtime"]

@@ -11,14 +11,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
 from fl_core.errors import ConfigError
 from server_service import leases
 from server_service.config import Settings
-from server_service.db import EdgeRow, LeaseRow, make_engine, make_sessionmaker, utcnow
-from server_service.main import open_storage
+from server_service.db import (
+    EdgeRow,
+    LeaseRow,
+    create_schema,
+    make_engine,
+    make_sessionmaker,
+    utcnow,
+)
+from server_service.storage import open_storage
 from tests.integration.processes import ROOT
 from tests.server_service.conftest import EdgeFactory
 from tests.server_service.helpers import (
@@ -239,3 +246,43 @@ def test_health_names_the_replica_and_what_it_reaches(settings: Settings) -> Non
             "database": "ok",
             "blob_store": "ok",
         }
+
+
+# ----------------------------------------------------------------- schema upgrades
+
+
+def test_a_database_of_the_previous_schema_gains_the_new_index_and_table(
+    settings: Settings,
+) -> None:
+    # The previous release had neither the leases table nor one name per active edge,
+    # and could hold two active edges of one name.
+    engine, _blobs = open_storage(settings)
+    with engine.begin() as conn:
+        conn.execute(text("DROP INDEX one_active_edge_name"))
+        conn.execute(text("DROP TABLE leases"))
+    sessions = make_sessionmaker(engine)
+    with sessions() as session:
+        session.add(EdgeRow(id="edge-a", name="twin", token_hash="a" * 64, revoked=False))
+        session.add(EdgeRow(id="edge-b", name="twin", token_hash="b" * 64, revoked=False))
+        session.add(EdgeRow(id="edge-c", name="solo", token_hash="c" * 64, revoked=False))
+        session.commit()
+    engine.dispose()
+    # Two active twins break the unique index: the server starts without it and says so.
+    engine = make_engine(settings.sqlalchemy_url)
+    try:
+        skipped = create_schema(engine)
+    finally:
+        engine.dispose()
+    assert [s.split(":")[0] for s in skipped] == ["one_active_edge_name"]
+    with running(settings) as client:
+        twin = client.delete("/v1/edges/edge-b", headers=ADMIN)
+        assert twin.status_code == 200
+    # Once the twin is revoked, the next start creates the index and the lease table.
+    engine = make_engine(settings.sqlalchemy_url)
+    try:
+        assert create_schema(engine) == []
+        names = {i["name"] for i in inspect(engine).get_indexes("edges")}
+        assert "one_active_edge_name" in names
+        assert inspect(engine).has_table("leases")
+    finally:
+        engine.dispose()
