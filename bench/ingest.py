@@ -152,7 +152,12 @@ async def _edge(
             out["errors"] += 1
 
 
-async def _load(url: str, admin: str, edges: int, uploads: int, rows: int) -> dict[str, Any]:
+async def _load(
+    url: str, admin: str, edges: int, uploads: int, rows: int, edge: Any = None
+) -> dict[str, Any]:
+    """Register ``edges`` edges, join them to one cycle, then run ``edge`` (default:
+    :func:`_edge`) for all of them at once."""
+    edge = edge or _edge
     limits = httpx.Limits(max_connections=edges + 4, max_keepalive_connections=edges + 4)
     timeout = httpx.Timeout(300.0)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
@@ -183,7 +188,7 @@ async def _load(url: str, admin: str, edges: int, uploads: int, rows: int) -> di
         began = time.perf_counter()
         await asyncio.gather(
             *(
-                _edge(client, t, e, uploads, rows, c, out)
+                edge(client, t, e, uploads, rows, c, out)
                 for (t, e), c in zip(tokens, cycles, strict=True)
             )
         )

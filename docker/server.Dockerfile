@@ -15,7 +15,8 @@ COPY fl_core ./fl_core
 COPY server_service ./server_service
 COPY edge_service ./edge_service
 COPY fedinspect ./fedinspect
-RUN pip install .
+# the postgres and s3 extras: a replica of the scaled-out setup (docker-compose.scale.yml)
+RUN pip install '.[postgres,s3]'
 
 RUN useradd --create-home --uid 10001 fedinspect \
     && mkdir -p /data && chown fedinspect:fedinspect /data

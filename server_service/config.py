@@ -8,6 +8,7 @@ Code reaches the settings through :func:`get_settings` (cached) or the app's
 
 from __future__ import annotations
 
+import socket
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -57,7 +58,37 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None,
         description="SQLAlchemy URL; default: a SQLite file server.db in DATA_DIR. "
-        "A PostgreSQL URL works too.",
+        "PostgreSQL (postgresql+psycopg://user:password@host/db, the `postgres` extra) "
+        "lets several replicas share one database.",
+    )
+    blob_url: str | None = Field(
+        default=None,
+        description="Where blobs (weights, uploads) live: s3://BUCKET/PREFIX for an "
+        "S3-compatible object store (credentials from AWS_ACCESS_KEY_ID / "
+        "AWS_SECRET_ACCESS_KEY, the `s3` extra); default: the folder blobs in DATA_DIR.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="Endpoint of a non-AWS S3-compatible store (MinIO: http://minio:9000).",
+    )
+    replica_id: str | None = Field(
+        default=None,
+        max_length=128,
+        description="Name of this replica among servers sharing a database (lease owner, "
+        "shown by /health); default: host name and port. A replica restarted under the "
+        "same name takes its own cycles back at once.",
+    )
+    lease_ttl_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="Seconds a replica's lease on a training (or on the deadline watcher) "
+        "lasts without a heartbeat; another replica takes over after that.",
+    )
+    allow_new_database: bool = Field(
+        default=False,
+        description="Create a new, empty database even though the blob store already holds "
+        "blobs (refused by default: a deleted or replaced database next to a full store is "
+        "usually a mistake, and a new one invalidates every edge's token).",
     )
     host: str = Field(default="127.0.0.1", description="Address uvicorn listens on.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port uvicorn listens on.")
@@ -213,6 +244,11 @@ class Settings(BaseSettings):
     @property
     def blob_dir(self) -> Path:
         return self.data_dir / "blobs"
+
+    @property
+    def replica_name(self) -> str:
+        """This replica's name (REPLICA_ID, or host name and port)."""
+        return self.replica_id or f"{socket.gethostname()}:{self.port}"
 
     def upper_train_config(self) -> UpperTrainConfig:
         return UpperTrainConfig(

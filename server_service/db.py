@@ -1,18 +1,23 @@
 """Database schema and engine: SQLAlchemy 2.0 over SQLite (default) or PostgreSQL.
 
 Tables: ``edges``, ``cycles``, ``cycle_members``, ``uploads``, ``models`` and
-``edge_evaluations``. Only portable SQL is used; SQLite gets WAL and a busy timeout so
-the API threads, the training thread and the deadline watcher can share one file.
+``edge_evaluations`` and ``leases``. Only portable SQL is used; SQLite gets WAL and a
+busy timeout so the API threads, the training thread and the deadline watcher can share
+one file. On PostgreSQL several server replicas share the database: the schema is
+created under an advisory lock, and :mod:`server_service.leases` decides which replica
+trains a cycle.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Connection,
     DateTime,
     Dialect,
     Engine,
@@ -25,10 +30,13 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
     text,
 )
+from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.orm import Session as Session
+from sqlalchemy.schema import CreateIndex
 
 
 def utcnow() -> datetime:
@@ -60,6 +68,17 @@ class Base(DeclarativeBase):
 
 class EdgeRow(Base):
     __tablename__ = "edges"
+    __table_args__ = (
+        # One active edge per name, enforced by the database: of concurrent
+        # registrations (on one replica or several) exactly one succeeds.
+        Index(
+            "one_active_edge_name",
+            "name",
+            unique=True,
+            sqlite_where=text("revoked = 0"),
+            postgresql_where=text("NOT revoked"),
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(String(64))
@@ -148,6 +167,19 @@ class EdgeEvaluationRow(Base):
     reported_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class LeaseRow(Base):
+    """A named lease (``cycle:<id>``, ``watcher``): held by one replica until it expires.
+
+    The holder renews it (heartbeat); another replica may take it once it has expired.
+    """
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -172,12 +204,59 @@ def make_engine(url: str) -> Engine:
         )
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
-        engine = create_engine(url, pool_pre_ping=True)
+        # pre_ping: after a database restart, stale pooled connections are replaced
+        # instead of failing the next request; a bounded connect time lets a request
+        # answer 503 while the database is down instead of hanging.
+        connect_args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
+        engine = create_engine(
+            url,
+            pool_pre_ping=True,
+            pool_size=10,
+            max_overflow=40,
+            pool_timeout=10,
+            connect_args=connect_args,
+        )
     return engine
 
 
-def create_schema(engine: Engine) -> None:
-    Base.metadata.create_all(engine)
+#: key of the PostgreSQL advisory lock held while the schema is created or checked
+_SCHEMA_LOCK = 0x0FED1257
+
+
+def has_schema(conn: Connection) -> bool:
+    """Whether the database holds this server's tables (False: new or emptied)."""
+    return inspect(conn).has_table(ModelRow.__tablename__)
+
+
+def create_schema(engine: Engine, before_create: Callable[[], None] | None = None) -> list[str]:
+    """Create missing tables, and missing indexes (an index added to an existing table).
+
+    ``before_create`` runs when the database has no tables yet, before any is made:
+    it may refuse (raise) to initialise a new database. On PostgreSQL an advisory lock
+    serialises replicas that start at once. Returns the unique indexes that existing
+    rows break (left out, with the database's reason), for the caller to report.
+    """
+    with engine.begin() as conn:
+        _schema_lock(conn)
+        if before_create is not None and not has_schema(conn):
+            before_create()
+        Base.metadata.create_all(conn)
+    skipped = []
+    for table in Base.metadata.sorted_tables:
+        for index in table.indexes:
+            try:
+                with engine.begin() as conn:
+                    _schema_lock(conn)
+                    conn.execute(CreateIndex(index, if_not_exists=True))
+            except DBIntegrityError as exc:
+                reason = str(exc.orig).strip().splitlines()[0]
+                skipped.append(f"{index.name}: {reason}")
+    return skipped
+
+
+def _schema_lock(conn: Connection) -> None:
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
@@ -190,11 +269,13 @@ __all__ = [
     "CycleRow",
     "EdgeEvaluationRow",
     "EdgeRow",
+    "LeaseRow",
     "ModelRow",
     "Session",
     "UTCDateTime",
     "UploadRow",
     "create_schema",
+    "has_schema",
     "make_engine",
     "make_sessionmaker",
     "utcnow",

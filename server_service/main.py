@@ -23,21 +23,33 @@ from sqlalchemy.exc import OperationalError
 
 from fedinspect.pages import install_pages
 from fl_core import __version__
-from fl_core.blobstore import LocalBlobStore
-from fl_core.errors import AuthError, ConfigError, FedInspectError, Forbidden, InsufficientStorage
+from fl_core.errors import (
+    AuthError,
+    ConfigError,
+    FedInspectError,
+    Forbidden,
+    InsufficientStorage,
+    Unavailable,
+)
 from fl_core.guards import RequestGuard, Scope, install_access_log_filter, route_needs, shorten
 from server_service.admission import AdmissionControl
 from server_service.api.deps import authenticate_scope, get_caller
 from server_service.api.main import api_router
 from server_service.config import Settings, get_settings
-from server_service.db import create_schema, make_engine, make_sessionmaker
+from server_service.db import make_sessionmaker
 from server_service.logs import configure_logging, log_event, logger
 from server_service.metrics import RequestMetricsMiddleware, ServerMetrics
 from server_service.runtime import Runtime
 from server_service.services.cycles import resume_training
 from server_service.services.models import ensure_base_model
 from server_service.services.watcher import watch_deadlines
-from server_service.storage import DISK_FULL_DETAIL, is_disk_full
+from server_service.storage import (
+    DISK_FULL_DETAIL,
+    RETRY_AFTER_S,
+    database_unavailable,
+    is_disk_full,
+    open_storage,
+)
 
 #: an error detail never repeats more of the caller's input than this
 MAX_DETAIL_CHARS = 1000
@@ -47,10 +59,7 @@ STATIC_DIR = Path(__file__).parent / "static" / "ui"
 
 def start_runtime(settings: Settings, metrics: ServerMetrics) -> Runtime:
     """Open the database and blob store, and make sure a base model exists."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(settings.sqlalchemy_url)
-    create_schema(engine)
-    blobs = LocalBlobStore(settings.blob_dir)
+    engine, blobs = open_storage(settings)
     blobs.clean_tmp()  # leftovers of a killed process: never acknowledged, safe to drop
     runtime = Runtime(
         settings=settings,
@@ -59,6 +68,7 @@ def start_runtime(settings: Settings, metrics: ServerMetrics) -> Runtime:
         blobs=blobs,
         metrics=metrics,
         executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedinspect-train"),
+        replica_id=settings.replica_name,
     )
     ensure_base_model(runtime)
     return runtime
@@ -69,6 +79,8 @@ def _fedinspect_error(_request: Request, exc: Exception) -> JSONResponse:
     headers = None
     if isinstance(exc, AuthError) and not isinstance(exc, Forbidden):
         headers = {"WWW-Authenticate": "Bearer"}
+    if exc.http_status == 503:
+        headers = {"Retry-After": RETRY_AFTER_S}
     return JSONResponse(
         {"detail": shorten(exc.detail, MAX_DETAIL_CHARS)},
         status_code=exc.http_status,
@@ -77,11 +89,15 @@ def _fedinspect_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 def _storage_error(request: Request, exc: Exception) -> JSONResponse:
-    if not is_disk_full(exc):
-        raise exc  # not ours to explain: the server's error handler answers 500
-    settings: Settings = request.app.state.runtime.settings
-    log_event("storage.full", logging.WARNING, data_dir=settings.data_dir, error=shorten(str(exc)))
-    return JSONResponse({"detail": DISK_FULL_DETAIL}, status_code=507)
+    if is_disk_full(exc):
+        settings: Settings = request.app.state.runtime.settings
+        log_event(
+            "storage.full", logging.WARNING, data_dir=settings.data_dir, error=shorten(str(exc))
+        )
+        return JSONResponse({"detail": DISK_FULL_DETAIL}, status_code=507)
+    if isinstance(exc, OperationalError):  # a lost connection (a restarting PostgreSQL)
+        return database_unavailable(request, exc)
+    raise exc  # not ours to explain: the server's error handler answers 500
 
 
 def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -115,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "server.started",
             data_dir=settings.data_dir,
             backbone=settings.backbone,
+            replica=runtime.replica_id,
             resumed_cycles=",".join(map(str, resumed)) or None,
         )
         try:
@@ -178,6 +195,12 @@ def run(settings: Settings | None = None) -> None:
             sys.exit(f"fedinspect server: {exc.detail}")
     configure_logging(settings.log_level)
     install_access_log_filter()
+    try:
+        # Before uvicorn: a storage problem is one line, not a lifespan traceback.
+        engine, _blobs = open_storage(settings)
+        engine.dispose()
+    except (ConfigError, Unavailable) as exc:
+        sys.exit(f"fedinspect server: {exc.detail}")
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -50,6 +50,11 @@ class ServerMetrics:
             buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600),
             registry=self.registry,
         )
+        self.trainings_started = Counter(
+            "fedinspect_server_trainings_started",
+            "Trainings this replica started (a cycle taken over counts again here)",
+            registry=self.registry,
+        )
 
     def render(self, cycles_by_state: Mapping[str, int]) -> bytes:
         for state in CycleState:

@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
 from fl_core.errors import Conflict, NotFound, Unavailable
 from fl_core.schemas import Cycle, CycleState, EvalMetrics, FeatureSpec, UploadInfo
+from server_service import leases
 from server_service.db import CycleMemberRow, CycleRow, Session, UploadRow, utcnow
 from server_service.logs import log_event
 from server_service.runtime import Runtime
@@ -253,18 +254,39 @@ def check_cycles(rt: Runtime) -> None:
         evaluate_cycle(rt, cycle_id)
 
 
-def resume_training(rt: Runtime) -> list[int]:
-    """Queue again every cycle found in ``training`` (the process died while training)."""
+def take_over_training(rt: Runtime) -> list[int]:
+    """Queue every cycle in ``training`` that no live replica holds the lease of.
+
+    At start this resumes what a previous run of this replica left (its own leases
+    are taken back at once); on the watcher it takes over the cycles of a replica
+    that died (their leases expire). Cycles queued here already are skipped.
+    """
     with rt.sessions() as session:
         ids = list(
             session.scalars(
                 select(CycleRow.id).where(CycleRow.state == CycleState.training.value)
             ).all()
         )
+    taken = []
     for cycle_id in ids:
-        log_event("cycle.training_resumed", cycle_id=cycle_id)
-        submit_training(rt, cycle_id)
-    return ids
+        with rt.lock:
+            if cycle_id in rt.training_ids:
+                continue
+        lease = leases.cycle_lease(cycle_id)
+        if not leases.acquire(rt.sessions, lease, rt.replica_id, rt.settings.lease_ttl_s):
+            continue  # a live replica trains it
+        rt.hold(lease)  # renewed while it waits in the queue
+        log_event("cycle.training_resumed", cycle_id=cycle_id, replica=rt.replica_id)
+        if submit_training(rt, cycle_id):
+            taken.append(cycle_id)
+        elif rt.drop(lease):
+            leases.release(rt.sessions, lease, rt.replica_id)
+    return taken
+
+
+def resume_training(rt: Runtime) -> list[int]:
+    """Queue again the cycles found in ``training`` at start (see take_over_training)."""
+    return take_over_training(rt)
 
 
 __all__ = [
@@ -280,6 +302,7 @@ __all__ = [
     "list_cycles",
     "open_or_join",
     "resume_training",
+    "take_over_training",
     "to_cycle",
     "train_now",
 ]

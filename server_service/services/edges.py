@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
 from fl_core.errors import Conflict, NotFound
 from fl_core.schemas import EdgeCreate, EdgeCreated, EdgeInfo
@@ -40,7 +41,12 @@ def create_edge(session: Session, body: EdgeCreate) -> EdgeCreated:
         revoked=False,
     )
     session.add(row)
-    session.commit()
+    try:
+        session.commit()
+    except DBIntegrityError:
+        # A concurrent registration of the same name won (unique index on active names).
+        session.rollback()
+        raise Conflict(f"an edge named {body.name!r} is already registered") from None
     log_event("edge.created", edge_id=row.id, name=row.name)
     return EdgeCreated(edge_id=row.id, name=row.name, token=token)
 

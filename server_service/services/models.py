@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
+import threading
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -134,54 +134,74 @@ def next_version(session: Session) -> int:
     return int(session.scalar(select(func.max(ModelRow.version))) or 0) + 1
 
 
-def weights_path(rt: Runtime, row: ModelRow) -> Path:
-    path = rt.blobs.path(row.sha256)
-    if not path.is_file():
-        raise NotFound(f"weights of model version {row.version} are missing from the blob store")
-    return path
+def _missing(row: ModelRow) -> NotFound:
+    return NotFound(f"weights of model version {row.version} are missing from the blob store")
 
 
-def verified_weights_path(rt: Runtime, row: ModelRow) -> Path:
-    """The weights' file, after checking its bytes still hash to the recorded sha256
-    (a blob that rotted on disk is not served under its old ETag)."""
+def weights_path(rt: Runtime, row: ModelRow) -> Path | None:
+    """The weights' file in a local blob store; None when the store is remote."""
+    try:
+        return rt.blobs.local_path(row.sha256)
+    except NotFound:
+        raise _missing(row) from None
+
+
+def verified_weights_path(rt: Runtime, row: ModelRow) -> Path | None:
+    """The weights' local file, after checking its bytes still hash to the recorded sha256
+    (a blob that rotted on disk is not served under its old ETag); None when the store is
+    remote (:func:`weights_bytes` checks those bytes as it reads them)."""
     path = weights_path(rt, row)
-    if serialization.sha256_file(path) != row.sha256:
-        log_event("model.weights_corrupt", logging.ERROR, version=row.version, sha256=row.sha256)
-        raise Unavailable(_corrupt(row))
+    if path is not None and serialization.sha256_file(path) != row.sha256:
+        raise _corrupt(row)
     return path
 
 
-def _corrupt(row: ModelRow) -> str:
-    return (
+def _corrupt(row: ModelRow) -> Unavailable:
+    log_event("model.weights_corrupt", logging.ERROR, version=row.version, sha256=row.sha256)
+    return Unavailable(
         f"the stored weights of model version {row.version} are corrupt (their sha256 no "
         "longer matches); an operator must restore them"
     )
 
 
-def _weights_bytes(rt: Runtime, row: ModelRow) -> bytes:
-    weights_path(rt, row)  # 404 when missing
+def weights_bytes(rt: Runtime, row: ModelRow) -> bytes:
+    """A version's weights, their sha256 checked."""
     try:
-        return rt.blobs.get(row.sha256)  # checks the sha256
+        return rt.blobs.get(row.sha256)
+    except NotFound:
+        raise _missing(row) from None
     except IntegrityError:
-        log_event("model.weights_corrupt", logging.ERROR, version=row.version, sha256=row.sha256)
-        raise Unavailable(_corrupt(row)) from None
+        raise _corrupt(row) from None
 
 
-@functools.lru_cache(maxsize=16)
-def _digests(sha256: str, data_source: Path) -> dict[str, str]:
-    # keyed by the content's sha256: a blob never changes, so neither do its digests
-    return serialization.tensor_digests(data_source.read_bytes())
+#: per-tensor digests by the blob's sha256: a blob never changes, so neither do they
+_DIGESTS: dict[str, dict[str, str]] = {}
+_DIGESTS_MAX = 16
+_digests_lock = threading.Lock()
+
+
+def _digests(rt: Runtime, row: ModelRow) -> dict[str, str]:
+    with _digests_lock:
+        cached = _DIGESTS.get(row.sha256)
+    if cached is not None:
+        return cached
+    digests = serialization.tensor_digests(weights_bytes(rt, row))
+    with _digests_lock:
+        if len(_DIGESTS) >= _DIGESTS_MAX:
+            _DIGESTS.pop(next(iter(_DIGESTS)))
+        _DIGESTS[row.sha256] = digests
+    return digests
 
 
 def manifest(rt: Runtime, row: ModelRow) -> ModelManifest:
     """Per-tensor digests of a version's weights (what an edge needs to fetch a delta)."""
-    digests = _digests(row.sha256, verified_weights_path(rt, row))
+    digests = _digests(rt, row)
     return ModelManifest(version=row.version, sha256=row.sha256, tensors=dict(digests))
 
 
 def weights_subset(rt: Runtime, row: ModelRow, names: list[str]) -> bytes:
     """The named tensors of a version's weights, with the full file's metadata."""
-    data = _weights_bytes(rt, row)
+    data = weights_bytes(rt, row)
     try:
         return serialization.subset(data, list(dict.fromkeys(names)))
     except KeyError as exc:
@@ -223,6 +243,7 @@ __all__ = [
     "spec_for",
     "to_info",
     "verified_weights_path",
+    "weights_bytes",
     "weights_path",
     "weights_subset",
 ]

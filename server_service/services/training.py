@@ -1,9 +1,12 @@
 """Server-side training of a cycle, off the event loop.
 
 :func:`submit_training` queues a cycle that was claimed (``collecting -> training``)
-on the runtime's single-worker executor. :func:`train_cycle` pools the uploads (in
-``stats`` privacy mode: virtual rows sampled, seeded, from each edge's per-class
-statistics), trains the part above the cut and registers the next model version; whatever goes
+on the runtime's single-worker executor. The worker first takes the cycle's lease in
+the database: of several replicas that queued the same cycle, one trains it, and if
+that one dies, another takes the cycle over once the lease has expired.
+:func:`train_cycle` pools the uploads (in ``stats`` privacy mode: virtual rows
+sampled, seeded, from each edge's per-class statistics), trains the part above the
+cut and registers the next model version; whatever goes
 wrong, the cycle ends ``failed`` with a reason and the server keeps running.
 """
 
@@ -14,6 +17,7 @@ import time
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
+from sqlalchemy.exc import OperationalError as DBOperationalError
 
 from fl_core.errors import FedInspectError
 from fl_core.guards import shorten
@@ -21,6 +25,7 @@ from fl_core.model import SplitModel, model_to_bytes
 from fl_core.privacy import Upload, training_rows, unpack_upload, upload_rows
 from fl_core.schemas import CycleState, EvalMetrics, FeatureSpec, TrainedFrom
 from fl_core.training import TrainReport, train_upper
+from server_service import leases
 from server_service.db import CycleRow, UploadRow
 from server_service.logs import log_event
 from server_service.runtime import Runtime
@@ -35,6 +40,10 @@ _VERSION_ATTEMPTS = 3
 
 class TrainingInterrupted(Exception):
     """The server is stopping; the cycle stays ``training`` and the next start resumes it."""
+
+
+class LeaseLost(TrainingInterrupted):
+    """Another replica took the cycle over (this one missed its heartbeats)."""
 
 
 def submit_training(rt: Runtime, cycle_id: int) -> bool:
@@ -55,10 +64,35 @@ def submit_training(rt: Runtime, cycle_id: int) -> bool:
 
 
 def _train_guarded(rt: Runtime, cycle_id: int) -> None:
+    lease = leases.cycle_lease(cycle_id)
+    try:
+        ours = leases.acquire(rt.sessions, lease, rt.replica_id, rt.settings.lease_ttl_s)
+    except Exception:
+        # The database is unreachable: the watcher takes the cycle up again later.
+        log_event("cycle.lease_error", logging.WARNING, cycle_id=cycle_id)
+        ours = False
+    if not ours:
+        log_event("cycle.training_elsewhere", cycle_id=cycle_id)
+        rt.drop(lease)
+        with rt.lock:
+            rt.training_ids.discard(cycle_id)
+        return
+    rt.hold(lease)
     try:
         train_cycle(rt, cycle_id)
+    except LeaseLost:
+        log_event("cycle.training_lost", logging.WARNING, cycle_id=cycle_id)
     except TrainingInterrupted:
         log_event("cycle.training_interrupted", cycle_id=cycle_id)
+    except DBOperationalError as exc:
+        # The database went away mid-training: not the cycle's fault. It stays
+        # `training`; once the lease expires the watcher (here or elsewhere) retrains it.
+        log_event(
+            "cycle.training_interrupted",
+            logging.WARNING,
+            cycle_id=cycle_id,
+            reason=f"database unavailable ({type(exc).__name__})",
+        )
     except Exception as exc:  # a training thread must never take the server down
         disk_full = is_disk_full(exc)
         expected = disk_full or isinstance(exc, FedInspectError)
@@ -80,6 +114,13 @@ def _train_guarded(rt: Runtime, cycle_id: int) -> None:
         )
         _mark_failed(rt, cycle_id, reason)
     finally:
+        # Released at once (done, failed, or stopping): a restart or another replica
+        # need not wait for it to expire. A lost lease belongs to another replica.
+        if rt.drop(lease):
+            try:
+                leases.release(rt.sessions, lease, rt.replica_id)
+            except Exception:
+                log_event("cycle.lease_release_error", logging.WARNING, cycle_id=cycle_id)
         with rt.lock:
             rt.training_ids.discard(cycle_id)
 
@@ -122,6 +163,7 @@ def record_failures(rt: Runtime) -> None:
 def train_cycle(rt: Runtime, cycle_id: int) -> None:
     """Train a cycle in ``training`` state and register the result (or discard it
     when the cycle was cancelled meanwhile)."""
+    lease = leases.cycle_lease(cycle_id)
     if rt.stopping.is_set():
         raise TrainingInterrupted()
     started = time.perf_counter()
@@ -136,7 +178,10 @@ def train_cycle(rt: Runtime, cycle_id: int) -> None:
         base = get_model(session, row.base_model_version)
     if not uploads:
         raise FedInspectError("the cycle has no uploads")
-    log_event("cycle.training_started", cycle_id=cycle_id, uploads=len(uploads))
+    log_event(
+        "cycle.training_started", cycle_id=cycle_id, uploads=len(uploads), replica=rt.replica_id
+    )
+    rt.metrics.trainings_started.inc()
 
     decoded: list[Upload] = []
     rows_per_edge: dict[str, int] = {}
@@ -152,6 +197,8 @@ def train_cycle(rt: Runtime, cycle_id: int) -> None:
         if rt.stopping.is_set():
             raise TrainingInterrupted()
         TRAINING.report(cycle_id, fraction, message)
+        if rt.lost(lease):
+            raise LeaseLost()
         log_event(
             "cycle.training_progress",
             logging.DEBUG,
@@ -168,6 +215,9 @@ def train_cycle(rt: Runtime, cycle_id: int) -> None:
         rt.settings.upper_train_config(),
         progress=progress,
     )
+    # Still ours? A replica that lost the lease must not register a second result.
+    if leases.renew(rt.sessions, [lease], rt.replica_id, rt.settings.lease_ttl_s):
+        raise LeaseLost()
     weights = model_to_bytes(model)
     sha = rt.blobs.put(weights)
     trained_from = TrainedFrom(
@@ -238,4 +288,10 @@ def _register(
     return None
 
 
-__all__ = ["TrainingInterrupted", "record_failures", "submit_training", "train_cycle"]
+__all__ = [
+    "LeaseLost",
+    "TrainingInterrupted",
+    "record_failures",
+    "submit_training",
+    "train_cycle",
+]

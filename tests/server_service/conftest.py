@@ -1,5 +1,6 @@
 """Fixtures: a tiny-model server in a temp DATA_DIR behind a TestClient that runs the
-lifespan, an admin header and an edge factory (helpers live in ``helpers.py``)."""
+lifespan (on SQLite and on PostgreSQL), an admin header and an edge factory (helpers
+live in ``helpers.py``)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,12 @@ def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "server"
 
 
-@pytest.fixture
-def settings(data_dir: Path) -> Settings:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def settings(data_dir: Path, request: pytest.FixtureRequest) -> Settings:
+    """Tiny settings on each database backend: SQLite in DATA_DIR, and a new database
+    in the test run's PostgreSQL cluster (tests/conftest.py)."""
+    if request.param == "postgresql":
+        return make_settings(data_dir, database_url=request.getfixturevalue("pg_url"))
     return make_settings(data_dir)
 
 

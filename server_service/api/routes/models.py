@@ -84,8 +84,18 @@ def get_weights(
     etag = f'"{row.sha256}"'
     if _etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers={"ETag": etag})
+    path = models.verified_weights_path(rt, row)
+    if path is None:  # a remote store (S3): the bytes, their sha256 checked on the way
+        return Response(
+            models.weights_bytes(rt, row),
+            media_type=_SAFETENSORS,
+            headers={
+                "ETag": etag,
+                "Content-Disposition": f'attachment; filename="model-v{row.version}.safetensors"',
+            },
+        )
     return FileResponse(
-        models.verified_weights_path(rt, row),
+        path,
         media_type=_SAFETENSORS,
         filename=f"model-v{row.version}.safetensors",
         headers={"ETag": etag},
