@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PAGE = ROOT / "docs" / "benchmarks.md"
 #: directories shown first, in this order; any other follows alphabetically
-ORDER = ("full", "recipe", "stage2", "quick", "extraction")
+ORDER = ("full", "recipe", "stage2", "scaleout", "quick", "extraction")
 
 HEADER = """\
 # Benchmarks
@@ -40,7 +40,13 @@ def _renderer(results: dict[str, Any]) -> Callable[[dict[str, Any]], str]:
         return stage2.markdown
     if "mode" in results and "machine" in results:
         return report.to_markdown
-    raise ValueError("no renderer knows this results.json (neither a bench run nor stage 2)")
+    if "meta" in results and "rows" in results:
+        from bench import scaleout  # brings the test suite's process helpers: only here
+
+        return lambda r: scaleout.to_markdown(r["rows"], r["meta"])
+    raise ValueError(
+        "no renderer knows this results.json (not a bench, recipe, stage 2 or scale-out run)"
+    )
 
 
 def _section(name: str, markdown: str) -> str:

@@ -1,7 +1,7 @@
-"""The README's settings tables, generated from the settings classes.
+"""The settings tables of docs/settings.md, generated from the settings classes.
 
-``python -m fedinspect.settings_doc`` prints them, ``--write README.md`` replaces the
-marked block in the README; a test checks that the README holds exactly what this
+``python -m fedinspect.settings_doc`` prints them, ``--write docs/settings.md`` replaces
+the marked block there; a test checks that the page holds exactly what this
 renders, so the documentation cannot drift from the code.
 """
 
