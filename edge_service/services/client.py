@@ -30,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 
 from edge_service.config import Settings
 from fl_core.errors import ConfigError, IntegrityError, RemoteError, Unavailable
+from fl_core.guards import redact_url
 from fl_core.schemas import (
     Cycle,
     EdgeEvaluationReport,
@@ -202,7 +203,8 @@ class ServerClient:
                 )
                 if status is not None:
                     raise RemoteError(message, status)
-                raise Unavailable(f"cannot reach the server at {self.http.base_url}: {message}")
+                where = redact_url(str(self.http.base_url))
+                raise Unavailable(f"cannot reach the server at {where}: {message}")
             log.warning(
                 "retrying %s %s in %.2fs (attempt %d): %s",
                 method,
@@ -290,8 +292,11 @@ class ServerClient:
         )
 
     def check(self, timeout_s: float = 3.0) -> ServerLink:
-        """One authenticated request to the server, no retries: can this edge work?"""
-        url = str(self.http.base_url)
+        """One authenticated request to the server, no retries: can this edge work?
+
+        The URL it reports has its user info (a password, perhaps) redacted."""
+        raw = str(self.http.base_url)
+        url = redact_url(raw)
         if not self._token:
             return ServerLink(
                 url=url,
@@ -315,7 +320,8 @@ class ServerClient:
                 url=url,
                 reachable=False,
                 authorized=False,
-                detail=f"cannot reach the server at {url}: {type(exc).__name__}: {exc}",
+                detail=f"cannot reach the server at {url}: {type(exc).__name__}: "
+                + str(exc).replace(raw, url),
             )
         if response.status_code == 200:
             return ServerLink(url=url, reachable=True, authorized=True, detail="ok")
