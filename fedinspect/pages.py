@@ -29,6 +29,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 DOCS_ASSETS = "/docs-assets"
 UI_ASSETS = "/ui/assets"
+#: the script and style sheet both services' pages share
+UI_COMMON = "/ui/common"
+COMMON_DIR = Path(__file__).parent / "static" / "ui"
 
 #: the service's own page: no inline script or style, nothing from another host
 UI_CSP = (
@@ -128,16 +131,17 @@ def install_docs(app: FastAPI) -> None:
 
 def install_ui(app: FastAPI, static_dir: Path) -> None:
     """The service's page at ``/ui`` (``index.html``), its assets under ``/ui/assets``,
-    and ``/`` redirecting to it."""
+    the shared ones under ``/ui/common``, and ``/`` redirecting to it."""
     index = static_dir / "index.html"
     headers = {**_PAGE_HEADERS, "Content-Security-Policy": UI_CSP}
+    asset_headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
     app.mount(
-        UI_ASSETS,
-        _Headers(
-            StaticFiles(directory=static_dir),
-            {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"},
-        ),
-        name="ui-assets",
+        UI_COMMON,
+        _Headers(StaticFiles(directory=COMMON_DIR), asset_headers),
+        name="ui-common",
+    )
+    app.mount(
+        UI_ASSETS, _Headers(StaticFiles(directory=static_dir), asset_headers), name="ui-assets"
     )
 
     @app.get("/ui", include_in_schema=False)

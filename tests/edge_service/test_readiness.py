@@ -109,5 +109,7 @@ def test_the_edge_page_is_served_offline(edge: TestClient) -> None:
     assert "connect-src 'self'" in page.headers["Content-Security-Policy"]
     assert "/ui/assets/edge.js" in page.text
     assert edge.get("/ui/assets/edge.js").status_code == 200
+    assert "/ui/common/common.js" in page.text
+    assert edge.get("/ui/common/common.js").status_code == 200
     for docs in ("/docs", "/redoc"):
         assert "/docs-assets/" in edge.get(docs).text

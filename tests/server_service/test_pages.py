@@ -36,7 +36,11 @@ def test_the_dashboard_is_served_from_the_package_with_a_strict_policy(
     assert "unsafe-inline" not in csp and "http" not in csp
     assert page.headers["Referrer-Policy"] == "no-referrer"
     assert not _FOREIGN.search(page.text)
-    for asset in re.findall(r"""(?:src|href)="(/ui/assets/[^"]+)""", page.text):
+    assets = re.findall(r"""(?:src|href)="(/ui/(?:assets|common)/[^"]+)""", page.text)
+    assert {"/ui/common/common.js", "/ui/common/style.css", "/ui/assets/dashboard.js"} <= set(
+        assets
+    )
+    for asset in assets:
         got = client.get(asset)
         assert got.status_code == 200, asset
         # the SVG namespace is a name, not a place a browser goes to
