@@ -22,6 +22,7 @@ from fl_core.schemas import FeatureSpec
 from server_service.config import Settings
 from server_service.db import Session
 from server_service.metrics import ServerMetrics
+from server_service.services.progress import TrainingBoard
 
 
 @dataclass
@@ -54,6 +55,8 @@ class Runtime:
     unrecorded_failures: dict[int, str] = field(default_factory=dict)
     #: set at shutdown: a running training stops at its next epoch, left `training`
     stopping: threading.Event = field(default_factory=threading.Event)
+    #: training progress of the cycles this process trains, for the dashboard
+    training_board: TrainingBoard = field(default_factory=TrainingBoard)
 
     def hold(self, name: str) -> None:
         with self.lock:

@@ -33,7 +33,7 @@ from server_service.db import (
 from server_service.logs import log_event
 from server_service.services import cycles, models
 from server_service.services.models import to_info
-from server_service.services.progress import TRAINING
+from server_service.services.progress import TrainingBoard
 
 
 def _evaluation(session: Session, row: EdgeEvaluationRow) -> EdgeEvaluation:
@@ -156,7 +156,7 @@ def _aware(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def overview(session: Session, cycle_limit: int = 20) -> Overview:
+def overview(session: Session, board: TrainingBoard, cycle_limit: int = 20) -> Overview:
     evaluations = list_evaluations(session)
     return Overview(
         now=utcnow(),
@@ -164,7 +164,7 @@ def overview(session: Session, cycle_limit: int = 20) -> Overview:
         cycles=cycles.list_cycles(session, None, cycle_limit),
         models=models.list_models(session),
         evaluations=evaluations,
-        training=TRAINING.snapshot(),
+        training=board.snapshot(),
     )
 
 

@@ -1,6 +1,6 @@
 """Training progress of the cycles this process trains, for the dashboard.
 
-Kept in this process only (:data:`TRAINING`), written after each epoch by the training
+Kept in this process only (``Runtime.training_board``), written after each epoch by the training
 thread: on several replicas the dashboard sees the progress of the replica it asks, and
 every replica sees each cycle's state and metrics in the database.
 """
@@ -38,7 +38,4 @@ class TrainingBoard:
             return sorted(self._by_cycle.values(), key=lambda p: -p.cycle_id)
 
 
-TRAINING = TrainingBoard()
-
-
-__all__ = ["TRAINING", "TrainingBoard"]
+__all__ = ["TrainingBoard"]

@@ -31,7 +31,6 @@ from server_service.logs import log_event
 from server_service.runtime import Runtime
 from server_service.services import cycle_state
 from server_service.services.models import get_model, load_model, model_row, next_version
-from server_service.services.progress import TRAINING
 from server_service.storage import is_disk_full
 
 #: attempts at taking the next version number when replicas register concurrently
@@ -196,7 +195,7 @@ def train_cycle(rt: Runtime, cycle_id: int) -> None:
         # Called after every epoch: the place where a stopping server can cut in.
         if rt.stopping.is_set():
             raise TrainingInterrupted()
-        TRAINING.report(cycle_id, fraction, message)
+        rt.training_board.report(cycle_id, fraction, message)
         if rt.lost(lease):
             raise LeaseLost()
         log_event(

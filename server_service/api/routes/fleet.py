@@ -91,5 +91,5 @@ def list_evaluations(
     response_model=Overview,
     responses=ADMIN_ERRORS,
 )
-def overview(session: SessionDep, _admin: AdminDep) -> Overview:
-    return fleet.overview(session)
+def overview(session: SessionDep, rt: RuntimeDep, _admin: AdminDep) -> Overview:
+    return fleet.overview(session, rt.training_board)
