@@ -3,24 +3,12 @@
 "use strict";
 
 (() => {
-  const { api, el, fill, pct, progress, stamp, when } = FI;
+  const { api, showError, el, fill, pct, progress, stamp, when } = FI;
   const $ = (id) => document.getElementById(id);
   let timer = null;
   let imageUrl = null;
 
-  function showError(message) {
-    $("error").textContent = message || "";
-  }
-
-  async function act(what, fn) {
-    showError("");
-    try {
-      await fn();
-      await refresh();
-    } catch (err) {
-      showError(`${what}: ${err.message}`);
-    }
-  }
+  const act = (what, fn) => FI.act(what, fn, refresh);
 
   function kv(pairs) {
     return pairs.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]);

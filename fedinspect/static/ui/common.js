@@ -144,5 +144,21 @@ const FI = (() => {
     tbody.replaceChildren(...rows);
   }
 
-  return { ApiError, api, duration, el, fill, pct, progress, setup, stamp, token, when };
+  // the page's error line (an element with id "error")
+  function showError(message) {
+    document.getElementById("error").textContent = message || "";
+  }
+
+  // an operator action, then the page's refresh; a failure shows in the error line
+  async function act(what, fn, refresh) {
+    showError("");
+    try {
+      await fn();
+      await refresh();
+    } catch (err) {
+      showError(`${what}: ${err.message}`);
+    }
+  }
+
+  return { ApiError, act, api, duration, el, fill, pct, progress, setup, showError, stamp, token, when };
 })();

@@ -3,7 +3,7 @@
 "use strict";
 
 (() => {
-  const { api, el, fill, pct, progress, stamp, when, duration } = FI;
+  const { api, showError, el, fill, pct, progress, stamp, when, duration } = FI;
   const POLL_MS = 2000;
   let overview = null;
   let skewMs = 0; // server clock minus this browser's, for countdowns
@@ -11,19 +11,7 @@
 
   const $ = (id) => document.getElementById(id);
 
-  function showError(message) {
-    $("error").textContent = message || "";
-  }
-
-  async function act(what, fn) {
-    showError("");
-    try {
-      await fn();
-      await refresh();
-    } catch (err) {
-      showError(`${what}: ${err.message}`);
-    }
-  }
+  const act = (what, fn) => FI.act(what, fn, refresh);
 
   // ------------------------------------------------------------------ cycles
 
