@@ -17,7 +17,6 @@ Results are written after every run; ``--resume`` skips the runs already in the 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -179,7 +178,7 @@ def one_run(
         y_train,
         x["val"][0] if use_val else None,
         data["val"]["y"] if use_val else None,
-        copy.deepcopy(cfg),
+        cfg,
     )
     seconds = time.monotonic() - t0
     upper = _Upper(model, start).eval()
