@@ -100,7 +100,8 @@ def _prepare(plan: DemoPlan, cache: Path) -> tuple[dict[str, Any], dict[str, dic
     """The stage-2 model and the cached activations of one seed (computed once)."""
     tag = f"{plan.seed}-{plan.input_size}"
     model_path = cache / f"model-{tag}.pt"
-    if not model_path.exists():
+    names = ("train", "val", "test")
+    if not all(p.exists() for p in [model_path, *(cache / f"{n}-{tag}.pt" for n in names)]):
         splits = [plan.split(s) for s in plan.edge_specs]
         sets = {
             "train": _union([s.train for s in splits], plan.class_names),
@@ -123,7 +124,7 @@ def _prepare(plan: DemoPlan, cache: Path) -> tuple[dict[str, Any], dict[str, dic
         meta = {"state": model.state_dict(), "start": finetune_start(model), "stage2_s": stage2_s}
         torch.save(meta, model_path)
     meta = torch.load(model_path)
-    splits_ = {n: torch.load(cache / f"{n}-{tag}.pt") for n in ("train", "val", "test")}
+    splits_ = {n: torch.load(cache / f"{n}-{tag}.pt") for n in names}
     return meta, splits_
 
 
@@ -270,15 +271,23 @@ def run(
             "recipes": {},
         }
     )
+    command = "python -m bench.recipe " + " ".join(sys.argv[1:])
+    if results["command"] != command:
+        results.setdefault("resumed_with", []).append(command)
     for seed in seeds:
+        todo = [
+            name
+            for name in names
+            if not any(r["seed"] == seed for r in results["recipes"].get(name, {}).get("runs", []))
+        ]
+        if not todo:
+            continue
         plan = plan_demo(DemoOptions(dataset="elpv", edges=3, seed=seed, input_size=input_size))
         meta, data = _prepare(plan, cache)
-        for name in names:
+        for name in todo:
             block = results["recipes"].setdefault(
                 name, {"recipe": asdict(RECIPES[name]), "runs": []}
             )
-            if any(r["seed"] == seed for r in block["runs"]):
-                continue
             r = one_run(plan, meta, data, RECIPES[name])
             block["runs"].append(r)
             block["summary"] = summarise(block["runs"])
