@@ -28,7 +28,7 @@ import torch
 
 from bench.stats import summary
 from fedinspect.demo import DemoOptions, DemoPlan, _base_model, _union, plan_demo
-from fl_core.data import ImageSet, batches
+from fl_core.data import SYMMETRIES, ImageSet, batches, symmetric_view
 from fl_core.features import extract_images
 from fl_core.metrics import compute_metrics
 from fl_core.model import SplitModel
@@ -41,10 +41,6 @@ from fl_core.training import (
     frozen_runner,
     train_upper,
 )
-
-#: the cached views, as (quarter turns, flipped first): identity, transpose, half turn,
-#: anti-transpose
-VIEWS = ((0, False), (1, True), (2, False), (3, True))
 
 
 @dataclass(frozen=True)
@@ -75,21 +71,16 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def _view(x: torch.Tensor, view: int) -> torch.Tensor:
-    turns, flip = VIEWS[view]
-    return torch.rot90(x.flip(3) if flip else x, turns, dims=(2, 3))
-
-
 @torch.inference_mode()
 def _cache_split(
     model: SplitModel, images: ImageSet, frozen: Any, batch_size: int
 ) -> dict[str, torch.Tensor]:
     """Activations [views, N, ...] (float16) at the first fine-tuned stage, and labels."""
     per_view, labels = [], []
-    for v in range(len(VIEWS)):
+    for v in range(len(SYMMETRIES)):
         rows, ys = [], []
         for x, y in batches(images, model.arch.input_size, batch_size):
-            rows.append(frozen(_view(x, v)).half())
+            rows.append(frozen(symmetric_view(x, v).contiguous()).half())
             ys.append(y)
         per_view.append(torch.cat(rows))
         labels = ys
@@ -168,8 +159,9 @@ def one_run(
         epochs=recipe.epochs,
         lr=recipe.lr,
         backbone_lr_scale=recipe.backbone_lr_scale,
-        patience=3 if use_val else recipe.epochs,
+        patience=3,
         seed=plan.seed,
+        select="val_loss" if use_val else "last",
     )
     t0 = time.monotonic()
     report = finetune_activations(

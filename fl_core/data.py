@@ -294,6 +294,19 @@ def load_model_image(path: Path) -> Image.Image:
         return img.copy() if img.mode == "L" else img.convert("RGB")
 
 
+#: the label-preserving views fine-tuning caches first, as (quarter turns, mirrored
+#: first): the image, its transpose, its half turn and its anti-transpose. A defect seen
+#: mirrored along a diagonal or turned upside down is the same defect, for surface and
+#: cell images alike; an edge whose classes depend on orientation sets its views to 1.
+SYMMETRIES: tuple[tuple[int, bool], ...] = ((0, False), (1, True), (2, False), (3, True))
+
+
+def symmetric_view(x: torch.Tensor, view: int) -> torch.Tensor:
+    """View ``view`` (see :data:`SYMMETRIES`) of a square image batch [..., S, S]."""
+    turns, mirrored = SYMMETRIES[view]
+    return torch.rot90(x.flip(-1) if mirrored else x, turns, dims=(-2, -1))
+
+
 def _three_channels(x: torch.Tensor) -> torch.Tensor:
     return x.expand(3, -1, -1) if x.shape[-3] == 1 else x
 

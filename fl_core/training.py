@@ -22,13 +22,13 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from fl_core.data import ImageSet, batches, stratified_indices
+from fl_core.data import SYMMETRIES, ImageSet, batches, stratified_indices, symmetric_view
 from fl_core.errors import InvalidInput
 from fl_core.metrics import compute_metrics
 from fl_core.model import SplitModel
@@ -62,7 +62,9 @@ class FinetuneConfig:
     #: first stage that is trained; None: the backbone's default; "upper": above the cut only
     train_from: str | None = None
     augment: bool = True
-    #: augmented views cached per image (the first one is the plain image)
+    #: views cached per training image: the label-preserving symmetries of
+    #: :data:`~fl_core.data.SYMMETRIES` first (the plain image, its transpose, half turn
+    #: and anti-transpose), then randomly augmented copies
     views: int = 3
     #: learning rate of pretrained backbone stages, relative to ``lr`` (the head's)
     backbone_lr_scale: float = 0.1
@@ -71,6 +73,10 @@ class FinetuneConfig:
     #: weigh classes equally in the loss, then adjust the logits for the data's prior
     balanced: bool = True
     seed: int = 0
+    #: which epoch is kept: "last" (a fixed schedule; the validation split is left to
+    #: the deploy gate) or "val_loss" (the lowest validation loss, the starting weights
+    #: included, stopping after ``patience`` epochs without one)
+    select: Literal["last", "val_loss"] = "val_loss"
 
 
 @dataclass
@@ -329,21 +335,31 @@ def _activations(
     progress: Callable[[int], None] | None = None,
     frozen: LowerRunner | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stages ``0 .. end-1`` over ``views`` passes of ``images`` (the first plain, the
-    others augmented), by ``frozen`` when given."""
+    """Stages ``0 .. end-1`` over ``views`` views of ``images``, by ``frozen`` when given:
+    the label-preserving :data:`~fl_core.data.SYMMETRIES` first (each image decoded once
+    for all of them), then, with ``augment``, randomly augmented copies."""
     if frozen is not None and frozen.end != end:
         raise ValueError(f"the frozen runner stops before stage {frozen.end}, not {end}")
     model.eval()
     acts, labels = [], []
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if frozen is not None:
+            return frozen(x)
+        return model.run_stages(model.normalize(x), 0, end)
+
+    symmetric = min(views, len(SYMMETRIES))
+    size = model.arch.input_size
     with torch_threads_beside(frozen):
-        for view in range(views):
-            for x, y in batches(
-                images, model.arch.input_size, batch_size, augment=augment and view > 0, seed=seed
-            ):
-                if frozen is not None:
-                    acts.append(frozen(x))
-                else:
-                    acts.append(model.run_stages(model.normalize(x), 0, end))
+        for x, y in batches(images, size, batch_size, seed=seed):
+            for view in range(symmetric):
+                acts.append(run(symmetric_view(x, view).contiguous()))
+                labels.append(y)
+            if progress is not None:
+                progress(len(x) * symmetric)
+        for _ in range(symmetric, views):
+            for x, y in batches(images, size, batch_size, augment=augment, seed=seed):
+                acts.append(run(x))
                 labels.append(y)
                 if progress is not None:
                     progress(len(x))
@@ -377,7 +393,7 @@ def finetune(
     start = finetune_start(model, cfg.train_from)
     _set_seed(cfg.seed)  # the augmented views draw from torch's global generator
     views = cfg.views if cfg.augment else 1
-    total = views * len(train) + (len(val) if val else 0)
+    total = views * len(train) + (len(val) if val and cfg.select == "val_loss" else 0)
     seen = 0
 
     def on_images(n: int) -> None:
@@ -390,7 +406,7 @@ def finetune(
         model, train, start, views, cfg.augment, cfg.batch_size, cfg.seed, on_images, frozen
     )
     x_va = y_va = None
-    if val is not None and len(val):
+    if val is not None and len(val) and cfg.select == "val_loss":
         x_va, y_va = _activations(
             model, val, start, 1, False, cfg.batch_size, cfg.seed, on_images, frozen
         )
@@ -415,9 +431,12 @@ def finetune_activations(
     """The fine-tuning recipe on activations at stage ``start`` (stages ``start`` up and
     the head train, in place): what :func:`finetune` runs after caching them, and what a
     federated round's local training runs on its cached activations. Without a
-    validation set it trains for ``config.epochs`` epochs and keeps the last; with one,
-    it keeps the best epoch (the starting weights included) by validation loss."""
+    validation set, or with ``config.select`` "last", it trains for ``config.epochs``
+    epochs and keeps the last; else it keeps the best epoch (the starting weights
+    included) by validation loss."""
     cfg = config or FinetuneConfig()
+    if cfg.select == "last":
+        x_val = y_val = None
     gen = _set_seed(cfg.seed)
     trainable = _Upper(model, start)
     # pretrained blocks move slowly, the head fast: large steps on a few hundred

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fl_core.data import (
+    SYMMETRIES,
     batches,
     load_dataset_spec,
     load_elpv,
@@ -16,6 +17,7 @@ from fl_core.data import (
     partition_dirichlet,
     partition_iid,
     split,
+    symmetric_view,
 )
 from fl_core.errors import ConfigError, InvalidInput
 from tests.factories import NEU_DET, make_image_folder
@@ -115,3 +117,14 @@ def test_dataset_specs() -> None:
 def test_neu_det_as_image_folder() -> None:
     ds = load_image_folder(NEU_DET)
     assert len(ds.class_names) == 6 and len(ds) == 1800
+
+
+def test_the_symmetric_views_are_distinct_and_closed_under_composition() -> None:
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    views = [symmetric_view(x, v) for v in range(len(SYMMETRIES))]
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 4
+    assert torch.equal(views[1], x.transpose(-2, -1))  # the transpose
+    for a in range(4):
+        for b in range(4):
+            twice = symmetric_view(symmetric_view(x, a), b)
+            assert any(torch.equal(twice, v) for v in views)

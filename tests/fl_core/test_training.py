@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl_core.data import load_image_folder, split
+from fl_core.data import batches, load_image_folder, split, symmetric_view
 from fl_core.model import build_split_model
 from fl_core.onnx_runtime import onnx_runner, torch_runner
 from fl_core.training import (
@@ -87,6 +87,33 @@ def test_finetune_improves_and_runs_frozen_part_once_per_view(tmp_path: Path) ->
     after = evaluate(model, parts.test)
     assert after.accuracy >= 0.9 > before.accuracy or after.accuracy > before.accuracy
     assert report.epochs_run >= 1 and report.metrics is not None
+
+
+def test_the_first_views_are_the_symmetries_of_each_image_decoded_once(tmp_path: Path) -> None:
+    ds = load_image_folder(make_image_folder(tmp_path, per_class=6, size=32))
+    model = build_split_model(ds.class_names, "tiny_cnn", input_size=32, pretrained=False)
+    start = finetune_start(model, "b1")
+    acts = frozen_activations(model, ds, start, batch_size=64, views=4)
+    assert len(acts.x) == 4 * len(ds)
+    x, y = next(batches(ds, 32, 64))
+    with torch.inference_mode():
+        for view in range(4):  # one batch: its rows come view by view
+            want = model.run_stages(model.normalize(symmetric_view(x, view)), 0, start)
+            got = acts.x[view * len(x) : (view + 1) * len(x)]
+            torch.testing.assert_close(got, want)
+            assert torch.equal(acts.labels[view * len(x) : (view + 1) * len(x)], y)
+
+
+def test_a_fixed_schedule_never_runs_the_validation_split(tmp_path: Path) -> None:
+    parts, model = _tiny_task(tmp_path)
+    seen = {"n": 0}
+    model.stages[0].register_forward_pre_hook(
+        lambda _m, i: seen.__setitem__("n", seen["n"] + i[0].shape[0])
+    )
+    cfg = FinetuneConfig(epochs=2, lr=1e-2, views=2, select="last", seed=0)
+    report = finetune(model, parts.train, parts.val, cfg)
+    assert seen["n"] == 2 * len(parts.train)  # no validation image went through
+    assert (report.epochs_run, report.best_epoch, report.rows_val) == (2, 2, 0)
 
 
 def _tiny_task(tmp_path: Path):  # type: ignore[no-untyped-def]
