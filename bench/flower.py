@@ -4,7 +4,8 @@ Same backbone (EfficientNet-Lite0, ImageNet weights), same base model (seeded as
 server's version 1), same partitions and train/val/test splits (``fedinspect.demo``'s
 plan), same input size. Two configurations:
 
-- ``flower``: FedAvg of the blocks our stage 3 fine-tunes (from ``b11``) plus the head;
+- ``flower``: FedAvg of the blocks our stage 3 fine-tunes (from the recipe's
+  ``train_from``, else the backbone's default) plus the head;
   the frozen blocks below run once per image (cached activations, the augmented views
   our fine-tuning uses, on the same engine), as our fine-tuning does.
 - ``flower_head``: FedAvg of the head alone on frozen pooled features.
@@ -54,7 +55,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,7 @@ from safetensors.numpy import load_file, save_file
 from bench.stats import summary
 from fedinspect.demo import DemoOptions, DemoPlan, plan_demo
 from fl_core import training
+from fl_core.backbones import build_backbone
 from fl_core.model import HeadConfig, SplitModel, build_split_model
 from fl_core.onnx_runtime import lower_runner
 from fl_core.schemas import EvalMetrics
@@ -203,7 +205,15 @@ def _state_name(name: str, seed: int, stage: str, key: str) -> str:
     return f"{name}-seed{seed}-{stage}-{key.replace(':', '-lr')}.safetensors"
 
 
-def _save_progress(path: Path, prog: _Progress) -> None:
+def recipe_tag(plan: DemoPlan, start_stage: str | None) -> str:
+    """What a finished grid point or a point in progress was trained with, besides its
+    (local epochs, lr): the blocks and the plan's fine-tuning recipe. A point stored
+    under another tag (an earlier recipe) is trained again."""
+    recipe = asdict(replace(plan.finetune, seed=0, epochs=0, lr=0.0))
+    return json.dumps({"trained_from": start_stage or "head", **recipe}, sort_keys=True)
+
+
+def _save_progress(path: Path, prog: _Progress, tag: str = "") -> None:
     """Parameters as safetensors (no pickle), the rest as JSON in its metadata;
     written beside and renamed, so an interruption leaves the previous round whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -212,6 +222,7 @@ def _save_progress(path: Path, prog: _Progress) -> None:
         "compute": prog.compute,
         "wall": prog.wall,
         "selection": SELECTION,
+        "recipe": tag,
     }
     tmp = path.with_suffix(".tmp")
     save_file(
@@ -222,12 +233,13 @@ def _save_progress(path: Path, prog: _Progress) -> None:
     tmp.replace(path)
 
 
-def _load_progress(path: Path) -> _Progress | None:
+def _load_progress(path: Path, tag: str = "") -> _Progress | None:
     """The point in progress; None when the earlier protocol wrote it (its rounds were
-    trained on train+val by another loop and scored on test alone)."""
+    trained on train+val by another loop and scored on test alone) or another recipe
+    (``tag``, see :func:`recipe_tag`)."""
     with safe_open(str(path), "np") as f:
         meta = json.loads(f.metadata()["progress"])
-    if meta.get("selection") != SELECTION:
+    if meta.get("selection") != SELECTION or meta.get("recipe", "") != tag:
         return None
     arrays = load_file(str(path))
     params = [arrays[k] for k in sorted(arrays)]
@@ -396,16 +408,20 @@ def _fedavg(
     views = plan.finetune.views if start_stage is not None and plan.finetune.augment else 1
     keys = exchanged_keys(model, start)
     initial = _get(model, keys)
+    tag = recipe_tag(plan, start_stage)
     clients: list[_Client] = []
     for epochs, lr in grid:
         where = f"{name} seed {plan.seed}, {start_stage or 'head'}, {epochs} epochs lr {lr:g}"
         key = point_key(epochs, lr)
-        if key in done and done[key].get("selection") == SELECTION:
+        if key in done and (done[key].get("selection"), done[key].get("recipe")) == (
+            SELECTION,
+            tag,
+        ):
             print(f"[flower] {where}: trained before, kept", file=sys.stderr, flush=True)
             continue
         if key in done:
             print(
-                f"[flower] {where}: trained by the earlier protocol, trained again",
+                f"[flower] {where}: trained by an earlier protocol or recipe, trained again",
                 file=sys.stderr,
                 flush=True,
             )
@@ -421,7 +437,7 @@ def _fedavg(
         state = None if scratch is None else scratch / _state_name(name, plan.seed, stage, key)
         prog = _Progress(initial, [], 0.0, 0.0)
         if state is not None and state.is_file():
-            loaded = _load_progress(state)
+            loaded = _load_progress(state, tag)
             if loaded is not None:
                 prog = loaded
                 print(
@@ -469,14 +485,14 @@ def _fedavg(
             prog.history = history
             prog.wall = wall_before + time.perf_counter() - began
             if state is not None:
-                _save_progress(state, prog)
+                _save_progress(state, prog, tag)
 
         history = rounds(step, max_rounds, patience, where, prog.history, after)
         wall = wall_before + time.perf_counter() - began
         prep = sum(c.prep_s for c in clients)
         done[key] = point_result(
             epochs, lr, history, target, wire, len(clients), prog.compute, wall, prep
-        )
+        ) | {"recipe": tag}
         if saved is not None:
             saved()
         if state is not None:
@@ -527,7 +543,10 @@ def run(
     the point in progress after every round."""
     done = {} if done is None else done
     plan = plan_demo(DemoOptions(edges=3, quick=quick, dataset=dataset, seed=seed))
-    finetune_from = "b11"  # efficientnet_lite0's default first fine-tuned stage
+    # the blocks our edges fine-tune: the recipe's first stage, else the backbone's default
+    finetune_from = (
+        plan.finetune.train_from or build_backbone(plan.backbone, False).info.finetune_from
+    )
     if quick:
         # one grid point to stay short: (3, 1e-3) won the two-point grid on both datasets
         # (with the earlier loop, chosen on test)

@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -152,10 +153,35 @@ def test_points_of_the_earlier_protocol_are_trained_again(
     best = flower._fedavg(plan, "b1", [(1, 1e-3)], 1, 0.0, name="imgs", done=done)
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == (
-        "[flower] imgs seed 0, b1, 1 epochs lr 0.001: trained by the earlier protocol, "
-        "trained again"
+        "[flower] imgs seed 0, b1, 1 epochs lr 0.001: trained by an earlier protocol or "
+        "recipe, trained again"
     )
     assert done["1:0.001"]["selection"] == best["selection"] == "validation"
+
+
+def test_points_of_another_recipe_are_trained_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A seed resumed after the fine-tuning recipe changed must not keep points (or a
+    point in progress) that local training made with the old recipe."""
+    plan = _tiny_plan(tmp_path, monkeypatch)
+    scratch = tmp_path / "running"
+    done: dict[str, Any] = {}
+    flower._fedavg(plan, "b1", [(1, 1e-3)], 1, 0.0, name="imgs", done=done)
+    assert done["1:0.001"]["recipe"] == flower.recipe_tag(plan, "b1")
+    state = scratch / "imgs-seed0-b1-2-lr0.01.safetensors"
+    progress = flower._Progress([np.zeros(1)], [{"round": 1}], 1.0, 1.0)
+    flower._save_progress(state, progress, flower.recipe_tag(plan, "b1"))
+    assert flower._load_progress(state, flower.recipe_tag(plan, "b1")) is not None
+    capsys.readouterr()
+
+    other = replace(plan, finetune=replace(plan.finetune, views=1))
+    assert flower.recipe_tag(other, "b1") != flower.recipe_tag(plan, "b1")
+    assert flower._load_progress(state, flower.recipe_tag(other, "b1")) is None
+    flower._fedavg(other, "b1", [(1, 1e-3)], 1, 0.0, name="imgs", done=done)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].endswith("trained by an earlier protocol or recipe, trained again")
+    assert done["1:0.001"]["recipe"] == flower.recipe_tag(other, "b1")
 
 
 def test_each_client_trains_with_fl_core_finetune_activations_every_round(
