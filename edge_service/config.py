@@ -13,6 +13,10 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fl_core.guards import token_problem
+from fl_core.training import FinetuneConfig
+
+#: the fine-tuning recipe's defaults, one place for the edge, the demo and the bench
+_RECIPE = FinetuneConfig()
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -114,18 +118,39 @@ class Settings(BaseSettings):
         "one per core. Set it when several edges share one machine (the demo does): edges "
         "that each start a thread per core slow each other down several times over.",
     )
-    finetune_epochs: int = Field(default=8, ge=1, description="Fine-tuning epochs (stage 3).")
-    finetune_lr: float = Field(default=1e-3, gt=0, description="Fine-tuning learning rate.")
+    finetune_epochs: int = Field(
+        default=_RECIPE.epochs, ge=1, description="Fine-tuning epochs (stage 3)."
+    )
+    finetune_lr: float = Field(
+        default=_RECIPE.lr, gt=0, description="Fine-tuning learning rate of the head."
+    )
+    finetune_backbone_lr_scale: float = Field(
+        default=_RECIPE.backbone_lr_scale,
+        gt=0,
+        le=1,
+        description="Learning rate of the fine-tuned backbone stages, relative to the head's.",
+    )
     finetune_train_from: str | None = Field(
-        default=None,
+        default=_RECIPE.train_from,
         description="First stage fine-tuned: unset for the backbone's default, 'upper' for "
         "the part above the cut only, or a stage name.",
     )
     finetune_views: int = Field(
-        default=3, ge=1, description="Augmented views cached per training image."
+        default=_RECIPE.views,
+        ge=1,
+        description="Views cached per training image: the image, its transpose, half turn "
+        "and anti-transpose (label-preserving for surface and cell defects), then randomly "
+        "augmented copies. Set 1 where a defect's class depends on its orientation.",
     )
     finetune_augment: bool = Field(
-        default=True, description="Augment training images while fine-tuning."
+        default=_RECIPE.augment,
+        description="Train on more than the plain image (see FINETUNE_VIEWS); off: one view.",
+    )
+    finetune_select: Literal["last", "val_loss"] = Field(
+        default=_RECIPE.select,
+        description="Epoch kept by fine-tuning: 'last' (a fixed schedule; the validation "
+        "split then only serves the deploy gate) or 'val_loss' (the lowest validation "
+        "loss, stopping after 3 epochs without a better one).",
     )
     deploy_min_delta: float = Field(
         default=0.0,

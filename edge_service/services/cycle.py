@@ -189,6 +189,21 @@ class GateOutcome:
 # --------------------------------------------------------------------------- the stages
 
 
+def finetune_config(s: Settings) -> FinetuneConfig:
+    """Stage 3's recipe, from the edge's FINETUNE_* settings."""
+    return FinetuneConfig(
+        epochs=s.finetune_epochs,
+        batch_size=s.batch_size,
+        lr=s.finetune_lr,
+        backbone_lr_scale=s.finetune_backbone_lr_scale,
+        train_from=s.finetune_train_from,
+        augment=s.finetune_augment,
+        views=s.finetune_views,
+        select=s.finetune_select,
+        seed=s.split_seed,
+    )
+
+
 def _empty_result() -> dict[str, Any]:
     return {
         "cycle_id": None,
@@ -434,15 +449,7 @@ class CycleService:
         ctx.update(1.0, f"server model test accuracy {server_metrics.accuracy:.4f}")
 
         ctx.begin("finetune", "fine-tuning")
-        config = FinetuneConfig(
-            epochs=s.finetune_epochs,
-            batch_size=s.batch_size,
-            lr=s.finetune_lr,
-            train_from=s.finetune_train_from,
-            augment=s.finetune_augment,
-            views=s.finetune_views,
-            seed=s.split_seed,
-        )
+        config = finetune_config(s)
         finetune(
             model,
             splits.train,
