@@ -117,13 +117,29 @@ def demo(
             "models (stages 2 and 3), 'pooled' stage 2 only (minutes, not an hour, on elpv)"
         ),
     ] = Reference.full,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="KEY=VALUE",
+            help="a setting of the started server or edges, e.g. server.privacy.noise_sigma=0 "
+            "or edge.extract_backend=torch (repeatable; 'fedinspect settings' lists them). "
+            "Nothing else changes them: FEDINSPECT_* variables of this shell are not passed on",
+        ),
+    ] = None,
 ) -> None:
     """Start a server and N edges on loopback, run one whole cycle over HTTP, compare."""
-    from fedinspect.demo import DemoOptions, run_demo
+    from fedinspect.demo import DemoOptions, SettingError, parse_settings, plan_demo, run_demo
 
-    run_demo(
-        DemoOptions(edges, quick, dataset, json_path, report, seed, input_size, references.value)
-    )
+    try:
+        settings = parse_settings(set_ or [])
+        options = DemoOptions(
+            edges, quick, dataset, json_path, report, seed, input_size, references.value, settings
+        )
+        plan_demo(options).check_settings()
+    except SettingError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--set") from None
+    run_demo(options)
 
 
 def main() -> None:
