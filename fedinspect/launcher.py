@@ -93,6 +93,13 @@ def settings_from_env(cls: type[S], env: Mapping[str, str]) -> S:
     return cls(_build_sources=((source,), {}))
 
 
+def build_settings(cls: type[S], **values: Any) -> S:
+    """``cls`` from these field values alone (``admin_token="..."``, ``port=8001``),
+    validated as if read from the environment, never reading this process's."""
+    prefix = _env_prefix(cls)
+    return settings_from_env(cls, {prefix + k.upper(): _env_value(v) for k, v in values.items()})
+
+
 def _env_value(value: Any) -> str:
     if isinstance(value, SecretStr):
         return value.get_secret_value()
@@ -287,6 +294,7 @@ __all__ = [
     "Processes",
     "ServiceExited",
     "ServiceProcess",
+    "build_settings",
     "child_env",
     "free_port",
     "running",
