@@ -88,7 +88,9 @@ SETTINGS_CLASSES: dict[str, type[BaseSettings]] = {
 }
 
 #: settings the demo sets itself for every run (ports, folders, tokens, which server,
-#: which images): an override would break the run, not vary it
+#: which images, and the splits its references are scored on): an override would break
+#: the run or its comparison, not vary it. Other overrides change the started processes
+#: only; the local-only and centralized references keep the plan's hyper-parameters.
 DEMO_OWNED = {
     "server": {"admin_token", "data_dir", "host", "port"},
     "edge": {
@@ -99,6 +101,9 @@ DEMO_OWNED = {
         "name",
         "data_dir",
         "dataset",
+        "split_seed",
+        "val_fraction",
+        "test_fraction",
         "host",
         "port",
     },

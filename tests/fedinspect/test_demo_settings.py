@@ -42,6 +42,8 @@ def test_set_names_a_nested_or_plain_setting_as_its_variable() -> None:
         ("edge.extract_backend", "not KEY=VALUE"),
         ("edge.port=9000", "edge.port is set by the demo itself"),
         ("server.admin_token=x", "server.admin_token is set by the demo itself"),
+        # the references are scored on the plan's splits: the edges must use the same
+        ("edge.val_fraction=0.2", "edge.val_fraction is set by the demo itself"),
         ("edge.extract_backend=bogus", "edge.extract_backend: Input should be 'onnxruntime'"),
         ("server.privacy.noise_sigma=loud", "server.privacy.noise_sigma: Input should be"),
         ("edge.finetune_epochs=0", "edge.finetune_epochs: Input should be greater than"),
