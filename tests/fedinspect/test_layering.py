@@ -50,6 +50,31 @@ def test_product_modules_import_neither_bench_nor_experiments(module: str) -> No
     assert not loaded & set(OUTSIDE), f"{module} imports {sorted(loaded & set(OUTSIDE))}"
 
 
+@pytest.mark.parametrize(
+    ("module", "below"),
+    [
+        ("fedinspect.report", set()),
+        ("fedinspect.launcher", set()),
+        ("fedinspect.demo", {"fedinspect.launcher", "fedinspect.report"}),
+    ],
+)
+def test_the_demo_uses_report_and_launcher_and_neither_uses_it(
+    module: str, below: set[str]
+) -> None:
+    """No circle: the demo imports its report and the launcher, never the other way."""
+    probe = """
+import importlib, json, sys
+importlib.import_module(sys.argv[1])
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("fedinspect."))))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", probe, module], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = set(json.loads(done.stdout.strip().splitlines()[-1])) - {module}
+    assert loaded - {"fedinspect.pages"} == below
+
+
 def test_services_and_fl_core_import_no_module_of_the_cli_package() -> None:
     """Below fedinspect only its pages (and their static files) are shared."""
     probe = """
