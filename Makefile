@@ -33,7 +33,7 @@ demo-quick: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy fl_core server_service edge_service fedinspect bench
+	$(VENV)/bin/mypy fl_core server_service edge_service fedinspect bench experiments
 
 test: lint
 	$(VENV)/bin/pytest -W error

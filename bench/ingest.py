@@ -13,11 +13,8 @@ Peak RSS is the server's ``VmHWM`` after the run (a fresh process per K).
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,18 +24,10 @@ import httpx
 import torch
 
 from bench.stats import summary
+from fedinspect.launcher import HOST, ServiceProcess, build_settings, free_port
 from fl_core.features import pack_features
 from fl_core.schemas import Cycle, FeatureSpec
-
-HOST = "127.0.0.1"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+from server_service.config import Settings as ServerSettings
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -48,38 +37,18 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def _start_server(work: Path, admin: str, port: int, min_edges: int) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDINSPECT_")}
-    env |= {
-        "FEDINSPECT_SERVER_ADMIN_TOKEN": admin,
-        "FEDINSPECT_SERVER_DATA_DIR": str(work),
-        "FEDINSPECT_SERVER_HOST": HOST,
-        "FEDINSPECT_SERVER_PORT": str(port),
-        "FEDINSPECT_SERVER_MIN_EDGES": str(min_edges),
-        "FEDINSPECT_SERVER_CYCLE_DEADLINE_S": "86400",
-        "FEDINSPECT_SERVER_LOG_LEVEL": "WARNING",
-    }
-    log = (work / "server.log").open("wb")
-    return subprocess.Popen(
-        [sys.executable, "-c", "from server_service.main import run; run()"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+def _start_server(work: Path, admin: str, port: int, min_edges: int) -> ServiceProcess:
+    settings = build_settings(
+        ServerSettings,
+        admin_token=admin,
+        data_dir=work,
+        host=HOST,
+        port=port,
+        min_edges=min_edges,
+        cycle_deadline_s=86400,
+        log_level="WARNING",
     )
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError("server did not become healthy")
+    return ServiceProcess("server", "server", settings, work / "server.log")
 
 
 def _body(spec: FeatureSpec, edge_id: str, rows: int, seed: int) -> bytes:
@@ -198,21 +167,15 @@ async def _load(
 
 def run_level(edges: int, uploads: int, rows: int) -> dict[str, Any]:
     admin = secrets.token_urlsafe(24)
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="fedinspect-ingest-") as tmp:
         proc = _start_server(Path(tmp), admin, port, min_edges=edges + 1)
-        url = f"http://{HOST}:{port}"
         try:
-            _wait_healthy(url, proc)
-            out = asyncio.run(_load(url, admin, edges, uploads, rows))
+            proc.wait_healthy(timeout_s=180)
+            out = asyncio.run(_load(proc.url, admin, edges, uploads, rows))
             peak = _peak_rss_mb(proc.pid)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            proc.stop(timeout_s=20)
     lat_ms = sorted(1000 * x for x in out["latencies"])
     done = len(lat_ms)
 

@@ -1,4 +1,4 @@
-"""``fedinspect bench``: run every benchmark and write results.json and results.md.
+"""``python -m bench``: run every benchmark and write results.json and results.md.
 
 Quick (``--quick``, under 10 minutes on 2 cores): one size for extraction, K = 10, 50,
 200 edges with 2 uploads each, the quick demo on elpv and NEU-DET with one seed, and
@@ -179,7 +179,7 @@ def run_bench(
     else:
         results = {
             "mode": "quick" if quick else "full",
-            "command": f"fedinspect bench{' --quick' if quick else ''} --out {out}"
+            "command": f"python -m bench{' --quick' if quick else ''} --out {out}"
             + (f" --seeds {seeds}" if seeds else "")
             + "".join(f" --only {name}" for name in only or [])
             + "".join(f" --dataset {name}" for name in datasets or []),

@@ -117,86 +117,29 @@ def demo(
             "models (stages 2 and 3), 'pooled' stage 2 only (minutes, not an hour, on elpv)"
         ),
     ] = Reference.full,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="KEY=VALUE",
+            help="a setting of the started server or edges, e.g. server.privacy.noise_sigma=0 "
+            "or edge.extract_backend=torch (repeatable; 'fedinspect settings' lists them). "
+            "Nothing else changes them: FEDINSPECT_* variables of this shell are not passed on",
+        ),
+    ] = None,
 ) -> None:
     """Start a server and N edges on loopback, run one whole cycle over HTTP, compare."""
-    from fedinspect.demo import DemoOptions, run_demo
-
-    run_demo(
-        DemoOptions(edges, quick, dataset, json_path, report, seed, input_size, references.value)
-    )
-
-
-@app.command("privacy-eval")
-def privacy_eval(
-    out: Annotated[Path, typer.Option(help="folder for results.json, results.md, grid.png")],
-    quick: Annotated[
-        bool, typer.Option(help="a subset of elpv and fewer epochs (a few minutes)")
-    ] = False,
-    limit: Annotated[
-        int | None, typer.Option(min=40, help="elpv images to use (default: all; quick: 640)")
-    ] = None,
-    input_size: Annotated[
-        int | None, typer.Option(min=32, help="backbone input size (default 160; quick 128)")
-    ] = None,
-    neu_limit: Annotated[
-        int | None, typer.Option(min=10, help="NEU-DET images of the cross-domain attacker")
-    ] = None,
-    seed: Annotated[int, typer.Option(help="seed of splits, noise and training")] = 0,
-) -> None:
-    """Attack the uploads of each privacy mode with a trained decoder; measure
-    reconstruction (SSIM, PSNR), re-identification and federated accuracy."""
-    from fedinspect.privacy_eval import EvalOptions, run_privacy_eval
-
-    run_privacy_eval(
-        EvalOptions(
-            out=out,
-            quick=quick,
-            limit=limit,
-            input_size=input_size,
-            neu_limit=neu_limit,
-            seed=seed,
-        )
-    )
-
-
-@app.command()
-def bench(
-    quick: Annotated[
-        bool, typer.Option(help="the small version: under 10 minutes on 2 cores")
-    ] = False,
-    out: Annotated[Path, typer.Option(help="folder for results.json and results.md")] = Path(
-        "bench/results/full"
-    ),
-    only: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="run only these sections (extraction, wire, ingest, demos, flower) into "
-            "DIR's results.json, keeping the others; flower compares with the demos' results"
-        ),
-    ] = None,
-    seeds: Annotated[
-        int | None,
-        typer.Option(min=1, help="demo seeds for accuracy and Flower (default 1 quick, 3 full)"),
-    ] = None,
-    dataset: Annotated[
-        list[str] | None,
-        typer.Option(help="demos and Flower on these datasets only (elpv, neu-det)"),
-    ] = None,
-    resume: Annotated[
-        bool,
-        typer.Option(
-            help="with --only demos or --only flower: keep the runs in DIR's results.json and "
-            "run only the missing seeds (a full seed takes an hour or more on 2 cores)"
-        ),
-    ] = False,
-) -> None:
-    """Benchmarks: extraction vs the CPU's limit, wire bytes, ingest, cycle, accuracy, Flower."""
-    from bench.run import run_bench
+    from fedinspect.demo import DemoOptions, SettingError, parse_settings, plan_demo, run_demo
 
     try:
-        run_bench(quick, out, only, seeds, dataset, resume)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        settings = parse_settings(set_ or [])
+        options = DemoOptions(
+            edges, quick, dataset, json_path, report, seed, input_size, references.value, settings
+        )
+        plan_demo(options).check_settings()
+    except SettingError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--set") from None
+    run_demo(options)
 
 
 def main() -> None:

@@ -9,6 +9,13 @@ alone (local-only), and one model trained on the union of all edges' data
 (centralized upper bound). Every process it started is stopped on exit, Ctrl-C or
 failure.
 
+The processes start through :mod:`fedinspect.launcher`, from settings objects built
+here: the demo's own values, then the ``--set`` overrides (``server.privacy.noise_sigma=0``,
+``edge.extract_backend=torch``), checked against the settings classes. Nothing of the
+caller's ``FEDINSPECT_*`` variables reaches them, and the JSON lists the settings the
+processes got (``settings``), so a result says how it was made. The table and plots
+are :mod:`fedinspect.report`'s.
+
 An edge's federated figure is the test accuracy of the model that serves after its
 deploy gate (the fine-tuned candidate, the server's model as received, or the model
 kept), as ``federated_model`` says; where nothing serves, the candidate's, marked.
@@ -17,26 +24,26 @@ kept), as ``federated_model`` says; where nothing serves, the candidate's, marke
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import torch
+from pydantic import BaseModel, ValidationError
+from pydantic_settings import BaseSettings
 from tqdm import tqdm
 
+from edge_service.config import Settings as EdgeSettings
+from fedinspect.launcher import HOST, SERVICES, Processes, free_port, running, settings_from_env
+from fedinspect.report import NOT_DEPLOYED, format_table
 from fl_core.data import ImageSet, Splits, load_dataset_spec, split
 from fl_core.features import extract_images, usable_cores
 from fl_core.model import HeadConfig, SplitModel, build_split_model
@@ -51,8 +58,7 @@ from fl_core.training import (
     frozen_runner,
     train_upper,
 )
-
-HOST = "127.0.0.1"
+from server_service.config import Settings as ServerSettings
 
 
 @dataclass
@@ -68,9 +74,123 @@ class DemoOptions:
     #: federated models (stage 2 on pooled features, then stage 3 fine-tuning), "pooled"
     #: stage 2 only (minutes instead of an hour on all of elpv on two cores)
     references: str = "full"
+    #: ``--set`` overrides per service, as :func:`parse_settings` returns them
+    settings: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 REFERENCES = ("full", "pooled")
+
+# --------------------------------------------------------------------------- --set
+
+SETTINGS_CLASSES: dict[str, type[BaseSettings]] = {
+    "server": ServerSettings,
+    "edge": EdgeSettings,
+}
+
+#: settings the demo sets itself for every run (ports, folders, tokens, which server,
+#: which images, and the splits its references are scored on): an override would break
+#: the run or its comparison, not vary it. Other overrides change the started processes
+#: only; the local-only and centralized references keep the plan's hyper-parameters.
+DEMO_OWNED = {
+    "server": {"admin_token", "data_dir", "host", "port"},
+    "edge": {
+        "server_url",
+        "token",
+        "edge_id",
+        "admin_token",
+        "name",
+        "data_dir",
+        "dataset",
+        "split_seed",
+        "val_fraction",
+        "test_fraction",
+        "host",
+        "port",
+    },
+}
+
+#: a token that passes the settings' checks, for checking overrides before a run
+_PLACEHOLDER_TOKEN = "demo-settings-check-0123456789"
+
+
+class SettingError(ValueError):
+    """A ``--set`` that names no setting, or gives it a value its class refuses."""
+
+
+def _setting_var(key: str) -> tuple[str, str]:
+    """``server.privacy.noise_sigma`` -> ("server", "PRIVACY__NOISE_SIGMA"); SettingError
+    naming ``key`` where the service, a field or a nested field does not exist."""
+    service, _, path = key.partition(".")
+    if service not in SETTINGS_CLASSES or not path:
+        raise SettingError(
+            f"unknown setting {key!r}: say server.<setting> or edge.<setting> "
+            "(fedinspect settings lists them)"
+        )
+    model: type[BaseModel] = SETTINGS_CLASSES[service]
+    parts = path.split(".")
+    for depth, part in enumerate(parts):
+        info = model.model_fields.get(part)
+        if info is None:
+            where = ".".join([service, *parts[:depth]])
+            raise SettingError(
+                f"unknown setting {key!r}: {where} has no setting {part!r} "
+                f"(fedinspect settings {service} lists them)"
+            )
+        if depth < len(parts) - 1:
+            nested = info.annotation
+            if not (isinstance(nested, type) and issubclass(nested, BaseModel)):
+                raise SettingError(f"unknown setting {key!r}: {part!r} has no settings inside")
+            model = nested
+    if parts[0] in DEMO_OWNED[service]:
+        raise SettingError(f"{key} is set by the demo itself for each process; it cannot be set")
+    return service, "__".join(parts).upper()
+
+
+def _problems(exc: ValidationError, service: str, given: Mapping[str, str]) -> str:
+    """The errors of ``exc`` with the ``--set`` key each is about (``given``: env-style
+    names to the keys they came from)."""
+    lines = []
+    for err in exc.errors():
+        loc = "__".join(str(p) for p in err["loc"]).upper()
+        keys = [k for var, k in given.items() if loc and (var == loc or loc.startswith(var))]
+        keys = (
+            keys or [k for var, k in given.items() if var.startswith(loc)] or list(given.values())
+        )
+        lines.append(f"{', '.join(keys) or service}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def parse_settings(items: Sequence[str]) -> dict[str, dict[str, str]]:
+    """``--set KEY=VALUE`` items (``server.privacy.noise_sigma=0``) as the variables each
+    service's settings read (``{"server": {"PRIVACY__NOISE_SIGMA": "0"}}``), each checked
+    against the settings classes: :class:`SettingError` naming the key when it is
+    unknown, one the demo sets itself, or its value is refused. Lists and nested
+    settings take JSON, as in the environment."""
+    out: dict[str, dict[str, str]] = {}
+    origin: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SettingError(f"{item!r} is not KEY=VALUE (e.g. server.privacy.noise_sigma=0)")
+        service, var = _setting_var(key)
+        out.setdefault(service, {})[var] = value
+        origin.setdefault(service, {})[var] = key
+    for service, values in out.items():
+        cls = SETTINGS_CLASSES[service]
+        prefix = SERVICES[service][1]
+        env = {f"{prefix}{k}": v for k, v in values.items()}
+        env.setdefault(f"{prefix}ADMIN_TOKEN", _PLACEHOLDER_TOKEN)
+        try:
+            settings_from_env(cls, env)
+        except ValidationError as exc:
+            raise SettingError(_problems(exc, service, origin[service])) from None
+    return out
+
+
+def settings_record(settings: BaseSettings) -> dict[str, Any]:
+    """The settings a process was given, as JSON (secrets masked)."""
+    return settings.model_dump(mode="json", include=settings.model_fields_set)
 
 
 @dataclass
@@ -89,8 +209,25 @@ class DemoPlan:
     upper: UpperTrainConfig = field(default_factory=UpperTrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     batch_size: int = 32
+    #: ``--set`` overrides per service (:func:`parse_settings`), applied over the plan's
+    overrides: dict[str, dict[str, str]] = field(default_factory=dict)
 
-    def server_env(self, admin_token: str, data_dir: Path, port: int) -> dict[str, str]:
+    def _settings(self, service: str, values: Mapping[str, Any]) -> Any:
+        prefix = SERVICES[service][1]
+        env = _env(prefix, {**values, **self.overrides.get(service, {})})
+        try:
+            return settings_from_env(SETTINGS_CLASSES[service], env)
+        except ValidationError as exc:
+            given = {var: f"{service}.{var.lower().replace('__', '.')}" for var in values}
+            given |= {
+                var: f"{service}.{var.lower().replace('__', '.')}"
+                for var in self.overrides.get(service, {})
+            }
+            problems = _problems(exc, service, given)
+            raise SettingError(f"the demo's {service} settings: {problems}") from None
+
+    def server_settings(self, admin_token: str, data_dir: Path, port: int) -> ServerSettings:
+        """The server's settings: the plan's, then the ``--set`` overrides."""
         values: dict[str, Any] = {
             "ADMIN_TOKEN": admin_token,
             "DATA_DIR": data_dir,
@@ -110,9 +247,10 @@ class DemoPlan:
         }
         if self.input_size:
             values["INPUT_SIZE"] = self.input_size
-        return _env("FEDINSPECT_SERVER_", values)
+        settings: ServerSettings = self._settings("server", values)
+        return settings
 
-    def edge_env(
+    def edge_settings(
         self,
         index: int,
         name: str,
@@ -121,8 +259,9 @@ class DemoPlan:
         server_url: str,
         port: int,
         data_dir: Path,
-    ) -> dict[str, str]:
-        """Settings of edge ``index``; ``tokens`` is (its server token, its admin token)."""
+    ) -> EdgeSettings:
+        """Settings of edge ``index``, the plan's then the ``--set`` overrides; ``tokens``
+        is (its server token, its admin token)."""
         ft = self.finetune
         values: dict[str, Any] = {
             "SERVER_URL": server_url,
@@ -149,7 +288,16 @@ class DemoPlan:
         }
         if ft.train_from:
             values["FINETUNE_TRAIN_FROM"] = ft.train_from
-        return _env("FEDINSPECT_EDGE_", values)
+        settings: EdgeSettings = self._settings("edge", values)
+        return settings
+
+    def check_settings(self) -> None:
+        """Build every process's settings with placeholders: a :class:`SettingError`
+        before anything starts, not after the server has."""
+        tokens = (_PLACEHOLDER_TOKEN, _PLACEHOLDER_TOKEN[::-1])
+        self.server_settings(_PLACEHOLDER_TOKEN, Path("server"), 8000)
+        for i in range(len(self.edge_specs)):
+            self.edge_settings(i, f"edge-{i + 1}", "e", tokens, f"http://{HOST}:1", 8100, Path())
 
     def split(self, spec: str) -> Splits:
         return split(load_dataset_spec(spec), self.val_fraction, self.test_fraction, self.seed)
@@ -192,6 +340,7 @@ def plan_demo(options: DemoOptions) -> DemoPlan:
         if options.quick:
             specs = [f"{s}:limit=100" for s in specs]
     specs = [f"{s}:seed={options.seed}" for s in specs]
+    overrides = {k: dict(v) for k, v in options.settings.items()}
     if options.quick:
         return DemoPlan(
             specs,
@@ -200,6 +349,7 @@ def plan_demo(options: DemoOptions) -> DemoPlan:
             seed=options.seed,
             upper=UpperTrainConfig(epochs=40, seed=options.seed),
             finetune=FinetuneConfig(epochs=5, views=2, seed=options.seed),
+            overrides=overrides,
         )
     return DemoPlan(
         specs,
@@ -210,77 +360,11 @@ def plan_demo(options: DemoOptions) -> DemoPlan:
         seed=options.seed,
         upper=UpperTrainConfig(seed=options.seed),
         finetune=FinetuneConfig(epochs=8, views=2, seed=options.seed),
+        overrides=overrides,
     )
 
 
-# --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-class Processes:
-    """Child processes that are always stopped: on exit, on error, on Ctrl-C."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str, code: str, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
-        log = (self.log_dir / f"{name}.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-c", code],
-            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            # own process group: Ctrl-C reaches the demo, which then stops them in order
-            start_new_session=True,
-        )
-        self.procs[name] = proc
-        return proc
-
-    def check_alive(self) -> None:
-        for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail}")
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-@contextmanager
-def running(log_dir: Path) -> Iterator[Processes]:
-    procs = Processes(log_dir)
-    try:
-        yield procs
-    finally:
-        procs.stop_all()
-
-
-def wait_healthy(url: str, procs: Processes, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        procs.check_alive()
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"{url} did not become healthy within {timeout_s:.0f} s")
+# --------------------------------------------------------------------------- progress
 
 
 class JobProgress:
@@ -325,10 +409,6 @@ def _raise_for(resp: httpx.Response) -> httpx.Response:
 
 def _union(sets: list[ImageSet], class_names: list[str]) -> ImageSet:
     return ImageSet([r for s in sets for r in s.records], class_names, "union")
-
-
-#: ``federated_model`` of an edge where nothing serves: its figure is the candidate's
-NOT_DEPLOYED = "candidate, not deployed"
 
 
 def served_metrics(result: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
@@ -410,12 +490,9 @@ def run_cycle(plan: DemoPlan, work: Path, procs: Processes) -> dict[str, Any]:
     admin = secrets.token_urlsafe(24)
     server_port = free_port()
     server_url = f"http://{HOST}:{server_port}"
-    procs.start(
-        "server",
-        "from server_service.main import run; run()",
-        plan.server_env(admin, work / "server", server_port),
-    )
-    wait_healthy(server_url, procs)
+    server_settings = plan.server_settings(admin, work / "server", server_port)
+    procs.start("server", "server", server_settings).wait_healthy()
+    settings: dict[str, Any] = {"server": settings_record(server_settings), "edges": {}}
     server = httpx.Client(
         base_url=server_url, headers={"Authorization": f"Bearer {admin}"}, timeout=60
     )
@@ -425,13 +502,14 @@ def run_cycle(plan: DemoPlan, work: Path, procs: Processes) -> dict[str, Any]:
         reg = _raise_for(server.post("/v1/edges", json={"name": name})).json()
         port = free_port()
         edge_admin = secrets.token_urlsafe(24)
-        env = plan.edge_env(
+        edge_settings = plan.edge_settings(
             i, name, reg["edge_id"], (reg["token"], edge_admin), server_url, port, work / name
         )
-        procs.start(name, "from edge_service.main import run; run()", env)
+        procs.start(name, "edge", edge_settings)
+        settings["edges"][name] = settings_record(edge_settings)
         edges.append({"name": name, "url": f"http://{HOST}:{port}", "token": edge_admin})
     for e in edges:
-        wait_healthy(e["url"], procs)
+        procs.procs[e["name"]].wait_healthy()
     started = time.monotonic()
     jobs = {}
     for e in edges:
@@ -466,7 +544,13 @@ def run_cycle(plan: DemoPlan, work: Path, procs: Processes) -> dict[str, Any]:
     results = {n: final[n]["result"] for n in final}
     cycle_id = next(iter(results.values()))["cycle_id"]
     cycle = _raise_for(server.get(f"/v1/cycles/{cycle_id}")).json()
-    return {"edges": edges, "results": results, "cycle": cycle, "seconds": seconds}
+    return {
+        "edges": edges,
+        "results": results,
+        "cycle": cycle,
+        "seconds": seconds,
+        "settings": settings,
+    }
 
 
 def _save_json(results: Mapping[str, Any], path: Path | None) -> None:
@@ -478,6 +562,7 @@ def _save_json(results: Mapping[str, Any], path: Path | None) -> None:
 def run_demo(options: DemoOptions) -> dict[str, Any]:
     """Run the whole demo; print the table and write JSON / report when asked."""
     plan = plan_demo(options)
+    plan.check_settings()
     torch.manual_seed(plan.seed)
     work = Path(tempfile.mkdtemp(prefix="fedinspect-demo-"))
     (work / "logs").mkdir()
@@ -549,6 +634,15 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         },
         "references_seconds": None,
         "total_seconds": round(time.monotonic() - t0, 1),
+        # how the run was made: the --set overrides, and every setting each process got
+        "settings": {
+            "set": {
+                f"{service}.{var.lower().replace('__', '.')}": value
+                for service, values in plan.overrides.items()
+                for var, value in values.items()
+            },
+            **cycle.get("settings", {}),
+        },
     }
     # the cycle's results are kept even if the references are interrupted
     print(format_table(results), file=sys.stderr)
@@ -599,69 +693,3 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             child.unlink()
     print(f"process logs kept in {work / 'logs'}", file=sys.stderr)
     return results
-
-
-def _pct(s: dict[str, float] | None, key: str = "accuracy") -> str:
-    return "-" if s is None else f"{100 * s[key]:.1f}"
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.2f}"
-
-
-def _mark(row: Mapping[str, Any]) -> str:
-    return " *" if row.get("federated_model") == NOT_DEPLOYED else ""
-
-
-def format_table(results: Mapping[str, Any]) -> str:
-    """The per-edge table, as Markdown (readable in a terminal too)."""
-    lines = [
-        "| edge | train | test | majority | local-only acc / F1 | base acc / F1 "
-        "| stage 2 acc / F1 | federated acc / F1 | up MB | down MB | raw MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in results["edges"]:
-        b = r["bytes"]
-        majority = r.get("majority")
-        lines.append(
-            f"| {r['name']} | {r['n_train']} | {r['n_test']} "
-            f"| {'-' if majority is None else f'{100 * majority:.1f}'} "
-            f"| {_pct(r['local_only'])} / {_pct(r['local_only'], 'macro_f1')} "
-            f"| {_pct(r['base'])} / {_pct(r['base'], 'macro_f1')} "
-            f"| {_pct(r['server_model'])} / {_pct(r['server_model'], 'macro_f1')} "
-            f"| {_pct(r['federated'])} / {_pct(r['federated'], 'macro_f1')}{_mark(r)} "
-            f"| {_mb(b['uploaded'])} | {_mb(b['downloaded'])} | {_mb(b['raw_images'])} |"
-        )
-    if any(_mark(r) for r in results["edges"]):
-        lines.append(
-            "\n* nothing deployed on that edge: its federated figure is the fine-tuned "
-            "candidate's, which does not serve"
-        )
-    n_tests = [r["n_test"] for r in results["edges"]]
-    fewest = max(1, min(n_tests))
-    lines.append(
-        "\nlegend: train / test: images in the edge's splits; every figure of a row is on "
-        "that edge's own test images (the test column), in %, accuracy / macro F1.\n"
-        "majority: always answering the edge's most frequent training class, on its test "
-        "split (the floor); local-only: trained on that edge's images alone; base: the "
-        "model before the cycle; stage 2: the server's model; federated: the model the "
-        "edge's gate deployed.\n"
-        f"One test image is worth {100 / fewest:.1f} points on the smallest test split "
-        f"({fewest} images): differences of that order between columns are noise."
-    )
-    c = results["centralized"]
-    lines.append(
-        f"\ncentralized upper bound: accuracy {_pct(c)}, macro F1 {_pct(c, 'macro_f1')}"
-        f" on {sum(n_tests)} test images (all edges' test splits;"
-        f" references: {results.get('references', 'full')})"
-    )
-    lines.append(f"mean federated accuracy: {100 * results['mean_federated_accuracy']:.1f}")
-    cyc = results["cycle"]
-    lines.append(
-        f"cycle {cyc['id']} -> model v{cyc['model_version']} in {cyc['seconds']:.0f} s; "
-        f"references {results['references_seconds'] or 0:.0f} s; "
-        f"total {results['total_seconds']:.0f} s"
-    )
-    stages = results["edges"][0]["stage_seconds"]
-    lines.append("stage seconds (edge-1): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
-    return "\n".join(lines)

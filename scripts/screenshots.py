@@ -59,7 +59,7 @@ def main() -> None:
     port = free_port()
     server = Service(
         "server",
-        "server_service",
+        "server",
         {
             "FEDINSPECT_SERVER_ADMIN_TOKEN": SERVER_TOKEN,
             "FEDINSPECT_SERVER_DATA_DIR": str(work / "server"),
@@ -82,7 +82,7 @@ def main() -> None:
             edge_port = free_port()
             edge = Service(
                 name,
-                "edge_service",
+                "edge",
                 {
                     "FEDINSPECT_EDGE_ADMIN_TOKEN": EDGE_TOKEN,
                     "FEDINSPECT_EDGE_SERVER_URL": server.url,

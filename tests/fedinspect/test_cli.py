@@ -34,3 +34,13 @@ def test_settings_lists_every_variable_with_its_default() -> None:
     assert "FEDINSPECT_SERVER_" not in result.output
     both = CliRunner().invoke(app, ["settings"]).output
     assert "FEDINSPECT_SERVER_ADMIN_TOKEN" in both and "FEDINSPECT_EDGE_DATASET" in both
+
+
+def test_the_product_command_runs_the_product_only() -> None:
+    """Benchmarks and experiments run from a checkout (python -m bench, python -m
+    experiments.privacy_eval), not as subcommands of the installed command."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    assert isinstance(group, typer.main.TyperGroup)
+    assert set(group.commands) == {"server", "edge", "settings", "demo"}

@@ -13,15 +13,9 @@ from typing import Any
 import pytest
 
 from edge_service.config import Settings as EdgeSettings
-from fedinspect.demo import (
-    NOT_DEPLOYED,
-    DemoOptions,
-    format_table,
-    plan_demo,
-    run_demo,
-    served_metrics,
-)
-from fedinspect.report import write_report
+from fedinspect.demo import DemoOptions, plan_demo, run_demo, served_metrics
+from fedinspect.launcher import child_env, settings_from_env
+from fedinspect.report import NOT_DEPLOYED, format_table, write_report
 from fl_core.data import load_dataset_spec
 from tests.factories import make_image_folder
 
@@ -52,7 +46,7 @@ def test_edges_share_the_machines_cores(
 ) -> None:
     monkeypatch.setattr("fedinspect.demo.usable_cores", lambda: cores)
     plan = plan_demo(DemoOptions(edges=edges, quick=True))
-    env = plan.edge_env(
+    settings = plan.edge_settings(
         0,
         "edge-1",
         "e1",
@@ -61,9 +55,10 @@ def test_edges_share_the_machines_cores(
         1,
         tmp_path,
     )
+    assert settings.threads == threads
+    env = child_env(settings)
     assert env["FEDINSPECT_EDGE_THREADS"] == str(threads)
-    monkeypatch.setattr("os.environ", env)
-    assert EdgeSettings().threads == threads  # type: ignore[call-arg]
+    assert settings_from_env(EdgeSettings, env).threads == threads
 
 
 def test_quick_plan_is_small_and_disjoint() -> None:

@@ -1,6 +1,6 @@
 """Real service processes for the hardening tests: start, wait, measure, kill.
 
-A service runs as ``python -c "from <service>.main import run; run()"`` with its
+A service is started by :mod:`fedinspect.launcher` (as the demo starts it) with its
 settings in the environment (nothing inherited from the caller's FEDINSPECT_*
 variables), listens on 127.0.0.1, and writes its log to a file that failures show.
 Memory is read from ``/proc/<pid>/status``: ``VmRSS`` now, ``VmHWM`` the peak.
@@ -8,21 +8,20 @@ Memory is read from ``/proc/<pid>/status``: ``VmRSS`` now, ``VmHWM`` the peak.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
 
 import httpx
 
+from fedinspect.launcher import HOST as HOST  # re-exported: the tests import them from here
+from fedinspect.launcher import Service as ServiceKind
+from fedinspect.launcher import ServiceProcess
+from fedinspect.launcher import free_port as free_port
+from tests.integration.processes import split_env
+
 ROOT = Path(__file__).resolve().parents[2]
-HOST = "127.0.0.1"
 START_TIMEOUT_S = 120.0
 
 SERVER_ADMIN_TOKEN = "hardening-server-admin-token-0123"
@@ -44,13 +43,6 @@ TINY_SERVER_ENV = {
 }
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def proc_status_kib(pid: int, field: str) -> int:
     """A ``/proc/<pid>/status`` memory field (``VmRSS``, ``VmHWM``) in KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -59,51 +51,29 @@ def proc_status_kib(pid: int, field: str) -> int:
     raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
-class Service:
+class Service(ServiceProcess):
     """One service process; ``kill()`` is SIGKILL, ``stop()`` a graceful SIGTERM."""
 
     def __init__(
-        self, name: str, module: str, env: Mapping[str, str], port: int, log_dir: Path
+        self, name: str, service: ServiceKind, env: Mapping[str, str], port: int, log_dir: Path
     ) -> None:
-        self.name = name
-        self.port = port
-        self.url = f"http://{HOST}:{port}"
-        self.log_path = log_dir / f"{name}.log"
-        self._log: IO[bytes] = self.log_path.open("ab")
-        base = {k: v for k, v in os.environ.items() if not k.startswith("FEDINSPECT_")}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", f"from {module}.main import run; run()"],
+        settings, extra = split_env(env)
+        super().__init__(
+            name,
+            service,
+            settings,
+            log_dir / f"{name}.log",
+            {"OMP_NUM_THREADS": "1", **extra},
             cwd=ROOT,
-            env={**base, "OMP_NUM_THREADS": "1", **env},
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
         )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+        self.port = port
+        assert self.url == f"http://{HOST}:{port}", self.url
 
     def log(self, chars: int = 6000) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")[-chars:]
+        return self.tail(chars)
 
-    def check_alive(self) -> None:
-        code = self.proc.poll()
-        if code is not None:
-            raise AssertionError(f"{self.name} exited with {code}:\n{self.log()}")
-
-    def wait_healthy(self, timeout_s: float = START_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self.check_alive()
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"{self.name} not healthy after {timeout_s}s:\n{self.log()}")
+    def wait_healthy(self, timeout_s: float = START_TIMEOUT_S, interval_s: float = 0.1) -> None:
+        super().wait_healthy(timeout_s, interval_s)
 
     def rss_kib(self) -> int:
         return proc_status_kib(self.pid, "VmRSS")
@@ -111,20 +81,8 @@ class Service:
     def peak_rss_kib(self) -> int:
         return proc_status_kib(self.pid, "VmHWM")
 
-    def kill(self) -> None:
-        """SIGKILL: no shutdown code runs, like a power cut or the OOM killer."""
-        if self.proc.poll() is None:
-            os.kill(self.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._log.close()
+    def stop(self, timeout_s: float = 15.0) -> None:
+        super().stop(timeout_s)
 
 
 def server_env(data_dir: Path, port: int, **overrides: str) -> dict[str, str]:
@@ -174,13 +132,13 @@ class Services:
         self.started: list[Service] = []
 
     def server(self, data_dir: Path, port: int, name: str = "server", **o: str) -> Service:
-        svc = Service(name, "server_service", server_env(data_dir, port, **o), port, self.log_dir)
+        svc = Service(name, "server", server_env(data_dir, port, **o), port, self.log_dir)
         self.started.append(svc)
         svc.wait_healthy()
         return svc
 
     def edge(self, name: str, port: int, env: Mapping[str, str]) -> Service:
-        svc = Service(name, "edge_service", env, port, self.log_dir)
+        svc = Service(name, "edge", env, port, self.log_dir)
         self.started.append(svc)
         svc.wait_healthy()
         return svc

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from edge_service.services.client import RetryPolicy, ServerClient
-from tests.integration.processes import HOST, SERVER_CODE, Process, free_port, wait_healthy
+from tests.integration.processes import HOST, Process, free_port, wait_healthy
 from tests.server_service.helpers import ADMIN, ADMIN_TOKEN
 from tests.services import S3_ENV, PostgresServer, S3Server
 
@@ -114,7 +114,7 @@ class Cluster:
         self.incarnations[name] += 1
         proc = Process(
             f"{name}-{self.incarnations[name]}",
-            SERVER_CODE,
+            "server",
             {
                 **self.env,
                 "FEDINSPECT_SERVER_PORT": str(self.ports[name]),

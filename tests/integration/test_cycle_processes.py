@@ -40,7 +40,7 @@ def test_cycle_with_real_processes(tmp_path: Path, processes: list[Process]) -> 
 
     server = Process(
         "server",
-        "from server_service.main import run; run()",
+        "server",
         {
             "FEDINSPECT_SERVER_ADMIN_TOKEN": server_admin,
             "FEDINSPECT_SERVER_DATA_DIR": str(tmp_path / "server"),
@@ -64,7 +64,7 @@ def test_cycle_with_real_processes(tmp_path: Path, processes: list[Process]) -> 
 
     edge = Process(
         "edge",
-        "from edge_service.main import run; run()",
+        "edge",
         {
             "FEDINSPECT_EDGE_SERVER_URL": server_url,
             "FEDINSPECT_EDGE_TOKEN": edge_reg["token"],

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.processes import HOST, ROOT, SERVER_CODE, Process, free_port, wait_healthy
+from tests.integration.processes import HOST, ROOT, Process, free_port, wait_healthy
 
 pytest.importorskip("elpv_dataset")
 
@@ -34,7 +34,7 @@ def server(tmp_path: Path) -> Iterator[tuple[str, str]]:
     port = free_port()
     proc = Process(
         "server",
-        SERVER_CODE,
+        "server",
         {
             "FEDINSPECT_SERVER_ADMIN_TOKEN": token,
             "FEDINSPECT_SERVER_MIN_EDGES": "2",

@@ -5,10 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fedinspect.launcher import ServiceProcess, free_port
 from fl_core.features import pack_features
 from fl_core.schemas import FeatureSpec
 from tests.server_service.helpers import ADMIN_TOKEN, random_rows
@@ -24,18 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120.0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextmanager
-def server_process(data_dir: Path, port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Start ``run()`` in a child process from env settings; always killed at the end."""
-    env = {
-        **os.environ,
+def server_process(data_dir: Path, port: int, log: Path) -> Iterator[ServiceProcess]:
+    """Start the server in a child process from its settings; always killed at the end."""
+    settings = {
         "FEDINSPECT_SERVER_ADMIN_TOKEN": ADMIN_TOKEN,
         "FEDINSPECT_SERVER_DATA_DIR": str(data_dir),
         "FEDINSPECT_SERVER_HOST": "127.0.0.1",
@@ -48,35 +37,13 @@ def server_process(data_dir: Path, port: int, log: Path) -> Iterator[subprocess.
         # rows on the wire, as make_upload builds them
         "FEDINSPECT_SERVER_PRIVACY__MODE": "pooled",
     }
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "from server_service.main import run; run()"],
-            env=env,
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    proc = ServiceProcess("server", "server", settings, log, cwd=ROOT)
     try:
-        _wait_healthy(proc, f"http://127.0.0.1:{port}", log)
+        proc.wait_healthy(START_TIMEOUT_S)
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
-
-
-def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"server not healthy after {START_TIMEOUT_S}s:\n{log.read_text()}")
+        proc.kill()
+        proc.stop()
 
 
 def _client(url: str, token: str) -> httpx.Client:
@@ -86,7 +53,7 @@ def _client(url: str, token: str) -> httpx.Client:
 @pytest.mark.slow
 def test_sigkill_loses_no_acknowledged_upload(tmp_path: Path) -> None:
     data_dir, log = tmp_path / "server", tmp_path / "server.log"
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     with server_process(data_dir, port, log) as proc, _client(url, ADMIN_TOKEN) as admin:
         reg = admin.post("/v1/edges", json={"name": "line-a"}).json()
@@ -103,7 +70,7 @@ def test_sigkill_loses_no_acknowledged_upload(tmp_path: Path) -> None:
         model = admin.get("/v1/models/1").json()
         # No graceful shutdown: the process dies right after acknowledging.
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        proc.proc.wait(timeout=30)
 
     with server_process(data_dir, port, log), _client(url, ADMIN_TOKEN) as admin:
         after = admin.get(f"/v1/cycles/{cycle['id']}").json()

@@ -5,7 +5,6 @@ that let exactly one replica train a cycle, and the database going away mid-requ
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
+from fedinspect.launcher import child_env, service_command
 from fl_core.errors import ConfigError
 from server_service import leases
 from server_service.config import Settings
@@ -89,8 +89,7 @@ def test_a_revoked_name_can_be_registered_again(client: TestClient, new_edge: Ed
 
 def _serve(data_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
     """Run ``fedinspect server`` as a user would, expecting it to refuse to start."""
-    base = {
-        "PATH": "/usr/bin:/bin",
+    settings = {
         "FEDINSPECT_SERVER_ADMIN_TOKEN": ADMIN_TOKEN,
         "FEDINSPECT_SERVER_DATA_DIR": str(data_dir),
         "FEDINSPECT_SERVER_BACKBONE": "tiny_cnn",
@@ -98,9 +97,9 @@ def _serve(data_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
         "FEDINSPECT_SERVER_PORT": "1",  # never reached: it stops before listening
     }
     return subprocess.run(
-        [sys.executable, "-c", "from server_service.main import run; run()"],
+        service_command("server"),
         cwd=ROOT,
-        env={**base, **env},
+        env=child_env({**settings, **env}),
         capture_output=True,
         text=True,
         timeout=120,

@@ -1,12 +1,16 @@
-"""``fedinspect privacy-eval``: what an attacker recovers from what edges upload, and
-what each privacy mode costs in federated accuracy.
+"""``python -m experiments.privacy_eval --out DIR``: what an attacker recovers from what
+edges upload, and what each privacy mode costs in federated accuracy.
+
+A research experiment run from a checkout (like torchvision's ``references/``), not
+part of the installed product: it imports ``fl_core`` and nothing imports it.
 
 The threat: an honest-but-curious server (or anyone who reads the uploads) who knows
 the base model and the feature spec, and owns images like the edges' own. It trains a
 decoder from features back to images on its own data (features passed through the
 same privacy transform the spec states, fresh noise every epoch), then decodes what
 the edges uploaded. Attackers: a disjoint half of elpv (in-domain), and NEU-DET steel
-images (cross-domain, when ``../shared/data/neu-det`` is present).
+images (cross-domain, from ``--neu-root``; by default ``../shared/data/neu-det`` beside
+the checkout, skipped when absent).
 
 Measured, for each mode, cut and noise level:
 
@@ -38,11 +42,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import typer
 from torch import nn
 
 from fl_core import serialization
@@ -614,7 +619,7 @@ def run_privacy_eval(options: EvalOptions, log: Log = _print) -> dict[str, Any]:
 
     seconds = time.perf_counter() - started
     results = {
-        "command": "fedinspect privacy-eval" + (" --quick" if o.quick else ""),
+        "command": "python -m experiments.privacy_eval" + (" --quick" if o.quick else ""),
         "machine": _machine(),
         "seconds": round(seconds, 1),
         "options": {
@@ -735,9 +740,48 @@ def _grid(
     plt.close(fig)
 
 
+def main(
+    out: Annotated[Path, typer.Option(help="folder for results.json, results.md, grid.png")],
+    quick: Annotated[
+        bool, typer.Option(help="a subset of elpv and fewer epochs (a few minutes)")
+    ] = False,
+    limit: Annotated[
+        int | None, typer.Option(min=40, help="elpv images to use (default: all; quick: 640)")
+    ] = None,
+    input_size: Annotated[
+        int | None, typer.Option(min=32, help="backbone input size (default 160; quick 128)")
+    ] = None,
+    neu_root: Annotated[
+        Path, typer.Option(help="NEU-DET ImageFolder of the cross-domain attacker")
+    ] = NEU_DET,
+    neu_limit: Annotated[
+        int | None, typer.Option(min=10, help="NEU-DET images of the cross-domain attacker")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of splits, noise and training")] = 0,
+) -> None:
+    """Attack the uploads of each privacy mode with a trained decoder; measure
+    reconstruction (SSIM, PSNR), re-identification and federated accuracy."""
+    run_privacy_eval(
+        EvalOptions(
+            out=out,
+            quick=quick,
+            limit=limit,
+            input_size=input_size,
+            neu_root=neu_root,
+            neu_limit=neu_limit,
+            seed=seed,
+        )
+    )
+
+
+app = typer.Typer(add_completion=False)
+app.command()(main)
+
+
 __all__ = [
     "Decoder",
     "EvalOptions",
+    "app",
     "mark_default",
     "psnr",
     "reid_top1",
@@ -747,3 +791,7 @@ __all__ = [
     "ssim",
     "train_decoder",
 ]
+
+
+if __name__ == "__main__":
+    app()

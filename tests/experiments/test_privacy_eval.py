@@ -1,4 +1,4 @@
-"""``fedinspect privacy-eval``: its metrics, and a quick run on a small elpv subset
+"""``python -m experiments.privacy_eval``: its metrics, and a quick run on a small elpv subset
 that writes results.json (keys and value ranges checked), results.md and a grid."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fedinspect.cli import app
-from fedinspect.privacy_eval import membership_auc, psnr, reid_top1, ssim
+from experiments.privacy_eval import app, membership_auc, psnr, reid_top1, ssim
 from fl_core.privacy import compute_stats
 
 pytest.importorskip("elpv_dataset", reason="the elpv dataset is an optional extra")
@@ -55,7 +54,7 @@ def test_membership_auc_sees_training_rows_that_shaped_the_factors() -> None:
 @pytest.mark.slow
 def test_quick_run_writes_results_in_range(tmp_path: Path) -> None:
     out = tmp_path / "privacy"
-    args = ["privacy-eval", "--quick", "--limit", "400", "--input-size", "64"]
+    args = ["--quick", "--limit", "400", "--input-size", "64"]
     result = CliRunner().invoke(app, [*args, "--neu-limit", "60", "--out", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
