@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from pydantic_settings import BaseSettings
 from tqdm import tqdm
 
 from edge_service.config import Settings as EdgeSettings
+from edge_service.services.cycle import finetune_config
 from fedinspect.launcher import HOST, SERVICES, Processes, free_port, running, settings_from_env
 from fedinspect.report import NOT_DEPLOYED, format_table
 from fl_core.data import ImageSet, Splits, load_dataset_spec, split
@@ -279,8 +280,10 @@ class DemoPlan:
             "BATCH_SIZE": self.batch_size,
             "FINETUNE_EPOCHS": ft.epochs,
             "FINETUNE_LR": ft.lr,
+            "FINETUNE_BACKBONE_LR_SCALE": ft.backbone_lr_scale,
             "FINETUNE_VIEWS": ft.views,
             "FINETUNE_AUGMENT": ft.augment,
+            "FINETUNE_SELECT": ft.select,
             "POLL_INTERVAL_S": 0.5,
             # the edges share this machine's cores: a thread per core each would
             # oversubscribe them (a quick cycle took 109 s that way, 37 s with these)
@@ -294,10 +297,16 @@ class DemoPlan:
     def check_settings(self) -> None:
         """Build every process's settings with placeholders: a :class:`SettingError`
         before anything starts, not after the server has."""
-        tokens = (_PLACEHOLDER_TOKEN, _PLACEHOLDER_TOKEN[::-1])
         self.server_settings(_PLACEHOLDER_TOKEN, Path("server"), 8000)
         for i in range(len(self.edge_specs)):
-            self.edge_settings(i, f"edge-{i + 1}", "e", tokens, f"http://{HOST}:1", 8100, Path())
+            self.placeholder_edge_settings(i)
+
+    def placeholder_edge_settings(self, index: int) -> EdgeSettings:
+        """Edge ``index``'s settings with placeholder tokens, address and folder."""
+        tokens = (_PLACEHOLDER_TOKEN, _PLACEHOLDER_TOKEN[::-1])
+        return self.edge_settings(
+            index, f"edge-{index + 1}", "e", tokens, f"http://{HOST}:1", 8100, Path()
+        )
 
     def split(self, spec: str) -> Splits:
         return split(load_dataset_spec(spec), self.val_fraction, self.test_fraction, self.seed)
@@ -342,7 +351,7 @@ def plan_demo(options: DemoOptions) -> DemoPlan:
     specs = [f"{s}:seed={options.seed}" for s in specs]
     overrides = {k: dict(v) for k, v in options.settings.items()}
     if options.quick:
-        return DemoPlan(
+        plan = DemoPlan(
             specs,
             class_names,
             input_size=options.input_size or 96,
@@ -351,17 +360,22 @@ def plan_demo(options: DemoOptions) -> DemoPlan:
             finetune=FinetuneConfig(epochs=5, views=2, seed=options.seed),
             overrides=overrides,
         )
-    return DemoPlan(
-        specs,
-        class_names,
-        # elpv's cells are 300 px and its cracks a few pixels wide: at their own size the
-        # pooled features separate them 1.7 points better than at 224 (stage 2, seed 0)
-        input_size=options.input_size or (300 if options.dataset == "elpv" else None),
-        seed=options.seed,
-        upper=UpperTrainConfig(seed=options.seed),
-        finetune=FinetuneConfig(epochs=8, views=2, seed=options.seed),
-        overrides=overrides,
-    )
+    else:
+        plan = DemoPlan(
+            specs,
+            class_names,
+            # elpv's cells are 300 px and its cracks a few pixels wide: at their own size the
+            # pooled features separate them 1.7 points better than at 224 (stage 2, seed 0)
+            input_size=options.input_size or (300 if options.dataset == "elpv" else None),
+            seed=options.seed,
+            upper=UpperTrainConfig(seed=options.seed),
+            finetune=FinetuneConfig(epochs=8, views=2, seed=options.seed),
+            overrides=overrides,
+        )
+    if any(var.startswith("FINETUNE_") for var in overrides.get("edge", {})):
+        # the references train with the recipe the edges get, ``--set`` included
+        plan = replace(plan, finetune=finetune_config(plan.placeholder_edge_settings(0)))
+    return plan
 
 
 # --------------------------------------------------------------------------- progress

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from edge_service.services.cycle import finetune_config
 from fedinspect.cli import app
 from fedinspect.demo import DemoOptions, SettingError, parse_settings, plan_demo, run_demo
 from fedinspect.launcher import child_env
@@ -98,3 +99,14 @@ def test_the_json_says_which_settings_made_the_run(
     assert options.json_path is not None
     saved = json.loads(options.json_path.read_text())
     assert saved["settings"]["set"] == {"server.privacy.noise_sigma": "0"}
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_the_references_train_with_the_recipe_the_edges_get(quick: bool) -> None:
+    plain = plan_demo(DemoOptions(edges=3, quick=quick))
+    overrides = parse_settings(["edge.finetune_epochs=2", "edge.finetune_select=val_loss"])
+    changed = plan_demo(DemoOptions(edges=3, quick=quick, settings=overrides))
+    assert (changed.finetune.epochs, changed.finetune.select) == (2, "val_loss")
+    for plan in (plain, changed):
+        for i in range(3):
+            assert finetune_config(plan.placeholder_edge_settings(i)) == plan.finetune
