@@ -47,6 +47,8 @@ def _start_server(work: Path, admin: str, port: int, min_edges: int) -> ServiceP
         min_edges=min_edges,
         cycle_deadline_s=86400,
         log_level="WARNING",
+        # the uploads are feature rows, the largest a server takes: the pooled mode
+        privacy={"mode": "pooled"},
     )
     return ServiceProcess("server", "server", settings, work / "server.log")
 
