@@ -113,6 +113,7 @@ def _first_start(data_dir: Path) -> None:
         pass
 
 
+@pytest.mark.slow  # starts the server process
 def test_a_corrupt_database_is_one_line_naming_the_file(tmp_path: Path) -> None:
     data_dir = tmp_path / "server"
     _first_start(data_dir)
@@ -128,6 +129,7 @@ def test_a_corrupt_database_is_one_line_naming_the_file(tmp_path: Path) -> None:
     assert "restore it from a backup" in line
 
 
+@pytest.mark.slow  # starts the server process
 def test_a_deleted_database_beside_a_full_blob_store_is_refused(tmp_path: Path) -> None:
     data_dir = tmp_path / "server"
     _first_start(data_dir)
@@ -161,6 +163,7 @@ def test_an_emptied_database_is_refused_unless_allowed(settings: Settings) -> No
         assert [m["version"] for m in client.get("/v1/models", headers=ADMIN).json()] == [1]
 
 
+@pytest.mark.slow  # starts the server process
 def test_an_unreachable_database_is_one_line(tmp_path: Path) -> None:
     url = "postgresql+psycopg://fed:secret-pw@127.0.0.1:9/nowhere"
     done = _serve(tmp_path / "server", FEDINSPECT_SERVER_DATABASE_URL=url)
