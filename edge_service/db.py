@@ -144,7 +144,7 @@ def migrate_store(engine: Engine) -> None:
     with engine.begin() as conn:
         # the edge's first schema has no unique index that old rows could break
         migration = migrate(conn, "edge_service", first_schema.metadata)
-    if migration.before != migration.after or migration.adopted:
+    if migration.before != migration.after:
         log.info(
             "event=store.migrated before=%s after=%s adopted=%s",
             migration.before,

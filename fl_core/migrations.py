@@ -88,6 +88,14 @@ def migrate(
     """
     config = migration_config(package, conn)
     before = current_revision(conn)
+    scripts = ScriptDirectory.from_config(config)
+    if before is not None and before not in {s.revision for s in scripts.walk_revisions()}:
+        # a newer release migrated it (then was rolled back?): upgrading cannot help
+        raise ConfigError(
+            f"the database is at schema revision {before}, which this release does not "
+            f"know (its newest is {scripts.get_current_head()}): run the release that "
+            "migrated it, or restore a backup made before"
+        )
     adopted = False
     if before is None:
         existing = set(inspect(conn).get_table_names())
@@ -95,7 +103,7 @@ def migrate(
         if adopted:
             skipped = _adopt(conn, first_schema)
             if skipped:
-                if head_revision(package) != FIRST_REVISION:
+                if scripts.get_current_head() != FIRST_REVISION:
                     raise ConfigError(
                         "cannot migrate the database: rows break the unique indexes "
                         f"{'; '.join(skipped)}; fix those rows, then start again"

@@ -70,7 +70,7 @@ def open_storage(settings: Settings) -> tuple[Engine, BlobStore]:
     except BaseException:
         engine.dispose()
         raise
-    if migration.before != migration.after or migration.adopted:
+    if migration.before != migration.after and not migration.skipped:
         log_event(
             "database.migrated",
             database=where,

@@ -10,16 +10,19 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, bindparam, inspect, text
 
+from fl_core.errors import ConfigError
 from fl_core.migrations import current_revision, head_revision, migration_config
 from fl_core.schemas import FeatureSpec
 from server_service.config import Settings
 from server_service.db import Base, UTCDateTime, make_engine, migrate_schema, utcnow
 from server_service.services.auth import hash_token
+from server_service.storage import open_storage
 from tests.server_service.helpers import ADMIN, running
 
 HERE = Path(__file__).parent
@@ -137,6 +140,24 @@ def test_the_migrations_go_down_to_the_base_and_up_again(settings: Settings) -> 
         assert set(inspect(engine).get_table_names()) >= set(Base.metadata.tables)
     finally:
         engine.dispose()
+
+
+def test_a_database_migrated_by_a_newer_release_is_one_line(settings: Settings) -> None:
+    with running(settings):
+        pass
+    engine = make_engine(settings.sqlalchemy_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = 'f00d'"))
+    finally:
+        engine.dispose()
+    with pytest.raises(ConfigError) as refused:
+        open_storage(settings)
+    assert refused.value.detail == (
+        "the database is at schema revision f00d, which this release does not know (its "
+        f"newest is {head_revision('server_service')}): run the release that migrated it, "
+        "or restore a backup made before"
+    )
 
 
 def test_replicas_starting_at_once_migrate_the_database_once(pg_url: str) -> None:
