@@ -1,12 +1,13 @@
 # The two commands of the README: `make demo` runs the whole system on real data,
-# `make test` runs every check CI runs. Both set up .venv on first use.
+# `make test` runs every check CI runs (`make check`: the same but the slow tests). All
+# set up .venv on first use.
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-quick test lint setup clean
+.PHONY: demo demo-quick test check lint setup clean
 
 setup: $(STAMP)
 
@@ -37,6 +38,11 @@ lint: $(STAMP)
 
 test: lint
 	$(VENV)/bin/pytest -W error
+
+# the inner loop: lint and every test but the slow ones (real processes, real models);
+# CI runs them all (make test)
+check: lint
+	$(VENV)/bin/pytest -W error -m "not slow"
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

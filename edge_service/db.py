@@ -1,5 +1,6 @@
 """The edge's database (SQLAlchemy 2.0, SQLite by default): jobs, local models, and a
-small key-value table for state such as the last gate decision.
+small key-value table for state such as the last gate decision. The schema is changed
+only by migrations (``edge_service/migrations``), run when the store opens.
 
 Every write commits at once, so a job's last stage and progress survive a kill; the
 :class:`EdgeStore` methods return wire models from ``fl_core.schemas``, never ORM rows,
@@ -9,6 +10,7 @@ so no session outlives a call.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import uuid
 from collections.abc import Iterator
@@ -33,8 +35,12 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from edge_service.migrations import first_schema
 from fl_core.errors import NotFound
+from fl_core.migrations import migrate
 from fl_core.schemas import EvalMetrics, Job, JobKind, JobState, LocalModel
+
+log = logging.getLogger("edge_service.db")
 
 
 def utcnow() -> datetime:
@@ -132,12 +138,27 @@ def make_engine(path: Path) -> Engine:
     return engine
 
 
+def migrate_store(engine: Engine) -> None:
+    """Bring the store to the newest schema revision (edge_service/migrations); a store
+    made before migrations is adopted (:func:`fl_core.migrations.migrate`)."""
+    with engine.begin() as conn:
+        # the edge's first schema has no unique index that old rows could break
+        migration = migrate(conn, "edge_service", first_schema.metadata)
+    if migration.before != migration.after:
+        log.info(
+            "event=store.migrated before=%s after=%s adopted=%s",
+            migration.before,
+            migration.after,
+            migration.adopted,
+        )
+
+
 class EdgeStore:
     """All reads and writes of the edge's state."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        Base.metadata.create_all(engine)
+        migrate_store(engine)
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         # SQLite allows one writer; serialising here avoids "database is locked".
         self._write_lock = threading.Lock()
@@ -329,4 +350,13 @@ class EdgeStore:
             s.merge(StateRow(key=key, value=json.dumps(value)))
 
 
-__all__ = ["Base", "EdgeStore", "JobRow", "LocalModelRow", "StateRow", "make_engine", "utcnow"]
+__all__ = [
+    "Base",
+    "EdgeStore",
+    "JobRow",
+    "LocalModelRow",
+    "StateRow",
+    "make_engine",
+    "migrate_store",
+    "utcnow",
+]

@@ -158,6 +158,8 @@ def run(settings: Settings | None = None) -> None:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    # alembic says each step at INFO; the store logs one store.migrated event
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     apply_threads(settings)
     install_access_log_filter()
     uvicorn.run(

@@ -3,9 +3,10 @@
 Tables: ``edges``, ``cycles``, ``cycle_members``, ``uploads``, ``models`` and
 ``edge_evaluations`` and ``leases``. Only portable SQL is used; SQLite gets WAL and a
 busy timeout so the API threads, the training thread and the deadline watcher can share
-one file. On PostgreSQL several server replicas share the database: the schema is
-created under an advisory lock, and :mod:`server_service.leases` decides which replica
-trains a cycle.
+one file. The schema is changed only by migrations (``server_service/migrations``, run at
+start by :func:`migrate_schema`). On PostgreSQL several server replicas share the
+database: they migrate under an advisory lock, and :mod:`server_service.leases` decides
+which replica trains a cycle.
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
-    inspect,
     text,
 )
-from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.orm import Session as Session
-from sqlalchemy.schema import CreateIndex
+
+from fl_core.migrations import Migration, migrate
+from server_service.migrations import first_schema
 
 
 def utcnow() -> datetime:
@@ -219,39 +220,24 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-#: key of the PostgreSQL advisory lock held while the schema is created or checked
+#: key of the PostgreSQL advisory lock held while the schema is migrated
 _SCHEMA_LOCK = 0x0FED1257
 
 
-def has_schema(conn: Connection) -> bool:
-    """Whether the database holds this server's tables (False: new or emptied)."""
-    return inspect(conn).has_table(ModelRow.__tablename__)
-
-
-def create_schema(engine: Engine, before_create: Callable[[], None] | None = None) -> list[str]:
-    """Create missing tables, and missing indexes (an index added to an existing table).
+def migrate_schema(engine: Engine, before_create: Callable[[], None] | None = None) -> Migration:
+    """Bring the database to the newest schema revision (server_service/migrations).
 
     ``before_create`` runs when the database has no tables yet, before any is made:
-    it may refuse (raise) to initialise a new database. On PostgreSQL an advisory lock
-    serialises replicas that start at once. Returns the unique indexes that existing
-    rows break (left out, with the database's reason), for the caller to report.
+    it may refuse (raise) to initialise a new database. A database made before
+    migrations is adopted (:func:`fl_core.migrations.migrate`). On PostgreSQL an
+    advisory lock, held for the one transaction the migration runs in, serialises
+    replicas that start at once: the first migrates, the others then find it done.
+    The unique indexes that rows of an adopted database break are left out
+    (``Migration.skipped``, with the database's reason), for the caller to report.
     """
     with engine.begin() as conn:
         _schema_lock(conn)
-        if before_create is not None and not has_schema(conn):
-            before_create()
-        Base.metadata.create_all(conn)
-    skipped = []
-    for table in Base.metadata.sorted_tables:
-        for index in table.indexes:
-            try:
-                with engine.begin() as conn:
-                    _schema_lock(conn)
-                    conn.execute(CreateIndex(index, if_not_exists=True))
-            except DBIntegrityError as exc:
-                reason = str(exc.orig).strip().splitlines()[0]
-                skipped.append(f"{index.name}: {reason}")
-    return skipped
+        return migrate(conn, "server_service", first_schema.metadata, on_new=before_create)
 
 
 def _schema_lock(conn: Connection) -> None:
@@ -274,9 +260,8 @@ __all__ = [
     "Session",
     "UTCDateTime",
     "UploadRow",
-    "create_schema",
-    "has_schema",
     "make_engine",
     "make_sessionmaker",
+    "migrate_schema",
     "utcnow",
 ]

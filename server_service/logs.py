@@ -34,6 +34,8 @@ def configure_logging(level: str) -> None:
         level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=False
     )
     logger.setLevel(level)
+    # alembic says each step at INFO; the server logs one database.migrated event
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logger.getEffectiveLevel()))
 
 
 __all__ = ["configure_logging", "log_event", "logger"]

@@ -27,12 +27,12 @@ from sqlalchemy.exc import DatabaseError, OperationalError
 from fl_core.blobstore import BlobStore, open_blob_store
 from fl_core.errors import ConfigError, InsufficientStorage
 from server_service.config import Settings
-from server_service.db import create_schema, make_engine
+from server_service.db import make_engine, migrate_schema
 from server_service.logs import log_event
 
 
 def open_storage(settings: Settings) -> tuple[Engine, BlobStore]:
-    """Open the blob store and the database, creating or upgrading the schema.
+    """Open the blob store and the database, creating or migrating the schema.
 
     Refuses (ConfigError, one line) a database that cannot be opened, and a new,
     empty database beside a blob store that holds blobs unless ALLOW_NEW_DATABASE.
@@ -54,7 +54,7 @@ def open_storage(settings: Settings) -> tuple[Engine, BlobStore]:
             )
 
     try:
-        skipped = create_schema(engine, before_create=refuse_new_database)
+        migration = migrate_schema(engine, before_create=refuse_new_database)
     except OperationalError as exc:
         engine.dispose()
         raise ConfigError(
@@ -70,7 +70,15 @@ def open_storage(settings: Settings) -> tuple[Engine, BlobStore]:
     except BaseException:
         engine.dispose()
         raise
-    for problem in skipped:
+    if migration.before != migration.after and not migration.skipped:
+        log_event(
+            "database.migrated",
+            database=where,
+            before=migration.before,
+            after=migration.after,
+            adopted=migration.adopted or None,
+        )
+    for problem in migration.skipped:
         # Rows written before the index existed break it (two active edges of one
         # name): the server runs without it, and says what to do.
         log_event(

@@ -125,4 +125,10 @@ def test_model_stays_trainable_after_extraction() -> None:
 
     model, _ = _spec()
     feats, labels = extract_features(model, iter([(torch.rand(8, 3, 32, 32), torch.arange(8) % 2)]))
+    # extraction runs under inference mode: it must leave no parameter frozen, and its
+    # features must feed training
+    assert all(p.requires_grad for p in model.parameters())
+    before = [p.detach().clone() for p in model.head.parameters()]
     train_upper(model, feats, labels, UpperTrainConfig(epochs=1, val_fraction=0))
+    after = [p.detach() for p in model.head.parameters()]
+    assert any(not torch.equal(b, a) for b, a in zip(before, after, strict=True))

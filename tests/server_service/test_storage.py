@@ -15,14 +15,15 @@ from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
 from fedinspect.launcher import child_env, service_command
 from fl_core.errors import ConfigError
+from fl_core.migrations import current_revision, head_revision
 from server_service import leases
 from server_service.config import Settings
 from server_service.db import (
     EdgeRow,
     LeaseRow,
-    create_schema,
     make_engine,
     make_sessionmaker,
+    migrate_schema,
     utcnow,
 )
 from server_service.storage import open_storage
@@ -111,6 +112,7 @@ def _first_start(data_dir: Path) -> None:
         pass
 
 
+@pytest.mark.slow  # starts the server process
 def test_a_corrupt_database_is_one_line_naming_the_file(tmp_path: Path) -> None:
     data_dir = tmp_path / "server"
     _first_start(data_dir)
@@ -126,6 +128,7 @@ def test_a_corrupt_database_is_one_line_naming_the_file(tmp_path: Path) -> None:
     assert "restore it from a backup" in line
 
 
+@pytest.mark.slow  # starts the server process
 def test_a_deleted_database_beside_a_full_blob_store_is_refused(tmp_path: Path) -> None:
     data_dir = tmp_path / "server"
     _first_start(data_dir)
@@ -141,13 +144,16 @@ def test_a_deleted_database_beside_a_full_blob_store_is_refused(tmp_path: Path) 
 
 
 def test_an_emptied_database_is_refused_unless_allowed(settings: Settings) -> None:
-    # First start: tables, a base model and its blob. Then the database is emptied.
+    # First start: tables, a base model and its blob. Then the database is emptied (its
+    # schema version included).
     with running(settings):
         pass
     engine = make_engine(settings.sqlalchemy_url)
     from server_service.db import Base
 
     Base.metadata.drop_all(engine)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE alembic_version"))
     engine.dispose()
     with pytest.raises(ConfigError, match=r"is empty \(deleted or replaced\?\)"):
         open_storage(settings)
@@ -156,6 +162,7 @@ def test_an_emptied_database_is_refused_unless_allowed(settings: Settings) -> No
         assert [m["version"] for m in client.get("/v1/models", headers=ADMIN).json()] == [1]
 
 
+@pytest.mark.slow  # starts the server process
 def test_an_unreachable_database_is_one_line(tmp_path: Path) -> None:
     url = "postgresql+psycopg://fed:secret-pw@127.0.0.1:9/nowhere"
     done = _serve(tmp_path / "server", FEDINSPECT_SERVER_DATABASE_URL=url)
@@ -247,16 +254,18 @@ def test_health_names_the_replica_and_what_it_reaches(settings: Settings) -> Non
         }
 
 
-# ----------------------------------------------------------------- schema upgrades
+# ------------------------------------------------- databases made before migrations
 
 
-def test_a_database_of_the_previous_schema_gains_the_new_index_and_table(
+def test_a_database_older_than_the_first_revision_gains_the_missing_index_and_table(
     settings: Settings,
 ) -> None:
-    # The previous release had neither the leases table nor one name per active edge,
-    # and could hold two active edges of one name.
+    # Releases before migrations had no alembic_version table, the oldest neither the
+    # leases table nor one name per active edge, and could hold two active edges of one
+    # name.
     engine, _blobs = open_storage(settings)
     with engine.begin() as conn:
+        conn.execute(text("DROP TABLE alembic_version"))
         conn.execute(text("DROP INDEX one_active_edge_name"))
         conn.execute(text("DROP TABLE leases"))
     sessions = make_sessionmaker(engine)
@@ -266,22 +275,27 @@ def test_a_database_of_the_previous_schema_gains_the_new_index_and_table(
         session.add(EdgeRow(id="edge-c", name="solo", token_hash="c" * 64, revoked=False))
         session.commit()
     engine.dispose()
-    # Two active twins break the unique index: the server starts without it and says so.
+    # Two active twins break the unique index: the server starts without it and says so,
+    # and the database stays unversioned, to be completed at the next start.
     engine = make_engine(settings.sqlalchemy_url)
     try:
-        skipped = create_schema(engine)
+        skipped = migrate_schema(engine).skipped
+        assert not inspect(engine).has_table("alembic_version")
     finally:
         engine.dispose()
     assert [s.split(":")[0] for s in skipped] == ["one_active_edge_name"]
     with running(settings) as client:
         twin = client.delete("/v1/edges/edge-b", headers=ADMIN)
         assert twin.status_code == 200
-    # Once the twin is revoked, the next start creates the index and the lease table.
+    # Once the twin is revoked, the next start creates the index and the lease table,
+    # and stamps the database at the first revision before upgrading it.
     engine = make_engine(settings.sqlalchemy_url)
     try:
-        assert create_schema(engine) == []
+        assert migrate_schema(engine).skipped == []
         names = {i["name"] for i in inspect(engine).get_indexes("edges")}
         assert "one_active_edge_name" in names
         assert inspect(engine).has_table("leases")
+        with engine.connect() as conn:
+            assert current_revision(conn) == head_revision("server_service")
     finally:
         engine.dispose()

@@ -130,12 +130,16 @@ class SlowTraining:
     def __init__(self) -> None:
         self.started = threading.Event()
         self.release = threading.Event()
+        self.ended = threading.Event()
         self.real = training.train_upper
 
     def __call__(self, *args: Any, **kwargs: Any) -> TrainReport:
         self.started.set()
-        assert self.release.wait(timeout=30), "the test never released training"
-        return self.real(*args, **kwargs)
+        try:
+            assert self.release.wait(timeout=30), "the test never released training"
+            return self.real(*args, **kwargs)
+        finally:
+            self.ended.set()
 
 
 def test_api_stays_responsive_while_training(
@@ -149,11 +153,11 @@ def test_api_stays_responsive_while_training(
     try:
         assert slow.started.wait(timeout=10)
         for _ in range(5):
-            started = time.perf_counter()
+            # answered while training is held: requests do not wait for it
             assert client.get("/health").status_code == 200
             got = client.get(f"/v1/cycles/{cycle['id']}", headers=ADMIN).json()
-            assert time.perf_counter() - started < 2.0
             assert got["state"] == "training"
+            assert not slow.ended.is_set()
         # A new cycle can be opened while the previous one trains.
         assert client.post("/v1/cycles", headers=edge.headers).status_code == 201
     finally:
@@ -214,11 +218,16 @@ def test_shutdown_interrupts_training_and_the_next_start_resumes_it(
 ) -> None:
     settings = make_settings(data_dir)
     started = threading.Event()
+    interrupted = threading.Event()
 
     def endless(*_args: Any, progress: Any = None, **_kwargs: Any) -> TrainReport:
         started.set()
         for epoch in range(3000):  # bounded: about 30 s if never interrupted
-            progress(epoch / 3000, f"epoch {epoch}")
+            try:
+                progress(epoch / 3000, f"epoch {epoch}")
+            except training.TrainingInterrupted:
+                interrupted.set()
+                raise
             time.sleep(0.01)
         raise AssertionError("training was not interrupted by the shutdown")
 
@@ -229,8 +238,8 @@ def test_shutdown_interrupts_training_and_the_next_start_resumes_it(
             cycle = client.post("/v1/cycles", headers=edge.headers).json()
             put_features(client, cycle["id"], edge, make_upload(cycle, edge.edge_id))
             assert started.wait(timeout=10)
-            stopping_at = time.monotonic()
-        assert time.monotonic() - stopping_at < 10
+        # the shutdown cut in at the next epoch, not after the 3000
+        assert interrupted.is_set()
     with running(settings) as client:
         done = wait_for_state(client, cycle["id"], {"done", "failed"})
         assert done["state"] == "done", done["reason"]
