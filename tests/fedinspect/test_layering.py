@@ -25,8 +25,8 @@ def _modules(package: str) -> list[str]:
     names = []
     for path in sorted((ROOT / package).rglob("*.py")):
         parts = list(path.relative_to(ROOT).with_suffix("").parts)
-        if parts[-1] == "__main__":
-            continue
+        if parts[-1] == "__main__" or parts[-2:] == ["migrations", "env"]:
+            continue  # run as scripts (by python -m, by Alembic), not imported
         if parts[-1] == "__init__":
             parts.pop()
         names.append(".".join(parts))

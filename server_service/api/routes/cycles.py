@@ -117,7 +117,7 @@ async def upload_features(
     "/{cycle_id}/train",
     summary="Close collection now and train on the uploads so far",
     response_model=Cycle,
-    responses=errors(404, 409, 422, base=ADMIN_ERRORS),
+    responses=errors(404, 409, 413, 422, base=ADMIN_ERRORS),
 )
 def train_cycle(cycle_id: CycleId, rt: RuntimeDep, _admin: AdminDep) -> Cycle:
     return cycles.train_now(rt, cycle_id)
@@ -127,7 +127,7 @@ def train_cycle(cycle_id: CycleId, rt: RuntimeDep, _admin: AdminDep) -> Cycle:
     "/{cycle_id}/cancel",
     summary="Cancel a collecting or training cycle",
     response_model=Cycle,
-    responses=errors(404, 409, 422, base=ADMIN_ERRORS),
+    responses=errors(404, 409, 413, 422, base=ADMIN_ERRORS),
 )
 def cancel_cycle(cycle_id: CycleId, rt: RuntimeDep, _admin: AdminDep) -> Cycle:
     return cycles.cancel(rt, cycle_id)

@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v1/edges", tags=["edges"])
     summary="Register an edge and issue its token (shown once)",
     status_code=201,
     response_model=EdgeCreated,
-    responses=errors(400, 409, 422, base=ADMIN_ERRORS),
+    responses=errors(400, 409, 413, 422, base=ADMIN_ERRORS),
 )
 def create_edge(body: EdgeCreate, session: SessionDep, _admin: AdminDep) -> EdgeCreated:
     return edges.create_edge(session, body)
@@ -46,7 +46,7 @@ def revoke_edge(edge_id: EdgeId, session: SessionDep, _admin: AdminDep) -> EdgeI
     "/{edge_id}/token",
     summary="Rotate an edge's token: returns a new one, the old one stops working",
     response_model=EdgeCreated,
-    responses=errors(404, 409, 422, base=ADMIN_ERRORS),
+    responses=errors(404, 409, 413, 422, base=ADMIN_ERRORS),
 )
 def rotate_token(edge_id: EdgeId, session: SessionDep, _admin: AdminDep) -> EdgeCreated:
     return edges.rotate_token(session, edge_id)

@@ -126,7 +126,7 @@ def get_manifest(
             "description": "safetensors bytes holding exactly the named tensors",
         },
         # 400: a body that is not JSON at all (FastAPI's own answer)
-        **errors(400, 404, 422, base=AUTH_ERRORS),
+        **errors(400, 404, 413, 422, base=AUTH_ERRORS),
     },
 )
 def get_weights_subset(
