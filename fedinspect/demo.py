@@ -369,7 +369,7 @@ def plan_demo(options: DemoOptions) -> DemoPlan:
             input_size=options.input_size or (300 if options.dataset == "elpv" else None),
             seed=options.seed,
             upper=UpperTrainConfig(seed=options.seed),
-            finetune=FinetuneConfig(epochs=8, views=2, seed=options.seed),
+            finetune=FinetuneConfig(seed=options.seed),  # the recipe the edges ship with
             overrides=overrides,
         )
     if any(var.startswith("FINETUNE_") for var in overrides.get("edge", {})):

@@ -55,7 +55,7 @@ class UpperTrainConfig:
 
 @dataclass
 class FinetuneConfig:
-    epochs: int = 8
+    epochs: int = 4
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -65,9 +65,9 @@ class FinetuneConfig:
     #: views cached per training image: the label-preserving symmetries of
     #: :data:`~fl_core.data.SYMMETRIES` first (the plain image, its transpose, half turn
     #: and anti-transpose), then randomly augmented copies
-    views: int = 3
+    views: int = 4
     #: learning rate of pretrained backbone stages, relative to ``lr`` (the head's)
-    backbone_lr_scale: float = 0.1
+    backbone_lr_scale: float = 1.0
     patience: int = 3
     label_smoothing: float = 0.05
     #: weigh classes equally in the loss, then adjust the logits for the data's prior
@@ -76,7 +76,7 @@ class FinetuneConfig:
     #: which epoch is kept: "last" (a fixed schedule; the validation split is left to
     #: the deploy gate) or "val_loss" (the lowest validation loss, the starting weights
     #: included, stopping after ``patience`` epochs without one)
-    select: Literal["last", "val_loss"] = "val_loss"
+    select: Literal["last", "val_loss"] = "last"
 
 
 @dataclass

@@ -52,3 +52,20 @@ def test_one_run_scores_a_recipe_on_validation_and_test_and_tabulates_it() -> No
     table = recipe.markdown(results)
     assert f"{100 * run['test']['accuracy']:.1f}" in table
     assert "| r | 1 |" in table
+
+
+def test_the_recipe_that_ships_is_one_the_bench_measures() -> None:
+    """The edges' default recipe is a row of bench.recipe, so its numbers stay on record."""
+    from fl_core.backbones import build_backbone
+    from fl_core.training import FinetuneConfig
+
+    shipped = FinetuneConfig()
+    measured = recipe.Recipe(
+        train_from=build_backbone("efficientnet_lite0", False).info.finetune_from,
+        views=shipped.views,
+        epochs=shipped.epochs,
+        backbone_lr_scale=shipped.backbone_lr_scale,
+        lr=shipped.lr,
+        select=shipped.select,
+    )
+    assert measured in recipe.RECIPES.values()

@@ -80,7 +80,7 @@ def test_finetune_improves_and_runs_frozen_part_once_per_view(tmp_path: Path) ->
         calls["n"] += inputs[0].shape[0]
 
     model.stages[0].register_forward_pre_hook(count)
-    cfg = FinetuneConfig(epochs=15, lr=1e-2, train_from="b1", views=2, seed=0)
+    cfg = FinetuneConfig(epochs=15, lr=1e-2, train_from="b1", views=2, select="val_loss", seed=0)
     report = finetune(model, parts.train, parts.val, cfg)
     # the frozen stem saw each training image once per view and each val image once
     assert calls["n"] == 2 * len(parts.train) + len(parts.val)
