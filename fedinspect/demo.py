@@ -30,7 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ from fl_core.training import (
     Progress,
     UpperTrainConfig,
     evaluate,
+    evaluate_features,
     finetune,
     frozen_runner,
     train_upper,
@@ -450,35 +451,29 @@ def _base_model(plan: DemoPlan) -> SplitModel:
 
 
 def train_reference(
-    plan: DemoPlan,
-    train: ImageSet,
-    val: ImageSet,
-    fine_tune: bool = True,
-    progress: Progress | None = None,
+    plan: DemoPlan, train: ImageSet, val: ImageSet, progress: Progress | None = None
 ) -> SplitModel:
-    """Stage 2 (and stage 3 with ``fine_tune``) on one dataset, without federation."""
+    """Stages 2 and 3 on one dataset, without federation, as an edge trains them."""
 
     def report(fraction: float, message: str) -> None:
         if progress is not None:
             progress(fraction, message)
 
     model = _base_model(plan)
-    stage2_share = 0.2 if fine_tune else 1.0
     report(0.0, "stage 2: extracting features")
     # the frozen layers run on the edges' engine (ONNX Runtime, else torch), as they do
     # in the federated cycle
-    feats, labels = extract_images(model, train, plan.batch_size, lower=lower_runner(model))
-    report(0.5 * stage2_share, "stage 2: training the upper part")
+    feats, labels = _cut_features(plan, model, train)
+    report(0.1, "stage 2: training the upper part")
     train_upper(model, feats, labels, plan.upper)
-    if fine_tune:
-        finetune(
-            model,
-            train,
-            val,
-            plan.finetune,
-            lambda f, m: report(stage2_share + (1 - stage2_share) * f, f"stage 3: {m}"),
-            frozen=frozen_runner(model, plan.finetune.train_from),
-        )
+    finetune(
+        model,
+        train,
+        val,
+        plan.finetune,
+        lambda f, m: report(0.2 + 0.8 * f, f"stage 3: {m}"),
+        frozen=frozen_runner(model, plan.finetune.train_from),
+    )
     report(1.0, "done")
     return model
 
@@ -487,6 +482,55 @@ def _evaluate(plan: DemoPlan, model: SplitModel, test: ImageSet) -> EvalMetrics:
     """``evaluate`` with the frozen stages on the edges' engine, as the edges evaluate."""
     frozen = frozen_runner(model, plan.finetune.train_from)
     return evaluate(model, test, plan.batch_size, frozen=frozen)
+
+
+def _cut_features(
+    plan: DemoPlan, base: SplitModel, images: ImageSet
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``images`` through the base model's part below the cut, on the edges' engine."""
+    return extract_images(base, images, plan.batch_size, lower=lower_runner(base))
+
+
+def _pooled_references(
+    plan: DemoPlan,
+    base: SplitModel,
+    splits: list[Splits],
+    test_features: list[tuple[torch.Tensor, torch.Tensor]],
+    rows: list[dict[str, Any]],
+    results: dict[str, Any],
+    progress: Callable[[str], Progress],
+) -> None:
+    """Stage 2 only: the local-only and centralized heads on features of the base model,
+    which is every reference's network below the cut (so each training image is run
+    through it once, for its edge's reference and for the centralized one)."""
+    pooled_train = []
+    for row, sp, test in zip(rows, splits, test_features, strict=True):
+        report = progress(f"local-only {row['name']}")
+        report(0.0, "stage 2: extracting features")
+        train = _cut_features(plan, base, sp.train)
+        pooled_train.append(train)
+        report(0.5, "stage 2: training the upper part")
+        local = _base_model(plan)
+        train_upper(local, *train, plan.upper)
+        row["local_only"] = _scores(evaluate_features(local, *test))
+        report(1.0, "done")
+    report = progress("centralized")
+    report(0.5, "stage 2: training the upper part")
+    central = _base_model(plan)
+    train_upper(
+        central,
+        torch.cat([x for x, _ in pooled_train]),
+        torch.cat([y for _, y in pooled_train]),
+        plan.upper,
+    )
+    results["centralized"] = _scores(
+        evaluate_features(
+            central,
+            torch.cat([x for x, _ in test_features]),
+            torch.cat([y for _, y in test_features]),
+        )
+    )
+    report(1.0, "done")
 
 
 def _job_view(fraction: float, message: str) -> dict[str, Any]:
@@ -594,6 +638,13 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         raise
     splits = [plan.split(s) for s in plan.edge_specs]
     base = _base_model(plan)
+    # stage-2-only references share the base model's lower part: each test image goes
+    # through it once, for the base column and for every reference
+    pooled = (
+        [_cut_features(plan, base, sp.test) for sp in splits]
+        if options.references == "pooled"
+        else None
+    )
     rows = []
     for i, e in enumerate(cycle["edges"]):
         r = cycle["results"][e["name"]]
@@ -605,7 +656,11 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                 "n_train": r["n_train"],
                 "n_test": r["n_test"],
                 "local_only": None,
-                "base": _scores(_evaluate(plan, base, splits[i].test)),
+                "base": _scores(
+                    evaluate_features(base, *pooled[i])
+                    if pooled is not None
+                    else _evaluate(plan, base, splits[i].test)
+                ),
                 "server_model": _scores(EvalMetrics(**r["metrics"]["server_model"])),
                 "federated": _scores(EvalMetrics(**federated)),
                 "federated_model": federated_model,
@@ -661,10 +716,9 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     # the cycle's results are kept even if the references are interrupted
     print(format_table(results), file=sys.stderr)
     _save_json(results, options.json_path)
-    fine_tune = options.references == "full"
     print(
         "cycle done; training the local-only and centralized references"
-        f" ({'stages 2 and 3' if fine_tune else 'stage 2 only'})...",
+        f" ({'stage 2 only' if pooled is not None else 'stages 2 and 3'})...",
         file=sys.stderr,
     )
     t_ref = time.monotonic()
@@ -675,19 +729,21 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         return lambda f, m: shown.update(name, _job_view(f, m))
 
     try:
-        for name, row, sp in zip(local_names, rows, splits, strict=True):
-            local = train_reference(plan, sp.train, sp.val, fine_tune, progress(name))
-            row["local_only"] = _scores(_evaluate(plan, local, sp.test))
-        central = train_reference(
-            plan,
-            _union([s.train for s in splits], plan.class_names),
-            _union([s.val for s in splits], plan.class_names),
-            fine_tune,
-            progress("centralized"),
-        )
-        results["centralized"] = _scores(
-            _evaluate(plan, central, _union([s.test for s in splits], plan.class_names))
-        )
+        if pooled is not None:
+            _pooled_references(plan, base, splits, pooled, rows, results, progress)
+        else:
+            for name, row, sp in zip(local_names, rows, splits, strict=True):
+                local = train_reference(plan, sp.train, sp.val, progress(name))
+                row["local_only"] = _scores(_evaluate(plan, local, sp.test))
+            central = train_reference(
+                plan,
+                _union([s.train for s in splits], plan.class_names),
+                _union([s.val for s in splits], plan.class_names),
+                progress("centralized"),
+            )
+            results["centralized"] = _scores(
+                _evaluate(plan, central, _union([s.test for s in splits], plan.class_names))
+            )
     finally:
         shown.close()
     results["references"] = options.references

@@ -307,3 +307,27 @@ def test_references_show_their_progress_stage_by_stage(
         assert lines[-1].endswith("100% done: done")
     # one line per stage, not one per batch of cached activations
     assert err.count("local-only e1: ") < 20
+
+
+def test_pooled_references_run_each_image_through_the_lower_part_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Below the cut the base model and every stage-2 reference are one network: the
+    base column, the local-only heads and the centralized head share its features."""
+    import fedinspect.demo as demo
+
+    seen: list[int] = []
+    real = demo.extract_images
+
+    def counted(model: Any, images: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(len(images))
+        return real(model, images, *args, **kwargs)
+
+    options = _demo_without_cycle(tmp_path, monkeypatch, extract_images=counted)
+    options.references = "pooled"
+    results = run_demo(options)
+    plan = demo.plan_demo(options)
+    splits = [plan.split(s) for s in plan.edge_specs]
+    assert sum(seen) == sum(len(s.train) + len(s.test) for s in splits)
+    assert all(0 <= e["base"]["accuracy"] <= 1 for e in results["edges"])
+    assert 0 <= results["centralized"]["accuracy"] <= 1
