@@ -4,7 +4,9 @@ Stage 2 (``extract`` job): request a cycle, download the base model (sha256 chec
 cached in the blob store), extract features of the local training split with the
 cycle's spec, upload them (in the spec's ``stats`` privacy mode: per-class statistics
 of the features instead of rows). Nothing but features and labels, or their
-statistics, leaves the edge.
+statistics, leaves the edge. Labels are the server's class indices: the local classes
+are matched to the spec's by name (:func:`fl_core.data.align_classes`), and may be a
+subset of them.
 
 Stage 3 (``finetune`` job): download the server's new base model, keep a copy of it as
 received, fine-tune it on the local training split (validation split for early
@@ -283,7 +285,7 @@ class CycleService:
         result["cycle_id"] = cycle.id
         result["base_model_version"] = spec.base_model_version
         self.registry.store.set_state(LAST_CYCLE_KEY, cycle.id)
-        self.data.check_classes(spec.class_names)
+        splits = self.data.aligned(spec.class_names)
         log.info(
             "cycle=%d edge=%s event=joined state=%s base_model=%d",
             cycle.id,
@@ -421,7 +423,7 @@ class CycleService:
         )
         result["raw_train_bytes"] = splits.train.raw_bytes()
         model = model_from_bytes(weights)
-        self.data.check_classes(model.class_names)
+        splits = self.data.aligned(model.class_names)
         if not len(splits.test):
             raise InvalidInput(
                 "the local test split is empty: stage 3 reports the models' test metrics"
