@@ -38,7 +38,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from edge_service.migrations import first_schema
 from fl_core.errors import NotFound
 from fl_core.migrations import migrate
-from fl_core.schemas import EvalMetrics, Job, JobKind, JobState, LocalModel
+from fl_core.schemas import CycleJobResult, EvalMetrics, Job, JobKind, JobState, LocalModel
 
 log = logging.getLogger("edge_service.db")
 
@@ -226,7 +226,7 @@ class EdgeStore:
         stage: str | None = None,
         progress: float | None = None,
         message: str | None = None,
-        result: dict[str, Any] | None = None,
+        result: CycleJobResult | None = None,
         error: str | None = None,
     ) -> None:
         values: dict[str, Any] = {"updated_at": utcnow()}
@@ -239,7 +239,7 @@ class EdgeStore:
         if message is not None:
             values["message"] = message
         if result is not None:
-            values["result"] = json.dumps(result)
+            values["result"] = result.model_dump_json()
         if error is not None:
             values["error"] = error
         with self._write() as s:

@@ -49,7 +49,7 @@ from fl_core.data import ImageSet, Splits, load_dataset_spec, split
 from fl_core.features import extract_images, usable_cores
 from fl_core.model import HeadConfig, SplitModel, build_split_model
 from fl_core.onnx_runtime import lower_runner
-from fl_core.schemas import EvalMetrics
+from fl_core.schemas import CycleJobResult, EvalMetrics
 from fl_core.training import (
     FinetuneConfig,
     Progress,
@@ -426,15 +426,16 @@ def _union(sets: list[ImageSet], class_names: list[str]) -> ImageSet:
     return ImageSet([r for s in sets for r in s.records], class_names, "union")
 
 
-def served_metrics(result: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+def served_metrics(result: CycleJobResult) -> tuple[EvalMetrics, str]:
     """The test metrics of the model that serves on an edge after its cycle job (``result``)
     and which one it is (the gate's ``chosen``: candidate, server_model or previous); the
     fine-tuned candidate's, marked :data:`NOT_DEPLOYED`, when none serves."""
-    metrics = result["metrics"]
-    served = metrics.get("deployed")
-    if served is None:
-        return metrics["candidate"], NOT_DEPLOYED
-    return served, str(result.get("chosen") or "deployed")
+    metrics = result.metrics
+    if metrics.deployed is not None:
+        return metrics.deployed, result.chosen or "deployed"
+    if metrics.candidate is None:
+        raise ValueError(f"cycle {result.cycle_id}: the edge's job scored no model")
+    return metrics.candidate, NOT_DEPLOYED
 
 
 def _scores(m: EvalMetrics | None) -> dict[str, float] | None:
@@ -599,8 +600,8 @@ def run_cycle(plan: DemoPlan, work: Path, procs: Processes) -> dict[str, Any]:
     failed = {n: j.get("error") for n, j in final.items() if j["state"] != "done"}
     if failed:
         raise RuntimeError(f"cycle jobs failed: {failed}")
-    results = {n: final[n]["result"] for n in final}
-    cycle_id = next(iter(results.values()))["cycle_id"]
+    results = {n: CycleJobResult.model_validate(final[n]["result"]) for n in final}
+    cycle_id = next(iter(results.values())).cycle_id
     cycle = _raise_for(server.get(f"/v1/cycles/{cycle_id}")).json()
     return {
         "edges": edges,
@@ -647,34 +648,36 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     )
     rows = []
     for i, e in enumerate(cycle["edges"]):
-        r = cycle["results"][e["name"]]
+        r: CycleJobResult = cycle["results"][e["name"]]
         federated, federated_model = served_metrics(r)
         rows.append(
             {
                 "name": e["name"],
                 "dataset": plan.edge_specs[i],
-                "n_train": r["n_train"],
-                "n_test": r["n_test"],
+                "n_train": r.n_train,
+                "n_test": r.n_test,
                 "local_only": None,
                 "base": _scores(
                     evaluate_features(base, *pooled[i])
                     if pooled is not None
                     else _evaluate(plan, base, splits[i].test)
                 ),
-                "server_model": _scores(EvalMetrics(**r["metrics"]["server_model"])),
-                "federated": _scores(EvalMetrics(**federated)),
+                "server_model": _scores(r.metrics.server_model),
+                "federated": _scores(federated),
                 "federated_model": federated_model,
                 # always answering the edge's most frequent training class, on its test
-                "majority": r["majority"]["test_accuracy"],
-                "deployed": r["deployed"],
-                "decision": r["decision"],
-                "federated_confusion": federated["confusion_matrix"],
+                "majority": r.majority.test_accuracy if r.majority else None,
+                "deployed": r.deployed,
+                "decision": r.decision,
+                "federated_confusion": federated.confusion_matrix,
                 "bytes": {
-                    "uploaded": r["bytes_uploaded"],
-                    "downloaded": r["bytes_downloaded"],
-                    "raw_images": r["raw_train_bytes"],
+                    "uploaded": r.bytes_uploaded,
+                    "downloaded": r.bytes_downloaded,
+                    "raw_images": r.raw_train_bytes,
                 },
-                "stage_seconds": r["stage_seconds"],
+                "stage_seconds": r.stage_seconds,
+                # the edge's fine-tuning: epochs run, and the one whose weights were kept
+                "finetune": r.finetune.model_dump() if r.finetune else None,
             }
         )
     results: dict[str, Any] = {

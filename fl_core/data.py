@@ -72,12 +72,41 @@ class ImageSet:
         """Size on disk of the images (what shipping them would cost)."""
         return sum(r.path.stat().st_size for r in self.records)
 
+    def aligned_to(self, class_names: Sequence[str]) -> ImageSet:
+        """The same images labelled by their index in ``class_names`` (see
+        :func:`align_classes`); classes this set lacks simply have no image."""
+        index = align_classes(self.class_names, class_names)
+        if index == list(range(len(class_names))):
+            return self
+        records = [ImageRecord(r.path, index[r.label], r.attrs) for r in self.records]
+        return ImageSet(records, list(class_names), self.name, self.meta)
+
 
 @dataclass
 class Splits:
     train: ImageSet
     val: ImageSet
     test: ImageSet
+
+
+def align_classes(local_names: Sequence[str], server_names: Sequence[str]) -> list[int]:
+    """Where each local class sits among the server's: ``index[i]`` is the server's index
+    of ``local_names[i]``.
+
+    Classes are matched by name, never by position: an ImageFolder's classes come in
+    alphabetical order, which need not be the server's. The local classes may be a subset
+    of the server's (label skew: an edge that has never seen a defect type still takes
+    part); a local class the server does not know is refused, by name.
+    """
+    position = {name: i for i, name in enumerate(server_names)}
+    unknown = [name for name in local_names if name not in position]
+    if unknown:
+        raise InvalidInput(
+            f"the local dataset has class folders {unknown} that the server does not know; "
+            f"the server's classes are {list(server_names)}: rename those folders to one of "
+            "the server's classes or remove them"
+        )
+    return [position[name] for name in local_names]
 
 
 # --------------------------------------------------------------------------- sources
@@ -414,6 +443,7 @@ __all__ = [
     "ImageRecord",
     "ImageSet",
     "Splits",
+    "align_classes",
     "batches",
     "dirichlet_indices",
     "elpv_root",

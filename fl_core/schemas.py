@@ -10,7 +10,7 @@ import hashlib
 import json
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -340,6 +340,92 @@ class JobState(StrEnum):
         return cls.done if value == "succeeded" else None
 
 
+GateModel = Literal["candidate", "server_model", "previous"]
+"""The models the edge's deploy gate weighs: the fine-tuned candidate, the server's model
+as received, and the previously deployed one."""
+
+WeightsDownload = Literal["cached", "delta", "full"]
+"""How an edge got a model's weights: from its cache, the changed tensors only, or whole."""
+
+
+class CycleJobMetrics(BaseModel):
+    """Test-split metrics of each model the gate weighed (reporting only; None where a
+    model was not scored), and the validation metrics it chose on."""
+
+    server_model: EvalMetrics | None = None
+    candidate: EvalMetrics | None = None
+    previous: EvalMetrics | None = None
+    deployed: EvalMetrics | None = Field(
+        default=None, description="the model that serves after the gate, if it was scored"
+    )
+    validation: dict[GateModel, EvalMetrics] | None = Field(
+        default=None,
+        description="metrics of each weighed model on the split the gate scored on",
+    )
+
+
+class MajorityFloor(BaseModel):
+    """Always answering the training split's most frequent class: the floor below which
+    the gate deploys nothing."""
+
+    class_name: str
+    validation_accuracy: float = Field(description="on the split the gate scored on")
+    test_accuracy: float
+    n_scored: int
+    scored_on: Literal["validation", "train"]
+
+
+class FinetuneSummary(BaseModel):
+    """How stage 3's fine-tuning went."""
+
+    epochs_run: int = Field(ge=0)
+    best_epoch: int = Field(
+        ge=0, description="the epoch whose weights were kept (early stopping / selection)"
+    )
+
+
+class CycleJobResult(BaseModel):
+    """The result of an edge's ``cycle``, ``extract`` or ``finetune`` job: every kind
+    fills the same fields, defaults where a stage did not run (jobs stored before a
+    field existed read with its default)."""
+
+    cycle_id: int | None = None
+    base_model_version: int | None = Field(
+        default=None, description="the cycle's base model, features were extracted with"
+    )
+    model_version: int | None = Field(
+        default=None, description="the server model stage 3 fine-tuned"
+    )
+    n_train: int = 0
+    n_val: int = 0
+    n_test: int = 0
+    rows_uploaded: int = 0
+    upload_sha256: str | None = None
+    bytes_uploaded: int = 0
+    bytes_downloaded: int = 0
+    downloads: list[WeightsDownload] = Field(
+        default=[], description="how each model's weights arrived, in order"
+    )
+    raw_train_bytes: int = Field(
+        default=0, description="size of the training images, which never leave the edge"
+    )
+    extract_backend: str | None = None
+    metrics: CycleJobMetrics = Field(default_factory=CycleJobMetrics)
+    majority: MajorityFloor | None = None
+    finetune: FinetuneSummary | None = None
+    chosen: GateModel | None = Field(
+        default=None, description="the gate's model that serves after it; None: none"
+    )
+    deployed: bool = Field(default=False, description="a new model went into service")
+    decision: str = Field(default="", description="what the gate decided and why")
+    local_model_id: int | None = Field(
+        default=None, description="local model id the fine-tuned candidate was recorded as"
+    )
+    previous_model_id: int | None = None
+    deployed_model_id: int | None = None
+    stage_seconds: dict[str, float] = Field(default={}, description="seconds spent per stage")
+
+
 class Job(BaseModel):
     id: str
     kind: JobKind
@@ -347,7 +433,9 @@ class Job(BaseModel):
     stage: str = ""
     progress: float = Field(default=0.0, ge=0.0, le=1.0)
     message: str = ""
-    result: dict[str, Any] | None = None
+    result: CycleJobResult | None = Field(
+        default=None, description="set when the job is done (every job kind has this shape)"
+    )
     error: str | None = None
     created_at: datetime
     updated_at: datetime
@@ -463,6 +551,8 @@ class Evaluation(BaseModel):
 __all__ = [
     "ClassMetrics",
     "Cycle",
+    "CycleJobMetrics",
+    "CycleJobResult",
     "CycleState",
     "DatasetSummary",
     "EdgeActivity",
@@ -477,10 +567,13 @@ __all__ = [
     "Evaluation",
     "FeatureDType",
     "FeatureSpec",
+    "FinetuneSummary",
+    "GateModel",
     "Job",
     "JobKind",
     "JobState",
     "LocalModel",
+    "MajorityFloor",
     "ModelInfo",
     "ModelManifest",
     "Overview",
@@ -496,4 +589,5 @@ __all__ = [
     "TrainingProgress",
     "UploadAck",
     "UploadInfo",
+    "WeightsDownload",
 ]

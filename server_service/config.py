@@ -102,7 +102,8 @@ class Settings(BaseSettings):
     class_names: list[str] = Field(
         default=["functional", "defective"],
         min_length=2,
-        description="Class names, in label order (JSON list in the environment).",
+        description="Class names, in label order (JSON list in the environment); an edge "
+        "matches its class folders to them by name, in any order, and may have only some.",
     )
     pretrained: bool = Field(
         default=True,

@@ -4,7 +4,9 @@ Stage 2 (``extract`` job): request a cycle, download the base model (sha256 chec
 cached in the blob store), extract features of the local training split with the
 cycle's spec, upload them (in the spec's ``stats`` privacy mode: per-class statistics
 of the features instead of rows). Nothing but features and labels, or their
-statistics, leaves the edge.
+statistics, leaves the edge. Labels are the server's class indices: the local classes
+are matched to the spec's by name (:func:`fl_core.data.align_classes`), and may be a
+subset of them.
 
 Stage 3 (``finetune`` job): download the server's new base model, keep a copy of it as
 received, fine-tune it on the local training split (validation split for early
@@ -23,7 +25,8 @@ test splits, and every model whose frozen weights are the same (always, unless t
 backbone's weights changed between cycles) is scored from those activations.
 
 The ``cycle`` job runs stage 2, waits for the server to finish the cycle, then stage 3.
-Every job returns the same result keys (``None`` where a stage did not run).
+Every job returns a :class:`~fl_core.schemas.CycleJobResult` (defaults where a stage did
+not run).
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import numpy as np
 import torch
@@ -58,11 +60,15 @@ from fl_core.onnx_runtime import lower_runner
 from fl_core.privacy import pack_upload
 from fl_core.schemas import (
     Cycle,
+    CycleJobMetrics,
+    CycleJobResult,
     CycleState,
     EdgeEvaluationReport,
     EvalMetrics,
     FeatureSpec,
+    FinetuneSummary,
     LocalModel,
+    MajorityFloor,
 )
 from fl_core.training import (
     FinetuneConfig,
@@ -156,34 +162,28 @@ class GateOutcome:
     #: the model that serves after the gate, if any
     serving_model: LocalModel | None
 
-    def result_fields(self) -> dict[str, Any]:
-        """The job result's gate keys, JSON-ready."""
-
-        def dump(m: EvalMetrics | None) -> dict[str, Any] | None:
-            return None if m is None else m.model_dump(mode="json")
-
-        return {
-            "metrics": {
-                "server_model": dump(self.server_model),
-                "candidate": dump(self.candidate),
-                "previous": dump(self.previous),
-                "deployed": dump(self.deployed_metrics),
-                "validation": {n: dump(m) for n, m in self.validation.items()},
-            },
-            "majority": {
-                "class_name": self.majority.class_name,
-                "validation_accuracy": self.majority.accuracy,
-                "test_accuracy": self.majority_test_accuracy,
-                "n_scored": self.majority.n,
-                "scored_on": "train" if self.in_sample else "validation",
-            },
-            "chosen": self.chosen,
-            "deployed": self.deployed,
-            "decision": self.decision,
-            "local_model_id": self.local_model.id,
-            "previous_model_id": self.previous_model_id,
-            "deployed_model_id": self.serving_model.id if self.serving_model else None,
-        }
+    def record(self, result: CycleJobResult) -> None:
+        """Write the gate's part of the job result into ``result``."""
+        result.metrics = CycleJobMetrics(
+            server_model=self.server_model,
+            candidate=self.candidate,
+            previous=self.previous,
+            deployed=self.deployed_metrics,
+            validation=dict(self.validation),
+        )
+        result.majority = MajorityFloor(
+            class_name=self.majority.class_name,
+            validation_accuracy=self.majority.accuracy,
+            test_accuracy=self.majority_test_accuracy,
+            n_scored=self.majority.n,
+            scored_on="train" if self.in_sample else "validation",
+        )
+        result.chosen = self.chosen
+        result.deployed = self.deployed
+        result.decision = self.decision
+        result.local_model_id = self.local_model.id
+        result.previous_model_id = self.previous_model_id
+        result.deployed_model_id = self.serving_model.id if self.serving_model else None
 
 
 # --------------------------------------------------------------------------- the stages
@@ -204,40 +204,6 @@ def finetune_config(s: Settings) -> FinetuneConfig:
     )
 
 
-def _empty_result() -> dict[str, Any]:
-    return {
-        "cycle_id": None,
-        "base_model_version": None,
-        "model_version": None,
-        "n_train": 0,
-        "n_val": 0,
-        "n_test": 0,
-        "rows_uploaded": 0,
-        "upload_sha256": None,
-        "bytes_uploaded": 0,
-        "bytes_downloaded": 0,
-        # how each base model arrived: cached, delta (changed tensors only) or full
-        "downloads": [],
-        "raw_train_bytes": 0,
-        "extract_backend": None,
-        # test-split metrics (reporting only) and the validation metrics the gate chose on
-        "metrics": {
-            "server_model": None,
-            "candidate": None,
-            "previous": None,
-            "deployed": None,
-            "validation": None,
-        },
-        "majority": None,
-        "chosen": None,
-        "deployed": False,
-        "decision": "",
-        "local_model_id": None,
-        "previous_model_id": None,
-        "deployed_model_id": None,
-    }
-
-
 class CycleService:
     """Runs the cycle's stages for the job runner."""
 
@@ -255,35 +221,35 @@ class CycleService:
 
     # ------------------------------------------------------------------ jobs
 
-    def run_cycle(self, ctx: JobContext) -> dict[str, Any]:
-        result = _empty_result()
+    def run_cycle(self, ctx: JobContext) -> CycleJobResult:
+        result = CycleJobResult()
         cycle = self._stage2(ctx, result)
         done = self._wait(ctx, cycle)
         assert done.result_model_version is not None
         self._stage3(ctx, done.result_model_version, result)
         return result
 
-    def run_extract(self, ctx: JobContext) -> dict[str, Any]:
-        result = _empty_result()
+    def run_extract(self, ctx: JobContext) -> CycleJobResult:
+        result = CycleJobResult()
         self._stage2(ctx, result)
         return result
 
-    def run_finetune(self, ctx: JobContext, model_version: int | None) -> dict[str, Any]:
-        result = _empty_result()
+    def run_finetune(self, ctx: JobContext, model_version: int | None) -> CycleJobResult:
+        result = CycleJobResult()
         self._stage3(ctx, model_version, result)
         return result
 
     # ------------------------------------------------------------------ stage 2
 
-    def _stage2(self, ctx: JobContext, result: dict[str, Any]) -> Cycle:
+    def _stage2(self, ctx: JobContext, result: CycleJobResult) -> Cycle:
         ctx.begin("request", "requesting a training cycle")
         splits = self.data.splits()
         cycle = self.client.create_cycle()
         spec = cycle.spec
-        result["cycle_id"] = cycle.id
-        result["base_model_version"] = spec.base_model_version
+        result.cycle_id = cycle.id
+        result.base_model_version = spec.base_model_version
         self.registry.store.set_state(LAST_CYCLE_KEY, cycle.id)
-        self.data.check_classes(spec.class_names)
+        splits = self.data.aligned(spec.class_names)
         log.info(
             "cycle=%d edge=%s event=joined state=%s base_model=%d",
             cycle.id,
@@ -298,15 +264,15 @@ class CycleService:
         ctx.update(1.0, f"base model {spec.base_model_version} ready")
 
         train = splits.train
-        result["n_train"], result["n_val"], result["n_test"] = (
+        result.n_train, result.n_val, result.n_test = (
             len(train),
             len(splits.val),
             len(splits.test),
         )
-        result["raw_train_bytes"] = train.raw_bytes()
+        result.raw_train_bytes = train.raw_bytes()
         ctx.begin("extract", f"extracting features 0/{len(train)}")
         runner = lower_runner(model, self.settings.extract_backend)
-        result["extract_backend"] = runner.backend
+        result.extract_backend = runner.backend
         log.info(
             "cycle=%d edge=%s event=extract backend=%s reason=%r",
             cycle.id,
@@ -328,9 +294,9 @@ class CycleService:
         # rows, or per-class statistics of them, as the spec's privacy mode says
         body = pack_upload(features, labels, spec, self.settings.effective_edge_id)
         ack = self.client.upload_features(cycle.id, body)
-        result["rows_uploaded"] = ack.rows
-        result["upload_sha256"] = ack.sha256
-        result["bytes_uploaded"] = len(body)
+        result.rows_uploaded = ack.rows
+        result.upload_sha256 = ack.sha256
+        result.bytes_uploaded = len(body)
         log.info(
             "cycle=%d edge=%s event=uploaded rows=%d bytes=%d unchanged=%s",
             cycle.id,
@@ -342,7 +308,7 @@ class CycleService:
         ctx.update(1.0, f"uploaded {ack.rows} rows ({len(body)} bytes) to cycle {cycle.id}")
         return cycle
 
-    def _base_model(self, spec: FeatureSpec, result: dict[str, Any]) -> SplitModel:
+    def _base_model(self, spec: FeatureSpec, result: CycleJobResult) -> SplitModel:
         fetched = fetch_base_weights(
             self.client,
             self.registry,
@@ -350,8 +316,8 @@ class CycleService:
             spec.base_model_sha256,
             backbone=spec.backbone,
         )
-        result["bytes_downloaded"] += fetched.downloaded
-        result["downloads"].append(fetched.how)
+        result.bytes_downloaded += fetched.downloaded
+        result.downloads.append(fetched.how)
         model = model_from_bytes(fetched.data)
         check_model_matches_spec(model, spec)
         if model.class_names != list(spec.class_names):
@@ -401,7 +367,7 @@ class CycleService:
 
     # ------------------------------------------------------------------ stage 3
 
-    def _stage3(self, ctx: JobContext, version: int | None, result: dict[str, Any]) -> None:
+    def _stage3(self, ctx: JobContext, version: int | None, result: CycleJobResult) -> None:
         s = self.settings
         splits = self.data.splits()
         ctx.begin("download", f"downloading model {version or 'latest'}")
@@ -411,17 +377,17 @@ class CycleService:
             self.client, self.registry, info.version, info.sha256, backbone=info.backbone
         )
         weights = fetched.data
-        result["bytes_downloaded"] += fetched.downloaded
-        result["downloads"].append(fetched.how)
-        result["model_version"] = info.version
-        result["n_train"], result["n_val"], result["n_test"] = (
+        result.bytes_downloaded += fetched.downloaded
+        result.downloads.append(fetched.how)
+        result.model_version = info.version
+        result.n_train, result.n_val, result.n_test = (
             len(splits.train),
             len(splits.val),
             len(splits.test),
         )
-        result["raw_train_bytes"] = splits.train.raw_bytes()
+        result.raw_train_bytes = splits.train.raw_bytes()
         model = model_from_bytes(weights)
-        self.data.check_classes(model.class_names)
+        splits = self.data.aligned(model.class_names)
         if not len(splits.test):
             raise InvalidInput(
                 "the local test split is empty: stage 3 reports the models' test metrics"
@@ -437,7 +403,7 @@ class CycleService:
         scored = splits.val if len(splits.val) else splits.train
         scored_acts = frozen_activations(model, scored, start, s.batch_size, frozen)
         server_metrics = evaluate_activations(model, test_acts, s.batch_size)
-        result["metrics"]["server_model"] = server_metrics.model_dump(mode="json")
+        result.metrics.server_model = server_metrics
         # fine-tuning changes the model in place; the gate weighs the server's as received,
         # answering for this edge's class frequencies rather than the pooled ones (its
         # head was trained with classes weighed equally: see SplitModel.set_class_prior)
@@ -450,13 +416,16 @@ class CycleService:
 
         ctx.begin("finetune", "fine-tuning")
         config = finetune_config(s)
-        finetune(
+        report = finetune(
             model,
             splits.train,
             splits.val if len(splits.val) else None,
             config,
             progress=lambda frac, msg: ctx.update(frac, f"fine-tuning: {msg}"),
             frozen=frozen,
+        )
+        result.finetune = FinetuneSummary(
+            epochs_run=report.epochs_run, best_epoch=report.best_epoch
         )
 
         ctx.begin("evaluate", "choosing the model to deploy")
@@ -469,7 +438,7 @@ class CycleService:
             scored_acts=scored_acts,
             test_acts=test_acts,
         )
-        result.update(outcome.result_fields())
+        outcome.record(result)
         self._report(info.version, outcome, len(splits.test))
         ctx.update(1.0, outcome.decision)
 

@@ -7,10 +7,10 @@ the result is cached for the life of the process.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 from edge_service.config import Settings
 from fl_core.data import ImageSet, Splits, load_dataset_spec, split
-from fl_core.errors import InvalidInput
 from fl_core.schemas import DatasetSummary, SplitCounts
 
 
@@ -38,14 +38,19 @@ class LocalData:
     def class_names(self) -> list[str]:
         return list(self.splits().train.class_names)
 
-    def check_classes(self, expected: list[str]) -> None:
-        """The cycle's classes must be ours, in the same order (labels are indices)."""
-        ours = self.class_names
-        if ours != list(expected):
-            raise InvalidInput(
-                f"the local dataset's classes {ours} differ from the cycle's class names "
-                f"{list(expected)}: name (and order) the class folders like the server's"
-            )
+    def aligned(self, class_names: Sequence[str]) -> Splits:
+        """The splits labelled by the index of each class in ``class_names`` (the
+        server's): classes are matched by name, ours may be a subset of the server's, and
+        a class the server does not know raises :class:`InvalidInput` naming it.
+
+        The split itself is made once, on our own classes, so it does not depend on the
+        server's order."""
+        s = self.splits()
+        return Splits(
+            s.train.aligned_to(class_names),
+            s.val.aligned_to(class_names),
+            s.test.aligned_to(class_names),
+        )
 
     def summary(self) -> DatasetSummary:
         s = self.splits()

@@ -28,13 +28,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
-from fl_core.schemas import EvalMetrics
+from fl_core.schemas import EvalMetrics, GateModel
 
-ModelName = Literal["candidate", "server_model", "previous"]
+ModelName = GateModel
 
 #: the order models are listed in reasons and results
 MODEL_NAMES: tuple[ModelName, ...] = ("candidate", "server_model", "previous")

@@ -17,7 +17,7 @@ from typing import Any
 
 from edge_service.db import EdgeStore
 from fl_core.errors import Conflict, FedInspectError
-from fl_core.schemas import Job, JobKind, JobState
+from fl_core.schemas import CycleJobResult, Job, JobKind, JobState
 
 log = logging.getLogger("edge_service.jobs")
 
@@ -87,7 +87,7 @@ class JobContext:
         return {k: round(v, 3) for k, v in self.stage_seconds.items()}
 
 
-JobFn = Callable[[JobContext], dict[str, Any]]
+JobFn = Callable[[JobContext], CycleJobResult]
 
 
 class JobRunner:
@@ -139,7 +139,7 @@ class JobRunner:
                 job_id, f"internal error during {ctx.stage}: {type(exc).__name__}: {exc}", ctx
             )
         else:
-            result["stage_seconds"] = ctx.finish()
+            result.stage_seconds = ctx.finish()
             # a finished job names no stage it is in: "done", like its state
             self.store.update_job(
                 job_id,

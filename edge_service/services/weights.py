@@ -20,20 +20,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
 
 from edge_service.services.client import ServerClient
 from edge_service.services.registry import ModelRegistry
 from fl_core import serialization
 from fl_core.errors import FedInspectError, IntegrityError
 from fl_core.model import build_split_model, model_to_bytes
+from fl_core.schemas import WeightsDownload
 
 log = logging.getLogger("edge_service.weights")
 
 #: sha256 of the last base model weights this edge stored (the delta's reference)
 LAST_BASE_KEY = "last_base_sha256"
 
-How = Literal["cached", "delta", "full"]
+How = WeightsDownload
 
 
 @dataclass(frozen=True)

@@ -93,3 +93,12 @@ def test_threads_setting_sizes_the_torch_pool(monkeypatch: pytest.MonkeyPatch) -
         torch.set_num_threads(before)
     with pytest.raises(ValidationError):
         Settings(admin_token=SecretStr(TOKEN), threads=0)
+
+
+def test_openapi_documents_the_job_result(edge: TestClient) -> None:
+    schemas = edge.get("/openapi.json").json()["components"]["schemas"]
+    result = schemas["Job"]["properties"]["result"]
+    assert {"$ref": "#/components/schemas/CycleJobResult"} in result["anyOf"]
+    fields = set(schemas["CycleJobResult"]["properties"])
+    assert {"metrics", "majority", "finetune", "chosen", "stage_seconds"} <= fields
+    assert set(schemas["FinetuneSummary"]["properties"]) == {"epochs_run", "best_epoch"}

@@ -9,7 +9,7 @@ import httpx
 
 from edge_service.services.cycle import PLANS
 from fl_core.model import build_split_model
-from fl_core.schemas import CycleState
+from fl_core.schemas import CycleJobResult, CycleState
 from fl_core.serialization import inspect_header
 from tests.edge_service.conftest import AUTH, EdgeFactory, TestClient, tiny_model, wait_job
 from tests.edge_service.fakes import FakeServer
@@ -62,6 +62,11 @@ def test_cycle_job_runs_every_stage_and_deploys(edge: TestClient, fake_server: F
     assert result["metrics"]["deployed"] == result["metrics"][result["chosen"]]
     assert result["majority"]["class_name"] in ("bright", "dark")
     assert result["deployed"] is True and result["decision"].startswith("deployed")
+    # the wire contract: every field of the typed result, fine-tuning's epochs among them
+    assert set(result) == set(CycleJobResult.model_fields)
+    finetuned = CycleJobResult.model_validate(result).finetune
+    assert finetuned is not None and 1 <= finetuned.epochs_run <= 2
+    assert 0 <= finetuned.best_epoch <= finetuned.epochs_run
 
     # the fine-tuned model is recorded; the server's too when the gate chose it
     models = {m["id"]: m for m in edge.get("/v1/models", headers=AUTH).json()}
@@ -206,6 +211,9 @@ def test_base_weights_are_downloaded_once(edge: TestClient, fake_server: FakeSer
     assert len(downloads) == 1
     assert done["result"]["bytes_downloaded"] == 0
     assert fake_server.uploads[0] != b""
+    # stage 3 did not run: its fields keep their defaults
+    assert done["result"]["downloads"] == ["cached"]
+    assert done["result"]["finetune"] is None and done["result"]["model_version"] is None
 
 
 def test_class_names_must_match_the_cycle(make_edge: EdgeFactory) -> None:

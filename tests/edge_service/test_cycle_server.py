@@ -17,34 +17,43 @@ from edge_service.main import create_app
 from server_service.config import Settings as ServerSettings
 from server_service.main import create_app as create_server_app
 from tests.edge_service.conftest import AUTH, CLASSES, TestClient, make_settings, wait_job
+from tests.factories import make_image_folder
 
 SERVER_ADMIN = {"Authorization": "Bearer server-admin-token-0123456789"}
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[TestClient]:
-    settings = ServerSettings(
+def _server_settings(tmp_path: Path, class_names: list[str]) -> ServerSettings:
+    return ServerSettings(
         admin_token=SecretStr("server-admin-token-0123456789"),
         data_dir=tmp_path / "server",
         backbone="tiny_cnn",
         pretrained=False,
         input_size=32,
         head_hidden=16,
-        class_names=CLASSES,
+        class_names=class_names,
         train_epochs=5,
         train_batch_size=8,
         min_edges=1,
         cycle_deadline_s=60.0,
         deadline_check_interval_s=0.05,
     )
-    with TestClient(create_server_app(settings)) as client:
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[TestClient]:
+    with TestClient(create_server_app(_server_settings(tmp_path, CLASSES))) as client:
         yield client
 
 
-def test_whole_cycle_in_process(server: TestClient, tmp_path: Path, image_folder: Path) -> None:
-    registered = server.post("/v1/edges", headers=SERVER_ADMIN, json={"name": "edge-1"})
+def _register(server: TestClient, name: str) -> dict[str, str]:
+    registered = server.post("/v1/edges", headers=SERVER_ADMIN, json={"name": name})
     assert registered.status_code in (200, 201), registered.text
-    reg = registered.json()
+    reg: dict[str, str] = registered.json()
+    return reg
+
+
+def test_whole_cycle_in_process(server: TestClient, tmp_path: Path, image_folder: Path) -> None:
+    reg = _register(server, "edge-1")
     settings = make_settings(
         tmp_path / "edge",
         image_folder,
@@ -84,3 +93,26 @@ def test_whole_cycle_in_process(server: TestClient, tmp_path: Path, image_folder
         assert again["state"] == "done", again["error"]
         assert again["result"]["cycle_id"] != result["cycle_id"]
         assert again["result"]["metrics"]["previous"] is not None
+
+
+def test_an_edge_with_some_of_the_classes_in_another_order(tmp_path: Path) -> None:
+    """Label skew against the real server: the edge's folders, listed alphabetically,
+    are two of the server's three classes, in another order; the server trains on the
+    statistics of the classes the edge has, and the edge deploys a three-class model."""
+    classes = ["functional", "scratch", "defective"]
+    folder = make_image_folder(
+        tmp_path / "images", per_class=24, size=32, classes=("functional", "defective")
+    )
+    with TestClient(create_server_app(_server_settings(tmp_path, classes))) as server:
+        reg = _register(server, "edge-1")
+        settings = make_settings(
+            tmp_path / "edge", folder, token=SecretStr(reg["token"]), edge_id=reg["edge_id"]
+        )
+        with TestClient(create_app(settings, server)) as edge:
+            done = wait_job(edge, edge.post("/v1/jobs/cycle", headers=AUTH).json()["id"], 120)
+            assert done["state"] == "done", done["error"]
+            result = done["result"]
+            assert result["model_version"] == 2
+            per_class = result["metrics"]["candidate"]["per_class"]
+            assert [c["name"] for c in per_class] == classes
+            assert [c["support"] > 0 for c in per_class] == [True, False, True]

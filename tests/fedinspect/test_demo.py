@@ -17,7 +17,7 @@ from fedinspect.demo import DemoOptions, plan_demo, run_demo, served_metrics
 from fedinspect.launcher import child_env, settings_from_env
 from fedinspect.report import NOT_DEPLOYED, format_table, write_report
 from fl_core.data import load_dataset_spec
-from tests.factories import make_image_folder
+from tests.factories import cycle_job_result, eval_metrics, make_image_folder
 
 pytest.importorskip("elpv_dataset")
 
@@ -130,13 +130,12 @@ def test_table_and_report(tmp_path: Path) -> None:
 
 
 def test_the_federated_figure_is_the_deployed_models() -> None:
-    metrics: dict[str, Any] = {"candidate": _metrics(0.1), "deployed": _metrics(0.9)}
-    assert served_metrics({"metrics": metrics, "chosen": "previous"}) == (
-        _metrics(0.9),
-        "previous",
-    )
-    metrics["deployed"] = None  # nothing serves: the candidate's, marked
-    assert served_metrics({"metrics": metrics, "chosen": None}) == (_metrics(0.1), NOT_DEPLOYED)
+    metrics = {"candidate": eval_metrics(0.1), "deployed": eval_metrics(0.9)}
+    served = cycle_job_result(metrics=metrics, chosen="previous")
+    assert served_metrics(served) == (eval_metrics(0.9), "previous")
+    # nothing serves: the candidate's, marked
+    none = cycle_job_result(metrics=metrics | {"deployed": None}, chosen=None)
+    assert served_metrics(none) == (eval_metrics(0.1), NOT_DEPLOYED)
     results = _fake_results()
     results["edges"][1] = results["edges"][1] | {"federated_model": NOT_DEPLOYED}
     table = format_table(results)
@@ -185,51 +184,13 @@ def test_unknown_reference_mode_is_refused() -> None:
         plan_demo(DemoOptions(edges=3, references="none"))
 
 
-def _metrics(acc: float) -> dict[str, Any]:
-    per_class = [
-        {"name": n, "precision": acc, "recall": acc, "f1": acc, "support": 5}
-        for n in ("bright", "dark")
-    ]
-    return {
-        "n": 10,
-        "accuracy": acc,
-        "balanced_accuracy": acc,
-        "macro_f1": acc,
-        "per_class": per_class,
-        "confusion_matrix": [[4, 1], [1, 4]],
-    }
-
-
 def _fake_cycle(names: list[str]) -> dict[str, Any]:
-    result = {
-        "cycle_id": "c1",
-        "n_train": 6,
-        "n_test": 4,
-        # the gate chose the server's model over the fine-tuned one: it is what serves
-        "metrics": {
-            "server_model": _metrics(0.75),
-            "candidate": _metrics(0.7),
-            "deployed": _metrics(0.75),
-        },
-        "chosen": "server_model",
-        "majority": {
-            "class_name": names[0],
-            "validation_accuracy": 0.5,
-            "test_accuracy": 0.5,
-            "n_scored": 2,
-            "scored_on": "validation",
-        },
-        "deployed": True,
-        "decision": "deployed the server model",
-        "bytes_uploaded": 100,
-        "bytes_downloaded": 1000,
-        "raw_train_bytes": 5000,
-        "stage_seconds": {"extract": 1.0, "finetune": 2.0},
-    }
+    # the gate chose the server's model over the fine-tuned one: it is what serves
+    result = cycle_job_result(cycle_id=1)
     return {
         "edges": [{"name": n} for n in names],
         "results": {n: result for n in names},
-        "cycle": {"id": "c1", "result_model_version": 2, "metrics": None},
+        "cycle": {"id": 1, "result_model_version": 2, "metrics": None},
         "seconds": 12.0,
     }
 
@@ -271,6 +232,7 @@ def test_interrupted_references_keep_the_cycles_results(
     assert [e["federated_model"] for e in saved["edges"]] == ["server_model", "server_model"]
     assert [e["majority"] for e in saved["edges"]] == [0.5, 0.5]  # the edge's own figure
     assert [e["local_only"] for e in saved["edges"]] == [None, None]
+    assert saved["edges"][0]["finetune"] == {"epochs_run": 3, "best_epoch": 2}
     assert saved["cycle"]["seconds"] == 12.0 and saved["cycle"]["model_version"] == 2
 
 

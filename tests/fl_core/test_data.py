@@ -9,6 +9,7 @@ import torch
 
 from fl_core.data import (
     SYMMETRIES,
+    align_classes,
     batches,
     load_dataset_spec,
     load_elpv,
@@ -33,6 +34,32 @@ def test_image_folder_classes_and_records(folder: Path) -> None:
     assert ds.class_names == ["bright", "dark"]
     assert len(ds) == 40 and ds.counts() == {"bright": 20, "dark": 20}
     assert ds.raw_bytes() > 0
+
+
+def test_classes_are_aligned_by_name_not_position() -> None:
+    assert align_classes(["defective", "functional"], ["functional", "defective"]) == [1, 0]
+    assert align_classes(["a", "b"], ["a", "b"]) == [0, 1]
+    # label skew: an edge with some of the server's classes keeps the server's indices
+    assert align_classes(["crack", "functional"], ["functional", "scratch", "crack"]) == [2, 0]
+
+
+def test_a_class_the_server_does_not_know_is_refused_by_name() -> None:
+    with pytest.raises(InvalidInput) as err:
+        align_classes(["defective", "dusty", "functional"], ["functional", "defective"])
+    assert "['dusty']" in err.value.detail
+    assert "['functional', 'defective']" in err.value.detail
+
+
+def test_an_image_folder_relabelled_for_the_server(folder: Path) -> None:
+    ds = load_image_folder(folder)  # bright, dark: alphabetical
+    server = ["dark", "grey", "bright"]
+    aligned = ds.aligned_to(server)
+    assert aligned.class_names == server
+    assert [r.path for r in aligned.records] == [r.path for r in ds.records]
+    by_path = {r.path: ds.class_names[r.label] for r in ds.records}
+    assert all(server[r.label] == by_path[r.path] for r in aligned.records)
+    assert aligned.counts() == {"dark": 20, "grey": 0, "bright": 20}
+    assert ds.aligned_to(["bright", "dark"]) is ds
 
 
 def test_image_folder_errors(tmp_path: Path) -> None:

@@ -58,7 +58,7 @@
     ];
     if (job.state === "done" && job.result) {
       const r = job.result;
-      parts.push(el("p", { class: "muted" }, `cycle #${r.cycle_id ?? "–"} · model v${r.model_version ?? "–"} · ${r.rows_uploaded} rows uploaded (${r.bytes_uploaded} bytes; the images are ${r.raw_train_bytes} bytes and stay here)`));
+      parts.push(el("p", { class: "muted" }, `cycle #${r.cycle_id ?? "–"} · model v${r.model_version ?? "–"} · ${r.rows_uploaded} rows uploaded (${r.bytes_uploaded} bytes; the images are ${r.raw_train_bytes} bytes and stay here)${r.finetune ? ` · fine-tuned ${r.finetune.epochs_run} epochs, kept epoch ${r.finetune.best_epoch}` : ""}`));
     }
     $("job").replaceChildren(...parts);
   }
