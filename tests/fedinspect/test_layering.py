@@ -25,7 +25,8 @@ def _modules(package: str) -> list[str]:
     names = []
     for path in sorted((ROOT / package).rglob("*.py")):
         parts = list(path.relative_to(ROOT).with_suffix("").parts)
-        if parts[-1] == "__main__":
+        # __main__ runs a command; a migrations/env.py runs only inside alembic
+        if parts[-1] == "__main__" or parts[-2:] == ["migrations", "env"]:
             continue
         if parts[-1] == "__init__":
             parts.pop()
