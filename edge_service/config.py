@@ -2,31 +2,33 @@
 
 Every variable is ``FEDINSPECT_EDGE_<FIELD>`` (case-insensitive); each field carries a
 description because the README's settings table is generated from this class.
+``create_app(settings)`` keeps them as ``app.state.settings``, which routes reach
+through ``SettingsDep``; :func:`get_settings` (cached) is only the default of
+``create_app()``, as on the server.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from fl_core.guards import token_problem
+from fedinspect import service
+from fedinspect.service import LogLevel, ServiceSettings, token_problem
 from fl_core.training import FinetuneConfig
 
 #: the fine-tuning recipe's defaults, one place for the edge, the demo and the bench
 _RECIPE = FinetuneConfig()
 
-LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
+class Settings(ServiceSettings):
+    """Everything the edge reads from its environment (with the fields every service
+    has)."""
 
-class Settings(BaseSettings):
-    """Everything the edge reads from its environment."""
-
-    model_config = SettingsConfigDict(
-        env_prefix="FEDINSPECT_EDGE_", case_sensitive=False, extra="ignore"
-    )
+    model_config = SettingsConfigDict(env_prefix="FEDINSPECT_EDGE_")
 
     # ---------------------------------------------------------------- server link
     server_url: str = Field(
@@ -96,9 +98,7 @@ class Settings(BaseSettings):
     )
 
     # ---------------------------------------------------------------- HTTP service
-    host: str = Field(default="127.0.0.1", description="Address the edge's API listens on.")
-    port: int = Field(default=8100, ge=1, le=65535, description="Port of the edge's API.")
-    log_level: LogLevel = Field(default="INFO", description="Logging level.")
+    port: int = Field(default=8100, ge=1, le=65535, description="Port the API listens on.")
 
     # ---------------------------------------------------------------- learning
     batch_size: int = Field(
@@ -186,38 +186,17 @@ class Settings(BaseSettings):
     )
 
     # ---------------------------------------------------------------- HTTP limits
-    max_request_bytes: int = Field(
-        default=1024 * 1024,
-        ge=1,
-        description="Largest body of any request but POST /v1/predict, bytes.",
-    )
+    # an edge is a small machine that also trains: half the server's default
     max_concurrent_requests: int = Field(
         default=16,
         ge=1,
-        description="Requests handled at once; more wait up to ADMISSION_WAIT_S, then get "
-        "503 with Retry-After (/health is exempt).",
+        description=ServiceSettings.model_fields["max_concurrent_requests"].description,
     )
     max_concurrent_predictions: int = Field(
         default=2,
         ge=1,
         description="POST /v1/predict requests handled at once (each decodes images); more "
         "wait up to ADMISSION_WAIT_S, then get 503 with Retry-After.",
-    )
-    admission_wait_s: float = Field(
-        default=2.0,
-        ge=0,
-        description="How long a request over the concurrency limits waits for a slot, s.",
-    )
-    body_timeout_s: float = Field(
-        default=15.0,
-        gt=0,
-        description="A request body that pauses longer than this, in seconds, is cut off with 408.",
-    )
-    min_body_rate: float = Field(
-        default=16 * 1024,
-        gt=0,
-        description="Slowest average rate a request body may arrive at once BODY_TIMEOUT_S "
-        "has passed, bytes per second; slower bodies are cut off with 408.",
     )
 
     @model_validator(mode="after")
@@ -252,4 +231,15 @@ class Settings(BaseSettings):
         return self.data_dir / "blobs"
 
 
-__all__ = ["LogLevel", "Settings"]
+def load_settings() -> Settings:
+    """Settings from the environment; a clear ConfigError when they are incomplete."""
+    return service.load_settings(Settings, "edge")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return load_settings()
+
+
+__all__ = ["LogLevel", "Settings", "get_settings", "load_settings"]

@@ -15,19 +15,16 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from sqlalchemy import (
     Boolean,
-    DateTime,
     Float,
     Integer,
     String,
     Text,
-    create_engine,
-    event,
     func,
     select,
     update,
@@ -36,20 +33,12 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from edge_service.migrations import first_schema
+from fedinspect.service import UTCDateTime, log_event, make_engine, utcnow
 from fl_core.errors import NotFound
 from fl_core.migrations import migrate
 from fl_core.schemas import CycleJobResult, EvalMetrics, Job, JobKind, JobState, LocalModel
 
 log = logging.getLogger("edge_service.db")
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def _aware(value: datetime) -> datetime:
-    # SQLite drops the tz; everything this store writes is UTC.
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 class Base(DeclarativeBase):
@@ -68,8 +57,8 @@ class JobRow(Base):
     params: Mapped[str] = mapped_column(Text, default="{}")
     result: Mapped[str | None] = mapped_column(Text, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class LocalModelRow(Base):
@@ -79,7 +68,7 @@ class LocalModelRow(Base):
     base_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     source: Mapped[str] = mapped_column(String(16))
     sha256: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     active: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
     metrics: Mapped[str | None] = mapped_column(Text, nullable=True)
     note: Mapped[str] = mapped_column(Text, default="")
@@ -102,8 +91,8 @@ def _job(row: JobRow) -> Job:
         message=row.message,
         result=json.loads(row.result) if row.result else None,
         error=row.error,
-        created_at=_aware(row.created_at),
-        updated_at=_aware(row.updated_at),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
     )
 
 
@@ -114,28 +103,11 @@ def _local_model(row: LocalModelRow) -> LocalModel:
         base_version=row.base_version,
         source=source,
         sha256=row.sha256,
-        created_at=_aware(row.created_at),
+        created_at=row.created_at,
         active=row.active,
         metrics=EvalMetrics.model_validate_json(row.metrics) if row.metrics else None,
         note=row.note,
     )
-
-
-def make_engine(path: Path) -> Engine:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(
-        f"sqlite:///{path}", connect_args={"check_same_thread": False, "timeout": 30}
-    )
-
-    @event.listens_for(engine, "connect")
-    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-        cur = dbapi_conn.cursor()
-        # WAL lets the API read while the job thread writes progress.
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.close()
-
-    return engine
 
 
 def migrate_store(engine: Engine) -> None:
@@ -145,11 +117,12 @@ def migrate_store(engine: Engine) -> None:
         # the edge's first schema has no unique index that old rows could break
         migration = migrate(conn, "edge_service", first_schema.metadata)
     if migration.before != migration.after:
-        log.info(
-            "event=store.migrated before=%s after=%s adopted=%s",
-            migration.before,
-            migration.after,
-            migration.adopted,
+        log_event(
+            log,
+            "store.migrated",
+            before=migration.before,
+            after=migration.after,
+            adopted=migration.adopted,
         )
 
 
@@ -165,7 +138,9 @@ class EdgeStore:
 
     @classmethod
     def open(cls, path: Path) -> EdgeStore:
-        return cls(make_engine(path))
+        """The store in the SQLite file ``path`` (with the server's engine settings)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return cls(make_engine(f"sqlite:///{path}"))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -356,7 +331,5 @@ __all__ = [
     "JobRow",
     "LocalModelRow",
     "StateRow",
-    "make_engine",
     "migrate_store",
-    "utcnow",
 ]

@@ -5,61 +5,37 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from fastapi import FastAPI
 
 import fl_core
-from edge_service.api.deps import check_admin, get_settings, require_admin
+from edge_service.api.deps import check_admin, require_admin
 from edge_service.api.main import api_router
-from edge_service.config import Settings
+from edge_service.config import Settings, get_settings
 from edge_service.services.context import build_context
+from fedinspect.guards import AdmissionControl, RequestGuard, RequestMetrics, Scope, route_needs
 from fedinspect.pages import install_pages
-from fl_core.errors import AuthError, FedInspectError
-from fl_core.guards import (
-    AdmissionControl,
-    RequestGuard,
-    Scope,
-    install_access_log_filter,
+from fedinspect.service import (
+    configure_logging,
+    install_error_handlers,
+    log_event,
     redact_url,
-    route_needs,
-    shorten,
+    serve,
+    settings_or_exit,
 )
-
-#: an error detail never repeats more of the caller's input than this
-MAX_DETAIL_CHARS = 1000
 
 log = logging.getLogger("edge_service")
 
 STATIC_DIR = Path(__file__).parent / "static" / "ui"
 
 
-async def _fedinspect_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, FedInspectError)
-    headers = {"WWW-Authenticate": "Bearer"} if type(exc) is AuthError else None
-    return JSONResponse(
-        {"detail": shorten(exc.detail, MAX_DETAIL_CHARS)},
-        status_code=exc.http_status,
-        headers=headers,
-    )
-
-
-async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
-    # One string, like every other error of the API (ErrorResponse), not FastAPI's list.
-    assert isinstance(exc, RequestValidationError)
-    problems = []
-    for err in exc.errors():
-        where = ".".join(shorten(str(part)) for part in err.get("loc", ()))
-        problems.append(f"{where}: {shorten(str(err.get('msg', 'invalid')))}")
-    detail = shorten("; ".join(problems) or "invalid request", MAX_DETAIL_CHARS)
-    return JSONResponse({"detail": detail}, status_code=422)
+def _is_predict(scope: Scope) -> bool:
+    """Predictions are the edge's uploads: images, under their own body and slot limits."""
+    return (scope["method"], scope["path"]) == ("POST", "/v1/predict")
 
 
 def _authenticate(settings: Settings) -> Callable[[Scope, str | None], Awaitable[str]]:
@@ -75,18 +51,20 @@ def create_app(
 ) -> FastAPI:
     """The edge app. ``server_client`` replaces the HTTP client to the server (tests
     pass a MockTransport client or the server's TestClient); by default one is built
-    from settings and closed with the app."""
+    from settings and closed with the app. ``settings`` (default: from the environment)
+    are kept as ``app.state.settings`` for the routes."""
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ctx = build_context(settings, server_client)
         app.state.ctx = ctx
-        log.info(
-            "event=started edge=%s server=%s dataset=%s",
-            settings.name,
-            redact_url(settings.server_url),
-            settings.dataset,
+        log_event(
+            log,
+            "started",
+            edge=settings.name,
+            server=redact_url(settings.server_url),
+            dataset=settings.dataset,
         )
         await asyncio.to_thread(ctx.log_readiness)
         try:
@@ -104,27 +82,30 @@ def create_app(
         docs_url=None,  # served offline by install_pages
         redoc_url=None,
     )
-    app.dependency_overrides[get_settings] = lambda: settings
-    app.add_exception_handler(FedInspectError, _fedinspect_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    predict = ("POST", "/v1/predict")
+    app.state.settings = settings
+    install_error_handlers(app)
+
+    def count_request(route: str, method: str, status: str) -> None:
+        ctx = getattr(app.state, "ctx", None)  # the metrics live from start to shutdown
+        if ctx is not None:
+            ctx.metrics.count_request(route, method, status)
+
+    app.add_middleware(RequestMetrics, count=count_request)
     app.add_middleware(
         AdmissionControl,
         max_requests=settings.max_concurrent_requests,
         max_uploads=settings.max_concurrent_predictions,
         wait_s=settings.admission_wait_s,
-        is_upload=lambda scope: (scope["method"], scope["path"]) == predict,
+        is_upload=_is_predict,
     )
     # Outermost: 401 before a byte of the body is read, size and rate limits on bodies.
     app.add_middleware(
         RequestGuard,
         needs_auth=route_needs(require_admin),
         authenticate=_authenticate(settings),
-        body_limit=lambda scope: (
-            settings.max_predict_bytes
-            if (scope["method"], scope["path"]) == predict
-            else settings.max_request_bytes
-        ),
+        is_upload=_is_predict,
+        max_upload_bytes=settings.max_predict_bytes,
+        max_request_bytes=settings.max_request_bytes,
         idle_timeout_s=settings.body_timeout_s,
         min_rate=settings.min_body_rate,
         logger=log,
@@ -144,30 +125,11 @@ def apply_threads(settings: Settings) -> None:
 
 def run(settings: Settings | None = None) -> None:
     """Serve the edge with uvicorn (``fedinspect edge``)."""
-    import uvicorn
-
     if settings is None:
-        try:
-            settings = Settings()  # type: ignore[call-arg]  # admin_token from the environment
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"FEDINSPECT_EDGE_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
-                for e in exc.errors()
-            )
-            sys.exit(f"edge settings are invalid: {problems}")
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
-    # alembic says each step at INFO; the store logs one store.migrated event
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+        settings = settings_or_exit(Settings, "edge")
+    configure_logging(log, settings.log_level)
     apply_threads(settings)
-    install_access_log_filter()
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-    )
+    serve(create_app(settings), settings)
 
 
 __all__ = ["apply_threads", "create_app", "run"]

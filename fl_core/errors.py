@@ -21,6 +21,17 @@ carries the status code it should become and a stable, human-readable message, s
 
 from __future__ import annotations
 
+#: longest piece of caller input an error detail repeats
+ECHO_CHARS = 80
+
+
+def shorten(text: str, limit: int = ECHO_CHARS) -> str:
+    """``text``, cut to ``limit`` characters with a note of how much was cut: an error
+    detail names the input it refuses, never a megabyte of it."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
 
 class FedInspectError(Exception):
     """Base of every error the project raises on purpose."""
@@ -89,6 +100,7 @@ class ConfigError(FedInspectError):
 
 
 __all__ = [
+    "ECHO_CHARS",
     "AuthError",
     "ConfigError",
     "Conflict",
@@ -102,4 +114,5 @@ __all__ = [
     "PayloadTooLarge",
     "RemoteError",
     "Unavailable",
+    "shorten",
 ]

@@ -166,6 +166,20 @@ def run_env(target_metadata: MetaData) -> None:
         engine.dispose()
 
 
+def first_revision(first_schema: MetaData) -> tuple[Callable[[], None], Callable[[], None]]:
+    """``upgrade`` and ``downgrade`` of a service's revision 0001 (:data:`FIRST_REVISION`):
+    create, or drop, the service's frozen first schema."""
+    from alembic import op
+
+    def upgrade() -> None:
+        first_schema.create_all(op.get_bind())
+
+    def downgrade() -> None:
+        first_schema.drop_all(op.get_bind())
+
+    return upgrade, downgrade
+
+
 def _run_migrations(context: Any, conn: Connection, target_metadata: MetaData) -> None:
     # Batch mode: SQLite alters a table by copying it, and autogenerate writes the
     # batch form that works on both backends.
@@ -178,6 +192,7 @@ __all__ = [
     "FIRST_REVISION",
     "Migration",
     "current_revision",
+    "first_revision",
     "head_revision",
     "migrate",
     "migration_config",

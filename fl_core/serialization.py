@@ -18,8 +18,7 @@ import torch
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
-from fl_core.errors import NotSafetensors
-from fl_core.guards import shorten
+from fl_core.errors import NotSafetensors, shorten
 
 #: Largest JSON header we accept; real headers of our models are a few tens of KiB.
 MAX_HEADER_BYTES = 8 * 1024 * 1024

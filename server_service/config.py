@@ -2,8 +2,9 @@
 
 Every field is read from the environment with the prefix ``FEDINSPECT_SERVER_``
 (``FEDINSPECT_SERVER_ADMIN_TOKEN``, ``FEDINSPECT_SERVER_PRIVACY__DTYPE=float16``, ...).
-Code reaches the settings through :func:`get_settings` (cached) or the app's
-``SettingsDep``, never through an import-time global, so tests pass their own.
+``create_app(settings)`` keeps them as ``app.state.settings``, which routes reach
+through ``SettingsDep``; :func:`get_settings` (cached) is only the default of
+``create_app()``. No import-time global, so tests pass their own.
 """
 
 from __future__ import annotations
@@ -11,19 +12,17 @@ from __future__ import annotations
 import socket
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic_settings import SettingsConfigDict
 
-from fl_core.errors import ConfigError, InvalidInput
-from fl_core.guards import token_problem
+from fedinspect import service
+from fedinspect.service import ServiceSettings, token_problem
+from fl_core.errors import InvalidInput
 from fl_core.schemas import PrivacyConfig
 from fl_core.training import UpperTrainConfig
 
 ENV_PREFIX = "FEDINSPECT_SERVER_"
-
-LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 #: Clipping and noise that the ``pooled`` mode starts from when it is asked for, chosen
 #: from ``fedinspect privacy-eval`` at 160 px (docs/privacy.md): raw pooled rows let a
@@ -37,14 +36,10 @@ POOLED_PRIVACY_DEFAULTS: dict[str, float] = {"clip_norm": 24.0, "noise_sigma": 2
 _DEFAULT_PRIVACY = PrivacyConfig(mode="stats")
 
 
-class Settings(BaseSettings):
-    """Configuration of ``fedinspect server``."""
+class Settings(ServiceSettings):
+    """Configuration of ``fedinspect server`` (with the fields every service has)."""
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_nested_delimiter="__",
-        extra="ignore",
-    )
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX)
 
     admin_token: SecretStr = Field(
         description="Bearer token of operators (required, at least 16 characters, 8 of "
@@ -90,8 +85,6 @@ class Settings(BaseSettings):
         "blobs (refused by default: a deleted or replaced database next to a full store is "
         "usually a mistake, and a new one invalidates every edge's token).",
     )
-    host: str = Field(default="127.0.0.1", description="Address uvicorn listens on.")
-    port: int = Field(default=8000, ge=1, le=65535, description="Port uvicorn listens on.")
     backbone: str = Field(
         default="efficientnet_lite0", description="Backbone of the base model (version 1)."
     )
@@ -141,12 +134,6 @@ class Settings(BaseSettings):
     max_upload_rows: int = Field(
         default=100_000, gt=0, description="Largest number of rows in one feature upload."
     )
-    max_concurrent_requests: int = Field(
-        default=32,
-        ge=1,
-        description="Requests handled at once; more wait up to ADMISSION_WAIT_S, then get "
-        "503 with Retry-After (/health is exempt).",
-    )
     max_concurrent_uploads: int = Field(
         default=4,
         ge=1,
@@ -159,29 +146,6 @@ class Settings(BaseSettings):
         description="Feature uploads one edge may send at once: one edge cannot hold every "
         "upload slot; its extra uploads get 503 with Retry-After.",
     )
-    max_request_bytes: int = Field(
-        default=1024 * 1024,
-        gt=0,
-        description="Largest body of any request but a feature upload (JSON bodies), bytes.",
-    )
-    body_timeout_s: float = Field(
-        default=15.0,
-        gt=0,
-        description="A request body that pauses longer than this, in seconds, is cut off "
-        "with 408 (so slow clients cannot hold admission slots).",
-    )
-    min_body_rate: float = Field(
-        default=16 * 1024,
-        gt=0,
-        description="Slowest average rate a request body may arrive at once BODY_TIMEOUT_S "
-        "has passed, bytes per second; slower bodies are cut off with 408.",
-    )
-    admission_wait_s: float = Field(
-        default=2.0,
-        ge=0,
-        description="How long a request over the concurrency limits waits for a slot "
-        "before it is answered 503, in seconds.",
-    )
     train_epochs: int = Field(default=60, ge=1, description="Epochs of server-side training.")
     train_lr: float = Field(default=2e-3, gt=0, description="Peak learning rate (AdamW).")
     train_batch_size: int = Field(default=64, ge=2, description="Mini-batch size.")
@@ -192,7 +156,6 @@ class Settings(BaseSettings):
         description="Stratified share of the pooled rows held out for validation metrics.",
     )
     train_seed: int = Field(default=0, description="Seed of server-side training.")
-    log_level: LogLevel = Field(default="INFO", description="Log level of the server.")
 
     @field_validator("admin_token")
     @classmethod
@@ -263,18 +226,7 @@ class Settings(BaseSettings):
 
 def load_settings() -> Settings:
     """Settings from the environment; a clear ConfigError when they are incomplete."""
-    try:
-        return Settings()  # type: ignore[call-arg]  # fields come from the environment
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            name = ENV_PREFIX + "__".join(str(p) for p in err["loc"]).upper()
-            problems.append(f"{name}: {err['msg']}")
-        raise ConfigError(
-            "invalid server settings: "
-            + "; ".join(problems)
-            + f" (set them in the environment, e.g. {ENV_PREFIX}ADMIN_TOKEN)"
-        ) from None
+    return service.load_settings(Settings, "server")
 
 
 @lru_cache

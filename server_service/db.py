@@ -1,9 +1,10 @@
 """Database schema and engine: SQLAlchemy 2.0 over SQLite (default) or PostgreSQL.
 
 Tables: ``edges``, ``cycles``, ``cycle_members``, ``uploads``, ``models`` and
-``edge_evaluations`` and ``leases``. Only portable SQL is used; SQLite gets WAL and a
-busy timeout so the API threads, the training thread and the deadline watcher can share
-one file. The schema is changed only by migrations (``server_service/migrations``, run at
+``edge_evaluations`` and ``leases``. Only portable SQL is used; the engine
+(:func:`fedinspect.service.make_engine`, as on the edge) gives SQLite WAL and a busy
+timeout so the API threads, the training thread and the deadline watcher can share one
+file. The schema is changed only by migrations (``server_service/migrations``, run at
 start by :func:`migrate_schema`). On PostgreSQL several server replicas share the
 database: they migrate under an advisory lock, and :mod:`server_service.leases` decides
 which replica trains a cycle.
@@ -12,55 +13,27 @@ which replica trains a cycle.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
-from typing import Any
+from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
     Connection,
-    DateTime,
-    Dialect,
     Engine,
     ForeignKey,
     Index,
     Integer,
     String,
     Text,
-    TypeDecorator,
     UniqueConstraint,
-    create_engine,
-    event,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.orm import Session as Session
 
+from fedinspect.service import UTCDateTime, make_engine, utcnow
 from fl_core.migrations import Migration, migrate
 from server_service.migrations import first_schema
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """Timezone-aware UTC datetimes on every backend (SQLite drops the zone)."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to a UTCDateTime column")
-        return value.astimezone(UTC)
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class Base(DeclarativeBase):
@@ -179,45 +152,6 @@ class LeaseRow(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     owner: Mapped[str] = mapped_column(String(128))
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    # FULL: a committed (acknowledged) row survives a power cut, not only a kill -9.
-    cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
-
-
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL, a busy timeout and cross-thread use."""
-    if url.startswith("sqlite"):
-        # Connections must outnumber what admitted requests can hold at once (up to two
-        # each, plus training and the watcher): a request waiting for a pooled
-        # connection holds a worker thread, and enough of those starve the very
-        # requests that would give connections back. SQLite connections are cheap.
-        engine = create_engine(
-            url,
-            connect_args={"check_same_thread": False, "timeout": 30},
-            pool_size=10,
-            max_overflow=90,
-        )
-        event.listen(engine, "connect", _sqlite_pragmas)
-    else:
-        # pre_ping: after a database restart, stale pooled connections are replaced
-        # instead of failing the next request; a bounded connect time lets a request
-        # answer 503 while the database is down instead of hanging.
-        connect_args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
-        engine = create_engine(
-            url,
-            pool_pre_ping=True,
-            pool_size=10,
-            max_overflow=40,
-            pool_timeout=10,
-            connect_args=connect_args,
-        )
-    return engine
 
 
 #: key of the PostgreSQL advisory lock held while the schema is migrated

@@ -1,41 +1,23 @@
-"""Structured logs: one line per event, ``event=... cycle_id=... edge_id=...``.
+"""The server's structured log: :func:`log_event` on the ``server_service`` logger.
 
-Values are rendered with ``repr`` when they contain spaces or quotes, so a line stays
-machine-parsable. Tokens are never passed here.
+One line per event, ``event=... cycle_id=... edge_id=...``, rendered by
+:func:`fedinspect.service.log_event` (the edge writes its lines the same way).
 """
 
 from __future__ import annotations
 
 import logging
 
+from fedinspect import service
+
 logger = logging.getLogger("server_service")
-
-
-def _render(value: object) -> str:
-    text = str(value)
-    if not text or any(c in text for c in ' "=\n'):
-        return repr(text)
-    return text
 
 
 def log_event(
     event: str, level: int = logging.INFO, exc_info: bool = False, **fields: object
 ) -> None:
     """Log one event as ``event=<name> key=value ...`` (None values are left out)."""
-    parts = [f"event={event}"] + [
-        f"{key}={_render(value)}" for key, value in fields.items() if value is not None
-    ]
-    logger.log(level, " ".join(parts), exc_info=exc_info)
+    service.log_event(logger, event, level, exc_info, **fields)
 
 
-def configure_logging(level: str) -> None:
-    """Plain one-line records on stderr (for ``run()``; tests keep pytest's handlers)."""
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=False
-    )
-    logger.setLevel(level)
-    # alembic says each step at INFO; the server logs one database.migrated event
-    logging.getLogger("alembic").setLevel(max(logging.WARNING, logger.getEffectiveLevel()))
-
-
-__all__ = ["configure_logging", "log_event", "logger"]
+__all__ = ["log_event", "logger"]

@@ -15,44 +15,37 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 
+from fedinspect.guards import AdmissionControl, RequestGuard, RequestMetrics, Scope, route_needs
 from fedinspect.pages import install_pages
-from fl_core import __version__
-from fl_core.errors import (
-    AuthError,
-    ConfigError,
-    FedInspectError,
-    Forbidden,
-    InsufficientStorage,
-    Unavailable,
+from fedinspect.service import (
+    configure_logging,
+    error_reply,
+    install_error_handlers,
+    serve,
+    settings_or_exit,
 )
-from fl_core.guards import RequestGuard, Scope, install_access_log_filter, route_needs, shorten
-from server_service.admission import AdmissionControl
+from fl_core import __version__
+from fl_core.errors import ConfigError, InsufficientStorage, Unavailable, shorten
 from server_service.api.deps import authenticate_scope, get_caller
 from server_service.api.main import api_router
 from server_service.config import Settings, get_settings
 from server_service.db import make_sessionmaker
-from server_service.logs import configure_logging, log_event, logger
-from server_service.metrics import RequestMetricsMiddleware, ServerMetrics
+from server_service.logs import log_event, logger
 from server_service.runtime import Runtime
 from server_service.services.cycles import resume_training
+from server_service.services.metrics import ServerMetrics
 from server_service.services.models import ensure_base_model
 from server_service.services.watcher import watch_deadlines
 from server_service.storage import (
     DISK_FULL_DETAIL,
-    RETRY_AFTER_S,
     database_unavailable,
     is_disk_full,
     open_storage,
 )
-
-#: an error detail never repeats more of the caller's input than this
-MAX_DETAIL_CHARS = 1000
 
 STATIC_DIR = Path(__file__).parent / "static" / "ui"
 
@@ -74,40 +67,16 @@ def start_runtime(settings: Settings, metrics: ServerMetrics) -> Runtime:
     return runtime
 
 
-def _fedinspect_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, FedInspectError)
-    headers = None
-    if isinstance(exc, AuthError) and not isinstance(exc, Forbidden):
-        headers = {"WWW-Authenticate": "Bearer"}
-    if exc.http_status == 503:
-        headers = {"Retry-After": RETRY_AFTER_S}
-    return JSONResponse(
-        {"detail": shorten(exc.detail, MAX_DETAIL_CHARS)},
-        status_code=exc.http_status,
-        headers=headers,
-    )
-
-
 def _storage_error(request: Request, exc: Exception) -> JSONResponse:
     if is_disk_full(exc):
         settings: Settings = request.app.state.runtime.settings
         log_event(
             "storage.full", logging.WARNING, data_dir=settings.data_dir, error=shorten(str(exc))
         )
-        return JSONResponse({"detail": DISK_FULL_DETAIL}, status_code=507)
+        return error_reply(507, DISK_FULL_DETAIL)
     if isinstance(exc, OperationalError):  # a lost connection (a restarting PostgreSQL)
         return database_unavailable(request, exc)
     raise exc  # not ours to explain: the server's error handler answers 500
-
-
-def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    problems = []
-    for err in exc.errors():
-        where = ".".join(shorten(str(part)) for part in err.get("loc", ()))
-        problems.append(f"{where}: {shorten(str(err.get('msg', 'invalid')))}")
-    detail = shorten("; ".join(problems) or "invalid request", MAX_DETAIL_CHARS)
-    return JSONResponse({"detail": detail}, status_code=422)
 
 
 def _too_large(scope: Scope, limit: int) -> str:
@@ -117,7 +86,8 @@ def _too_large(scope: Scope, limit: int) -> str:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """The server app for ``settings`` (default: from the environment)."""
+    """The server app for ``settings`` (default: from the environment), kept as
+    ``app.state.settings`` for the routes."""
     settings = settings or get_settings()
     metrics = ServerMetrics()
 
@@ -155,11 +125,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,  # served offline by install_pages
         redoc_url=None,
     )
-    app.add_exception_handler(FedInspectError, _fedinspect_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.state.settings = settings
+    install_error_handlers(app)
     for storage_error in (InsufficientStorage, OSError, OperationalError):
         app.add_exception_handler(storage_error, _storage_error)
-    app.add_middleware(RequestMetricsMiddleware, get_metrics=lambda: metrics)
+    app.add_middleware(RequestMetrics, count=metrics.count_request)
     # A refused request costs no worker thread and no database connection.
     app.add_middleware(
         AdmissionControl,
@@ -172,9 +142,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         RequestGuard,
         needs_auth=route_needs(get_caller),
         authenticate=authenticate_scope,
-        body_limit=lambda scope: (
-            settings.max_upload_bytes if scope["method"] == "PUT" else settings.max_request_bytes
-        ),
+        max_upload_bytes=settings.max_upload_bytes,  # feature uploads: PUT
+        max_request_bytes=settings.max_request_bytes,
         too_large_detail=_too_large,
         idle_timeout_s=settings.body_timeout_s,
         min_rate=settings.min_body_rate,
@@ -189,24 +158,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def run(settings: Settings | None = None) -> None:
     """Serve the app with uvicorn on ``settings.host:settings.port``."""
     if settings is None:
-        try:
-            settings = get_settings()
-        except ConfigError as exc:
-            sys.exit(f"fedinspect server: {exc.detail}")
-    configure_logging(settings.log_level)
-    install_access_log_filter()
+        settings = settings_or_exit(Settings, "server")
+    configure_logging(logger, settings.log_level)
     try:
         # Before uvicorn: a storage problem is one line, not a lifespan traceback.
         engine, _blobs = open_storage(settings)
         engine.dispose()
     except (ConfigError, Unavailable) as exc:
         sys.exit(f"fedinspect server: {exc.detail}")
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-    )
+    serve(create_app(settings), settings)
 
 
 __all__ = ["create_app", "run", "start_runtime"]

@@ -21,7 +21,7 @@ from fl_core.blobstore import BlobStore
 from fl_core.schemas import FeatureSpec
 from server_service.config import Settings
 from server_service.db import Session
-from server_service.metrics import ServerMetrics
+from server_service.services.metrics import ServerMetrics
 from server_service.services.progress import TrainingBoard
 
 

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import Engine
 from sqlalchemy.exc import DatabaseError, OperationalError
 
+from fedinspect.service import error_reply
 from fl_core.blobstore import BlobStore, open_blob_store
 from fl_core.errors import ConfigError, InsufficientStorage
 from server_service.config import Settings
@@ -94,19 +95,11 @@ def _first_line(exc: DatabaseError) -> str:
     return str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc).__name__
 
 
-#: seconds a client waits before retrying when the database or blob store is away
-RETRY_AFTER_S = "2"
-
-
 def database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
     # Lost connections (a restarting PostgreSQL): the client retries; pre_ping gives
     # the next request a fresh connection once the database is back.
     log_event("database.unavailable", logging.WARNING, error=type(exc).__name__)
-    return JSONResponse(
-        {"detail": "database unavailable; retry later"},
-        status_code=503,
-        headers={"Retry-After": RETRY_AFTER_S},
-    )
+    return error_reply(503, "database unavailable; retry later")  # with Retry-After
 
 
 #: what clients are told: the setting, not the path on this machine
@@ -134,7 +127,6 @@ def is_disk_full(exc: BaseException) -> bool:
 
 __all__ = [
     "DISK_FULL_DETAIL",
-    "RETRY_AFTER_S",
     "database_unavailable",
     "is_disk_full",
     "open_storage",

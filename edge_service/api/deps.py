@@ -1,27 +1,28 @@
 """Dependencies of the routes: settings, the edge context, and operator auth.
 
-Settings come from a cached function, which ``create_app`` overrides with the settings
-it was given, so tests never touch the environment.
+Settings are the ones ``create_app(settings)`` was given (``app.state.settings``), as on
+the server, so tests never touch the environment.
 """
 
 from __future__ import annotations
 
 import hmac
-from functools import lru_cache
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from edge_service.config import Settings
 from edge_service.services.context import EdgeContext
+from fedinspect.service import Responses
 from fl_core.errors import AuthError
 from fl_core.schemas import ErrorResponse
 
 
-@lru_cache
-def get_settings() -> Settings:
-    return Settings()  # type: ignore[call-arg]  # admin_token comes from the environment
+def get_settings(request: Request) -> Settings:
+    """The settings ``create_app(settings)`` was given."""
+    settings: Settings = request.app.state.settings
+    return settings
 
 
 def get_context(request: Request) -> EdgeContext:
@@ -53,32 +54,20 @@ def require_admin(
         check_admin(settings, credentials.credentials)
 
 
-_ERROR_DESCRIPTIONS = {
-    400: "Malformed request body (not parseable JSON or multipart)",
-    401: "Missing or wrong admin token",
-    404: "No such resource",
-    409: "Conflicts with the edge's current state",
-    413: "Request or image too large",
-    422: "Invalid input",
+#: the 401 of every route but /health, declared once on the router that requires it
+ADMIN_ERRORS: Responses = {
+    401: {"model": ErrorResponse, "description": "missing or wrong admin token"},
 }
-
-
-def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI entries for the error answers of a route (all ``{"detail": ...}``)."""
-    return {
-        code: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[code]}
-        for code in (401, *codes)
-    }
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ContextDep = Annotated[EdgeContext, Depends(get_context)]
 
 __all__ = [
+    "ADMIN_ERRORS",
     "ContextDep",
     "SettingsDep",
     "check_admin",
-    "error_responses",
     "get_context",
     "get_settings",
     "require_admin",

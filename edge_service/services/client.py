@@ -29,8 +29,8 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from edge_service.config import Settings
+from fedinspect.service import log_event, redact_url, utcnow
 from fl_core.errors import ConfigError, IntegrityError, RemoteError, Unavailable
-from fl_core.guards import redact_url
 from fl_core.schemas import (
     Cycle,
     EdgeEvaluationReport,
@@ -88,7 +88,7 @@ def retry_after_seconds(value: str | None, now: datetime | None = None) -> float
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+    return max(0.0, (when - (now or utcnow())).total_seconds())
 
 
 def _detail(response: httpx.Response) -> str:
@@ -205,13 +205,15 @@ class ServerClient:
                     raise RemoteError(message, status)
                 where = redact_url(str(self.http.base_url))
                 raise Unavailable(f"cannot reach the server at {where}: {message}")
-            log.warning(
-                "retrying %s %s in %.2fs (attempt %d): %s",
-                method,
-                path,
-                delay,
-                attempt + 1,
-                failure,
+            log_event(
+                log,
+                "request.retry",
+                logging.WARNING,
+                method=method,
+                path=path,
+                delay_s=f"{delay:.2f}",
+                attempt=attempt + 1,
+                failure=failure,
             )
             self.sleep(delay)
             attempt += 1

@@ -21,8 +21,8 @@ from edge_service.services.jobs import JobRunner, interruptible_sleep
 from edge_service.services.metrics import EdgeMetrics
 from edge_service.services.predict import PredictLimits, Predictor
 from edge_service.services.registry import ModelRegistry
+from fedinspect.service import log_event, redact_url
 from fl_core.blobstore import LocalBlobStore
-from fl_core.guards import redact_url
 from fl_core.schemas import EdgeStatus, Job, JobKind, ServerLink
 
 log = logging.getLogger("edge_service")
@@ -85,9 +85,9 @@ class EdgeContext:
         """At start-up: say at once what will make the first job fail."""
         server, problems = self.readiness()
         for problem in problems:
-            log.warning("event=not_ready edge=%s problem=%r", self.settings.name, problem)
+            log_event(log, "not_ready", logging.WARNING, edge=self.settings.name, problem=problem)
         if not problems:
-            log.info("event=ready edge=%s server=%s", self.settings.name, server.url)
+            log_event(log, "ready", edge=self.settings.name, server=server.url)
 
     def close(self) -> None:
         self.runner.shutdown(timeout=5.0)
@@ -106,7 +106,7 @@ def build_context(settings: Settings, http: httpx.Client | None = None) -> EdgeC
     store = EdgeStore.open(settings.db_path)
     interrupted = store.fail_interrupted_jobs()
     if interrupted:
-        log.warning("event=jobs_interrupted jobs=%s", ",".join(interrupted))
+        log_event(log, "jobs.interrupted", logging.WARNING, jobs=",".join(interrupted))
     blobs = LocalBlobStore(settings.blob_dir)
     blobs.clean_tmp()
     metrics = EdgeMetrics(store.count_jobs_by_state)

@@ -52,6 +52,7 @@ from edge_service.services.gate import (
 from edge_service.services.jobs import JobContext, Plan
 from edge_service.services.registry import ModelRegistry
 from edge_service.services.weights import fetch_base_weights
+from fedinspect.service import log_event, utcnow
 from fl_core.data import ImageSet, Splits
 from fl_core.errors import Conflict, FedInspectError, InvalidInput, RemoteError, Unavailable
 from fl_core.features import check_model_matches_spec, extract_images
@@ -250,12 +251,13 @@ class CycleService:
         result.base_model_version = spec.base_model_version
         self.registry.store.set_state(LAST_CYCLE_KEY, cycle.id)
         splits = self.data.aligned(spec.class_names)
-        log.info(
-            "cycle=%d edge=%s event=joined state=%s base_model=%d",
-            cycle.id,
-            self.settings.name,
-            cycle.state.value,
-            spec.base_model_version,
+        log_event(
+            log,
+            "cycle.joined",
+            cycle_id=cycle.id,
+            edge=self.settings.name,
+            state=cycle.state.value,
+            base_model=spec.base_model_version,
         )
         ctx.update(1.0, f"joined cycle {cycle.id}")
 
@@ -273,12 +275,13 @@ class CycleService:
         ctx.begin("extract", f"extracting features 0/{len(train)}")
         runner = lower_runner(model, self.settings.extract_backend)
         result.extract_backend = runner.backend
-        log.info(
-            "cycle=%d edge=%s event=extract backend=%s reason=%r",
-            cycle.id,
-            self.settings.name,
-            runner.backend,
-            runner.reason,
+        log_event(
+            log,
+            "features.extract",
+            cycle_id=cycle.id,
+            edge=self.settings.name,
+            backend=runner.backend,
+            reason=runner.reason,
         )
         features, labels = extract_images(
             model,
@@ -297,13 +300,14 @@ class CycleService:
         result.rows_uploaded = ack.rows
         result.upload_sha256 = ack.sha256
         result.bytes_uploaded = len(body)
-        log.info(
-            "cycle=%d edge=%s event=uploaded rows=%d bytes=%d unchanged=%s",
-            cycle.id,
-            self.settings.name,
-            ack.rows,
-            len(body),
-            ack.unchanged,
+        log_event(
+            log,
+            "features.uploaded",
+            cycle_id=cycle.id,
+            edge=self.settings.name,
+            rows=ack.rows,
+            bytes=len(body),
+            unchanged=ack.unchanged,
         )
         ctx.update(1.0, f"uploaded {ack.rows} rows ({len(body)} bytes) to cycle {cycle.id}")
         return cycle
@@ -335,25 +339,26 @@ class CycleService:
         s = self.settings
         interval = s.poll_interval_s
         deadline = cycle.deadline if cycle.deadline.tzinfo else cycle.deadline.replace(tzinfo=UTC)
-        started = datetime.now(UTC)
+        started = utcnow()
         span = max(1.0, (deadline - started).total_seconds())
         while True:
             current = self.client.get_cycle(cycle.id)
             if current.state == CycleState.done:
                 if current.result_model_version is None:
                     raise RemoteError(f"cycle {cycle.id} is done but names no model", 502)
-                log.info(
-                    "cycle=%d edge=%s event=done model=%d",
-                    cycle.id,
-                    s.name,
-                    current.result_model_version,
+                log_event(
+                    log,
+                    "cycle.done",
+                    cycle_id=cycle.id,
+                    edge=s.name,
+                    model=current.result_model_version,
                 )
                 ctx.update(1.0, f"cycle {cycle.id} done: model {current.result_model_version}")
                 return current
             if current.state in (CycleState.failed, CycleState.cancelled):
                 reason = current.reason or "no reason given"
                 raise Conflict(f"cycle {cycle.id} {current.state.value} on the server: {reason}")
-            now = datetime.now(UTC)
+            now = utcnow()
             over = (now - deadline).total_seconds()
             if over > s.wait_margin_s:
                 raise Unavailable(
@@ -460,14 +465,16 @@ class CycleService:
         try:
             self.client.report_evaluation(version, report)
         except FedInspectError as exc:
-            log.warning(
-                "edge=%s event=report_failed model=%d error=%r",
-                self.settings.name,
-                version,
-                exc.detail,
+            log_event(
+                log,
+                "evaluation.report_failed",
+                logging.WARNING,
+                edge=self.settings.name,
+                model=version,
+                error=exc.detail,
             )
         else:
-            log.info("edge=%s event=reported model=%d", self.settings.name, version)
+            log_event(log, "evaluation.reported", edge=self.settings.name, model=version)
 
     def gate_and_register(
         self,
@@ -557,14 +564,15 @@ class CycleService:
         else:
             decision = f"{reason} (the fine-tuned model recorded as model {local.id})"
             self.registry.record_decision(decision, gate)
-        log.info(
-            "edge=%s event=gate model=%d local_model=%d chosen=%s deployed=%s reason=%r",
-            s.name,
-            base_version,
-            local.id,
-            choice.chosen,
-            choice.deploy,
-            reason,
+        log_event(
+            log,
+            "gate",
+            edge=s.name,
+            model=base_version,
+            local_model=local.id,
+            chosen=choice.chosen,
+            deployed=choice.deploy,
+            reason=reason,
         )
         return GateOutcome(
             candidate=test["candidate"],

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from edge_service.db import EdgeStore
+from fedinspect.service import log_event
 from fl_core.errors import Conflict, FedInspectError
 from fl_core.schemas import CycleJobResult, Job, JobKind, JobState
 
@@ -121,7 +122,7 @@ class JobRunner:
                 target=self._run, args=(job.id, fn, plan), name=f"job-{job.id[:8]}", daemon=True
             )
             self._thread.start()
-        log.info("job=%s kind=%s event=queued", job.id, kind.value)
+        log_event(log, "job.queued", job=job.id, kind=kind.value)
         return job
 
     def _run(self, job_id: str, fn: JobFn, plan: Plan) -> None:
@@ -134,7 +135,7 @@ class JobRunner:
         except FedInspectError as exc:
             self._fail(job_id, exc.detail, ctx)
         except Exception as exc:
-            log.exception("job=%s event=crashed stage=%s", job_id, ctx.stage)
+            log_event(log, "job.crashed", logging.ERROR, True, job=job_id, stage=ctx.stage)
             self._fail(
                 job_id, f"internal error during {ctx.stage}: {type(exc).__name__}: {exc}", ctx
             )
@@ -149,7 +150,7 @@ class JobRunner:
                 message="done",
                 result=result,
             )
-            log.info("job=%s event=done", job_id)
+            log_event(log, "job.done", job=job_id)
         finally:
             with self._lock:
                 self._current = None
@@ -159,7 +160,7 @@ class JobRunner:
     def _fail(self, job_id: str, error: str, ctx: JobContext) -> None:
         stage = ctx.stage
         ctx.finish()
-        log.warning("job=%s event=failed stage=%s error=%s", job_id, stage, error)
+        log_event(log, "job.failed", logging.WARNING, job=job_id, stage=stage, error=error)
         self.store.update_job(
             job_id, state=JobState.failed, stage=stage, error=error, message=f"failed: {error}"
         )

@@ -3,6 +3,7 @@ process, as in tests, do not collide).
 
 Jobs by state are read from the database at scrape time, so the numbers are right
 after a restart too; the rest are counters and a histogram updated as things happen.
+Requests are counted by :class:`fedinspect.guards.RequestMetrics`, as on the server.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from fedinspect.service import RequestCounter
 
 
 class _JobsCollector(Collector):
@@ -49,6 +52,8 @@ class EdgeMetrics:
             "Feature bytes sent to the server",
             registry=self.registry,
         )
+        #: counts each HTTP request (route template, method, status)
+        self.count_request = RequestCounter("fedinspect_edge", self.registry)
         self.bytes_downloaded = Counter(
             "fedinspect_edge_downloaded_bytes",
             "Model weight bytes received from the server",

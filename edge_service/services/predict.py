@@ -28,8 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from edge_service.services.metrics import EdgeMetrics
 from edge_service.services.registry import ModelRegistry
 from fl_core.data import image_transform
-from fl_core.errors import Conflict, InvalidInput, PayloadTooLarge
-from fl_core.guards import shorten
+from fl_core.errors import Conflict, InvalidInput, PayloadTooLarge, shorten
 from fl_core.model import SplitModel
 from fl_core.schemas import PredictResponse, ScoredLabel
 

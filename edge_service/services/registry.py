@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from edge_service.db import EdgeStore
+from fedinspect.service import log_event
 from fl_core.blobstore import LocalBlobStore
 from fl_core.errors import Conflict
 from fl_core.model import SplitModel, model_from_bytes, model_to_bytes
@@ -91,7 +92,7 @@ class ModelRegistry:
                 self.store.set_state(PREVIOUS_KEY, previous)
             self._record(decision, gate)
             self._loaded = None
-        log.info("deployed local model %d: %s", model_id, decision)
+        log_event(log, "model.deployed", local_model=model_id, decision=decision)
         return self.store.get_model(model_id)
 
     def activate(self, model_id: int) -> LocalModel:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from edge_service.services.client import ServerClient
 from edge_service.services.registry import ModelRegistry
+from fedinspect.service import log_event
 from fl_core import serialization
 from fl_core.errors import FedInspectError, IntegrityError
 from fl_core.model import build_split_model, model_to_bytes
@@ -86,7 +87,7 @@ def pretrained_reference(backbone: str) -> bytes | None:
     try:
         model = build_split_model(["_", "__"], backbone, pretrained=True)
     except (FedInspectError, OSError) as exc:
-        log.info("event=no_local_weights backbone=%s reason=%r", backbone, str(exc))
+        log_event(log, "weights.none_local", backbone=backbone, reason=str(exc))
         return None
     return model_to_bytes(model)
 
@@ -117,23 +118,26 @@ def fetch_base_weights(
         try:
             fetched = _delta(client, reference, version, sha256)
         except FedInspectError as exc:
-            log.warning(
-                "event=delta_download_failed model=%d reason=%r; downloading in full",
-                version,
-                exc.detail,
+            log_event(
+                log,
+                "weights.delta_failed",
+                logging.WARNING,
+                model=version,
+                reason=exc.detail,
+                then="full download",
             )
     if fetched is None:
         data = client.download_weights(version, sha256)
         fetched = FetchedWeights(data, len(data), "full")
     blobs.put(fetched.data)
     registry.store.set_state(LAST_BASE_KEY, sha256)
-    log.info(
-        "event=weights model=%d how=%s bytes=%d tensors=%d/%d",
-        version,
-        fetched.how,
-        fetched.downloaded,
-        fetched.fetched_tensors,
-        fetched.total_tensors,
+    log_event(
+        log,
+        "weights",
+        model=version,
+        how=fetched.how,
+        bytes=fetched.downloaded,
+        tensors=f"{fetched.fetched_tensors}/{fetched.total_tensors}",
     )
     return fetched
 

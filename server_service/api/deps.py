@@ -13,6 +13,7 @@ from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
+from fedinspect.service import MAX_ID, Responses, error_responses
 from fl_core.errors import AuthError, InvalidInput, PayloadTooLarge
 from fl_core.schemas import ErrorResponse
 from server_service.config import Settings
@@ -30,8 +31,10 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def get_app_settings(rt: RuntimeDep) -> Settings:
-    return rt.settings
+def get_app_settings(request: Request) -> Settings:
+    """The settings ``create_app(settings)`` was given."""
+    settings: Settings = request.app.state.settings
+    return settings
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
@@ -91,34 +94,21 @@ def get_edge_id(caller: EdgeOrAdminDep) -> str:
 EdgeDep = Annotated[str, Depends(get_edge_id)]
 """The calling edge's id (403 for the admin)."""
 
-# Integer columns are 32-bit on PostgreSQL: larger ids are refused as input, not a 500.
-CycleId = Annotated[int, Path(ge=1, le=2**31 - 1, description="cycle id")]
-ModelVersion = Annotated[int, Path(ge=1, le=2**31 - 1, description="model version")]
+CycleId = Annotated[int, Path(ge=1, le=MAX_ID, description="cycle id")]
+ModelVersion = Annotated[int, Path(ge=1, le=MAX_ID, description="model version")]
 EdgeId = Annotated[
     str, Path(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$", description="edge id")
 ]
 
-AUTH_ERRORS: dict[int | str, dict[str, object]] = {
-    401: {"model": ErrorResponse, "description": "missing, unknown or revoked token"},
-}
-ADMIN_ERRORS: dict[int | str, dict[str, object]] = {
+AUTH_ERRORS: Responses = error_responses(401)
+ADMIN_ERRORS: Responses = {
     **AUTH_ERRORS,
     403: {"model": ErrorResponse, "description": "an edge token on an operator route"},
 }
-EDGE_ERRORS: dict[int | str, dict[str, object]] = {
+EDGE_ERRORS: Responses = {
     **AUTH_ERRORS,
     403: {"model": ErrorResponse, "description": "the admin token on an edge route"},
 }
-
-
-def errors(
-    *codes: int, base: dict[int | str, dict[str, object]] | None = None
-) -> dict[int | str, dict[str, object]]:
-    """OpenAPI ``responses`` for the given error codes (plus ``base``)."""
-    out: dict[int | str, dict[str, object]] = dict(base or {})
-    for code in codes:
-        out[code] = {"model": ErrorResponse}
-    return out
 
 
 def check_content_length(request: Request, limit: int) -> None:
@@ -164,7 +154,6 @@ __all__ = [
     "SettingsDep",
     "authenticate_scope",
     "check_content_length",
-    "errors",
     "get_caller",
     "get_runtime",
     "read_body_limited",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server_service.admission import BUSY_RESPONSES
+from fedinspect.service import BUSY_RESPONSES
 from server_service.api.routes import cycles, edges, fleet, health, metrics, models
 
 api_router = APIRouter()

@@ -12,9 +12,8 @@ from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
 from fl_core import serialization
 from fl_core.backbones import build_backbone
-from fl_core.errors import IntegrityError, InvalidInput, NotFound, Unavailable
+from fl_core.errors import IntegrityError, InvalidInput, NotFound, Unavailable, shorten
 from fl_core.features import make_spec
-from fl_core.guards import shorten
 from fl_core.model import (
     HeadConfig,
     SplitModel,

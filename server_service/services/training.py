@@ -19,8 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.exc import OperationalError as DBOperationalError
 
-from fl_core.errors import FedInspectError
-from fl_core.guards import shorten
+from fl_core.errors import FedInspectError, shorten
 from fl_core.model import SplitModel, model_to_bytes
 from fl_core.privacy import Upload, training_rows, unpack_upload, upload_rows
 from fl_core.schemas import CycleState, EvalMetrics, FeatureSpec, TrainedFrom

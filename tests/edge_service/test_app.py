@@ -69,7 +69,7 @@ def test_openapi_documents_every_route(edge: TestClient) -> None:
     }
 
 
-def test_metrics_count_jobs_and_bytes(edge: TestClient, fake_server: FakeServer) -> None:
+def test_metrics_count_jobs_bytes_and_requests(edge: TestClient, fake_server: FakeServer) -> None:
     done = wait_job(edge, edge.post("/v1/jobs/extract", headers=AUTH).json()["id"])
     assert done["state"] == "done"
     text = edge.get("/metrics", headers=AUTH).text
@@ -79,6 +79,11 @@ def test_metrics_count_jobs_and_bytes(edge: TestClient, fake_server: FakeServer)
     downloaded = float(done["result"]["bytes_downloaded"])
     assert f"fedinspect_edge_uploaded_bytes_total {uploaded}" in text
     assert f"fedinspect_edge_downloaded_bytes_total {downloaded}" in text
+    # requests are counted by route template, as on the server
+    assert (
+        'fedinspect_edge_requests_total{method="GET",route="/v1/jobs/{job_id}",status="200"}'
+        in text
+    )
 
 
 def test_threads_setting_sizes_the_torch_pool(monkeypatch: pytest.MonkeyPatch) -> None:

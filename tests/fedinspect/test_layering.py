@@ -19,14 +19,18 @@ from setuptools import find_packages
 ROOT = Path(__file__).resolve().parents[2]
 PRODUCT = ("fl_core", "server_service", "edge_service", "fedinspect")
 OUTSIDE = ("bench", "experiments")
+#: what the services share from the fedinspect package: its web pages, the plumbing of
+#: both apps (service) and their ASGI guards; fl_core imports none of them
+SHARED = {"fedinspect", "fedinspect.pages", "fedinspect.service", "fedinspect.guards"}
 
 
 def _modules(package: str) -> list[str]:
     names = []
     for path in sorted((ROOT / package).rglob("*.py")):
         parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        # __main__ runs a command; a migrations/env.py runs only inside alembic
         if parts[-1] == "__main__" or parts[-2:] == ["migrations", "env"]:
-            continue  # run as scripts (by python -m, by Alembic), not imported
+            continue
         if parts[-1] == "__init__":
             parts.pop()
         names.append(".".join(parts))
@@ -72,11 +76,11 @@ print(json.dumps(sorted(m for m in sys.modules if m.startswith("fedinspect."))))
     )
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = set(json.loads(done.stdout.strip().splitlines()[-1])) - {module}
-    assert loaded - {"fedinspect.pages"} == below
+    assert loaded - SHARED == below
 
 
 def test_services_and_fl_core_import_no_module_of_the_cli_package() -> None:
-    """Below fedinspect only its pages (and their static files) are shared."""
+    """Below fedinspect only its pages and the services' shared plumbing are used."""
     probe = """
 import importlib, json, sys
 for name in sys.argv[1:]:
@@ -90,7 +94,24 @@ print(json.dumps(sorted(m for m in sys.modules if m.startswith(("fedinspect", "b
     )
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = set(json.loads(done.stdout.strip().splitlines()[-1]))
-    assert loaded <= {"fedinspect", "fedinspect.pages"}
+    assert loaded <= SHARED
+
+
+def test_fl_core_imports_nothing_of_the_fedinspect_package() -> None:
+    probe = """
+import importlib, json, sys
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("fedinspect"))))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", probe, *_modules("fl_core")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
 
 
 def test_the_wheel_holds_the_product_only() -> None:
@@ -112,4 +133,6 @@ def test_the_cli_package_holds_the_cli_demo_and_launcher_only() -> None:
         "report",
         "pages",
         "settings_doc",
+        "service",
+        "guards",
     }

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 from starlette.types import Receive, Scope, Send
 
-from server_service.admission import AdmissionControl
+from fedinspect.guards import AdmissionControl
 from server_service.main import create_app
 from tests.server_service.helpers import make_settings
 

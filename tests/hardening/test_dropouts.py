@@ -127,7 +127,7 @@ def test_edge_job_survives_a_30_second_server_outage(tmp_path: Path, image_folde
     assert outage >= OUTAGE_S
     assert final["result"]["cycle_id"] == cycle["id"]
     assert final["result"]["model_version"] == 2
-    assert "event=cycle.done" in logs and re.search(r"job=\S+ event=done", logs)
+    assert "event=cycle.done" in logs and re.search(r"event=job.done job=\S+", logs)
     secrets = (SERVER_ADMIN_TOKEN, reg["token"], other["token"], EDGE_ADMIN_TOKEN, "guessed-token")
     for secret in secrets:
         # Any 12-character piece of a token would be a leak, not just the whole token.

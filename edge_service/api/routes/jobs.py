@@ -7,7 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Query
 from pydantic import BaseModel, Field
 
-from edge_service.api.deps import ContextDep, error_responses
+from edge_service.api.deps import ContextDep
+from fedinspect.service import MAX_ID, error_responses
 from fl_core.schemas import Job, JobKind
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -17,7 +18,7 @@ class FinetuneRequest(BaseModel):
     model_version: int | None = Field(
         default=None,
         ge=1,
-        le=2**31 - 1,
+        le=MAX_ID,
         description="server model to fine-tune; default: the latest",
     )
 
@@ -55,7 +56,7 @@ def start_finetune(
     ctx: ContextDep,
     model_version: Annotated[
         int | None,
-        Query(ge=1, le=2**31 - 1, description="server model version; default: the latest"),
+        Query(ge=1, le=MAX_ID, description="server model version; default: the latest"),
     ] = None,
     body: Annotated[FinetuneRequest | None, Body()] = None,
 ) -> Job:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from edge_service.api.deps import ContextDep, error_responses
+from edge_service.api.deps import ContextDep
 
 router = APIRouter(tags=["metrics"])
 
@@ -14,7 +14,7 @@ router = APIRouter(tags=["metrics"])
     "/metrics",
     response_model=str,
     summary="Prometheus metrics: jobs by state, predictions, latency, bytes moved",
-    responses={200: {"content": {"text/plain": {}}}, **error_responses()},
+    responses={200: {"content": {"text/plain": {}}}},
 )
 def metrics(ctx: ContextDep) -> Response:
     return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)

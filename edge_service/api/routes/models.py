@@ -6,20 +6,19 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
-from edge_service.api.deps import ContextDep, error_responses
+from edge_service.api.deps import ContextDep
+from fedinspect.service import MAX_ID, error_responses
 from fl_core.schemas import Evaluation, LocalModel
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
-# SQLite integers are 64-bit (and PostgreSQL's 32): a larger id is invalid input, not a 500.
-LocalModelId = Annotated[int, Path(ge=1, le=2**31 - 1, description="local model id")]
+LocalModelId = Annotated[int, Path(ge=1, le=MAX_ID, description="local model id")]
 
 
 @router.get(
     "/models",
     response_model=list[LocalModel],
     summary="Local models, oldest first",
-    responses=error_responses(),
 )
 def list_models(ctx: ContextDep) -> list[LocalModel]:
     return ctx.registry.all_models()
@@ -41,7 +40,6 @@ def activate_model(model_id: LocalModelId, ctx: ContextDep) -> LocalModel:
     summary="The deployed and previous models, and the last decision: the deploy gate's "
     "choice on the validation split (with each model's accuracy and the majority-class "
     "baseline), or an operator's activation",
-    responses=error_responses(),
 )
 def evaluation(ctx: ContextDep) -> Evaluation:
     return ctx.registry.evaluation()

@@ -9,8 +9,9 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, File, Query, Response, UploadFile
 
-from edge_service.api.deps import ContextDep, error_responses
+from edge_service.api.deps import ContextDep
 from edge_service.services.predict import Upload
+from fedinspect.service import error_responses
 from fl_core.errors import InvalidInput
 from fl_core.schemas import PredictResponse
 

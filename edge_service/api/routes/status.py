@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from edge_service.api.deps import ContextDep, error_responses
+from edge_service.api.deps import ContextDep
 from fl_core.schemas import EdgeStatus
 
 router = APIRouter(prefix="/v1", tags=["status"])
 
 
-@router.get(
-    "/status", response_model=EdgeStatus, summary="Edge status", responses=error_responses()
-)
+@router.get("/status", response_model=EdgeStatus, summary="Edge status")
 def status(ctx: ContextDep) -> EdgeStatus:
     return ctx.status()

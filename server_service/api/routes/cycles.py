@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from fedinspect.service import error_responses
 from fl_core.schemas import Cycle, CycleState, ErrorResponse, UploadAck
 from server_service.api.deps import (
     ADMIN_ERRORS,
@@ -19,7 +20,6 @@ from server_service.api.deps import (
     RuntimeDep,
     SessionDep,
     check_content_length,
-    errors,
     read_body_limited,
 )
 from server_service.services import cycles, uploads
@@ -50,7 +50,7 @@ def request_cycle(
     "",
     summary="List cycles, newest first",
     response_model=list[Cycle],
-    responses=errors(422, base=AUTH_ERRORS),
+    responses=error_responses(422, base=AUTH_ERRORS),
 )
 def list_cycles(
     session: SessionDep,
@@ -65,7 +65,7 @@ def list_cycles(
     "/{cycle_id}",
     summary="A cycle: state, uploads, joined edges, quorum, deadline, result, metrics",
     response_model=Cycle,
-    responses=errors(404, 422, base=AUTH_ERRORS),
+    responses=error_responses(404, 422, base=AUTH_ERRORS),
 )
 def get_cycle(cycle_id: CycleId, session: SessionDep, _caller: EdgeOrAdminDep) -> Cycle:
     return cycles.get_cycle(session, cycle_id)
@@ -85,7 +85,7 @@ def get_cycle(cycle_id: CycleId, session: SessionDep, _caller: EdgeOrAdminDep) -
     response_model=UploadAck,
     responses={
         200: {"model": UploadAck, "description": "unchanged or replaced"},
-        **errors(404, 409, 413, 422, base=EDGE_ERRORS),
+        **error_responses(404, 409, 413, 422, base=EDGE_ERRORS),
     },
     openapi_extra={
         "requestBody": {
@@ -117,7 +117,7 @@ async def upload_features(
     "/{cycle_id}/train",
     summary="Close collection now and train on the uploads so far",
     response_model=Cycle,
-    responses=errors(404, 409, 413, 422, base=ADMIN_ERRORS),
+    responses=error_responses(404, 409, 413, 422, base=ADMIN_ERRORS),
 )
 def train_cycle(cycle_id: CycleId, rt: RuntimeDep, _admin: AdminDep) -> Cycle:
     return cycles.train_now(rt, cycle_id)
@@ -127,7 +127,7 @@ def train_cycle(cycle_id: CycleId, rt: RuntimeDep, _admin: AdminDep) -> Cycle:
     "/{cycle_id}/cancel",
     summary="Cancel a collecting or training cycle",
     response_model=Cycle,
-    responses=errors(404, 409, 413, 422, base=ADMIN_ERRORS),
+    responses=error_responses(404, 409, 413, 422, base=ADMIN_ERRORS),
 )
 def cancel_cycle(cycle_id: CycleId, rt: RuntimeDep, _admin: AdminDep) -> Cycle:
     return cycles.cancel(rt, cycle_id)

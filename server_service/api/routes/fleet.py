@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from fedinspect.service import error_responses
 from fl_core.errors import InvalidInput
 from fl_core.schemas import EdgeEvaluation, EdgeEvaluationReport, Overview
 from server_service.api.deps import (
@@ -19,7 +20,6 @@ from server_service.api.deps import (
     ModelVersion,
     RuntimeDep,
     SessionDep,
-    errors,
     read_body_limited,
 )
 from server_service.services import fleet
@@ -41,7 +41,7 @@ MAX_REPORT_BYTES = 64 * 1024
         "earlier one for the same version."
     ),
     response_model=EdgeEvaluation,
-    responses=errors(404, 413, 422, base=EDGE_ERRORS),
+    responses=error_responses(404, 413, 422, base=EDGE_ERRORS),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -75,7 +75,7 @@ async def report_evaluation(
     "/evaluations",
     summary="Edges' evaluation reports, oldest model version first",
     response_model=list[EdgeEvaluation],
-    responses=errors(422, base=ADMIN_ERRORS),
+    responses=error_responses(422, base=ADMIN_ERRORS),
 )
 def list_evaluations(
     session: SessionDep,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 
+from fedinspect.service import error_responses
 from fl_core.schemas import ModelInfo, ModelManifest, TensorSubset
 from server_service.api.deps import (
     AUTH_ERRORS,
@@ -12,7 +13,6 @@ from server_service.api.deps import (
     ModelVersion,
     RuntimeDep,
     SessionDep,
-    errors,
 )
 from server_service.services import models
 
@@ -36,7 +36,7 @@ def list_models(session: SessionDep, _caller: EdgeOrAdminDep) -> list[ModelInfo]
     "/latest",
     summary="The newest model version (the base of the next cycle)",
     response_model=ModelInfo,
-    responses=errors(404, base=AUTH_ERRORS),
+    responses=error_responses(404, base=AUTH_ERRORS),
 )
 def latest_model(session: SessionDep, _caller: EdgeOrAdminDep) -> ModelInfo:
     return models.to_info(models.latest_model(session))
@@ -46,7 +46,7 @@ def latest_model(session: SessionDep, _caller: EdgeOrAdminDep) -> ModelInfo:
     "/{version}",
     summary="One model version's metadata",
     response_model=ModelInfo,
-    responses=errors(404, 422, base=AUTH_ERRORS),
+    responses=error_responses(404, 422, base=AUTH_ERRORS),
 )
 def get_model(version: ModelVersion, session: SessionDep, _caller: EdgeOrAdminDep) -> ModelInfo:
     return models.to_info(models.get_model(session, version))
@@ -70,7 +70,7 @@ def _etag_matches(header: str | None, etag: str) -> bool:
             "description": "safetensors bytes",
         },
         304: {"description": "If-None-Match matched: the caller has these weights"},
-        **errors(404, 422, base=AUTH_ERRORS),
+        **error_responses(404, 422, base=AUTH_ERRORS),
     },
 )
 def get_weights(
@@ -106,7 +106,7 @@ def get_weights(
     "/{version}/manifest",
     summary="Per-tensor sha256s of a model version's weights (to fetch only what changed)",
     response_model=ModelManifest,
-    responses=errors(404, 422, base=AUTH_ERRORS),
+    responses=error_responses(404, 422, base=AUTH_ERRORS),
 )
 def get_manifest(
     version: ModelVersion, rt: RuntimeDep, session: SessionDep, _caller: EdgeOrAdminDep
@@ -126,7 +126,7 @@ def get_manifest(
             "description": "safetensors bytes holding exactly the named tensors",
         },
         # 400: a body that is not JSON at all (FastAPI's own answer)
-        **errors(400, 404, 413, 422, base=AUTH_ERRORS),
+        **error_responses(400, 404, 413, 422, base=AUTH_ERRORS),
     },
 )
 def get_weights_subset(

@@ -1,14 +1,19 @@
-"""Guards both services put in front of their routes, as plain ASGI (no web framework
-imported here, so ``fl_core`` stays usable from a notebook).
+"""Guards both services put in front of their routes, as plain ASGI middleware.
+
+They live here, beside :mod:`fedinspect.service`, not in ``fl_core``: they are web
+code, and ``fl_core`` stays usable from a notebook. Nothing here imports a web
+framework either (FastAPI's route objects are read duck-typed), so a guard can be
+tested with hand-written ASGI messages.
 
 - :class:`RequestGuard` (outermost): answers 401 on an authenticated route before a
   byte of the body is read, refuses bodies over a per-route limit (413, by
   Content-Length or while counting), keeps one caller from holding every upload slot,
   cuts off bodies that stall or trickle below a minimum rate (408), and logs a client
   that hangs up mid-body as one WARNING line.
+- :class:`RequestMetrics`: counts requests by route template, method and status.
 - :class:`AdmissionControl`: a bound on requests and uploads handled at once.
-- Small helpers: a logging filter that drops query strings from uvicorn's access log,
-  URL redaction, a check of operator tokens, and a cap on echoed input.
+- Small ASGI helpers: a whole ``{"detail": ...}`` reply, the bearer token of a request,
+  the metric label of a method.
 """
 
 from __future__ import annotations
@@ -20,9 +25,8 @@ import math
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-from fl_core.errors import AuthError
+from fl_core.errors import AuthError, shorten
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -36,70 +40,10 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPT
 #: scope["state"] key under which the guard leaves the authenticated caller's key
 CALLER_KEY = "fedinspect.caller"
 
-MIN_TOKEN_CHARS = 16
-MIN_TOKEN_DISTINCT_CHARS = 8
-
-#: longest piece of caller input an error detail repeats
-ECHO_CHARS = 80
-
 
 def method_label(method: str) -> str:
     """The metric label of an HTTP method: itself if standard, else ``other``."""
     return method if method in KNOWN_METHODS else "other"
-
-
-def shorten(text: str, limit: int = ECHO_CHARS) -> str:
-    """``text``, cut to ``limit`` characters with a note of how much was cut."""
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... ({len(text)} characters)"
-
-
-def token_problem(token: str) -> str | None:
-    """Why an operator token is too weak to use, or None: at least 16 characters, and
-    at least 8 different ones (``aaaaaaaaaaaaaaaa`` and 16 spaces are refused)."""
-    if len(token) < MIN_TOKEN_CHARS:
-        return f"must be at least {MIN_TOKEN_CHARS} characters"
-    if token != token.strip():
-        return "must not start or end with whitespace"
-    if len(set(token)) < MIN_TOKEN_DISTINCT_CHARS:
-        return (
-            f"has almost no entropy (fewer than {MIN_TOKEN_DISTINCT_CHARS} different "
-            "characters): use a random one, e.g. python -c 'import secrets; "
-            "print(secrets.token_urlsafe(32))'"
-        )
-    return None
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any user info (``user:password@``) replaced by ``***@``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    if "@" not in parts.netloc:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"***@{host}"))
-
-
-class StripQueryFilter(logging.Filter):
-    """Drops the query string from uvicorn's access-log lines: a token that a
-    misconfigured client puts in a URL must not land in the log."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
-            path = args[2].split("?", 1)[0]
-            record.args = (args[0], args[1], path, args[3], args[4])
-        return True
-
-
-def install_access_log_filter() -> None:
-    """Add :class:`StripQueryFilter` to uvicorn's access logger (once)."""
-    access = logging.getLogger("uvicorn.access")
-    if not any(isinstance(f, StripQueryFilter) for f in access.filters):
-        access.addFilter(StripQueryFilter())
 
 
 async def send_json(
@@ -197,13 +141,14 @@ class RequestGuard:
     is known) and before a byte is read: ``needs_auth(scope)`` says whether the route
     takes a token; ``authenticate(scope, token)`` returns a key naming the caller or
     raises :class:`AuthError`, whose detail becomes the 401 (routes that read no body
-    keep authenticating in their own dependencies). ``body_limit(scope)`` is the
-    largest body the request may send (413 from Content-Length, or while counting). A
-    caller sends at most ``max_uploads_per_caller`` bodies that ``is_upload(scope)`` at
-    once; more are answered 503 with Retry-After. A body must keep arriving: a gap of
-    more than ``idle_timeout_s`` between chunks, or fewer than ``min_rate`` bytes a
-    second on average once ``idle_timeout_s`` has passed since the app first asked for
-    the body (time spent waiting for admission does not count), ends it with 408.
+    keep authenticating in their own dependencies). A request that ``is_upload(scope)``
+    (by default a PUT) may send ``max_upload_bytes``, any other ``max_request_bytes``
+    (413 from Content-Length, or while counting). A caller sends at most
+    ``max_uploads_per_caller`` uploads at once; more are answered 503 with Retry-After.
+    A body must keep arriving: a gap of more than ``idle_timeout_s`` between chunks, or
+    fewer than ``min_rate`` bytes a second on average once ``idle_timeout_s`` has passed
+    since the app first asked for the body (time spent waiting for admission does not
+    count), ends it with 408.
     A client that hangs up mid-body is logged as one WARNING line, no traceback.
     """
 
@@ -213,7 +158,8 @@ class RequestGuard:
         *,
         needs_auth: Callable[[Scope], bool],
         authenticate: Callable[[Scope, str | None], Awaitable[str]],
-        body_limit: Callable[[Scope], int],
+        max_upload_bytes: int,
+        max_request_bytes: int,
         idle_timeout_s: float,
         min_rate: float,
         logger: logging.Logger,
@@ -224,7 +170,8 @@ class RequestGuard:
         self.app = app
         self.needs_auth = needs_auth
         self.authenticate = authenticate
-        self.body_limit = body_limit
+        self.max_upload_bytes = max_upload_bytes
+        self.max_request_bytes = max_request_bytes
         self.idle_timeout_s = idle_timeout_s
         self.min_rate = min_rate
         self.logger = logger
@@ -234,6 +181,10 @@ class RequestGuard:
         self.max_uploads_per_caller = max_uploads_per_caller
         self.is_upload = is_upload or (lambda scope: scope.get("method") == "PUT")
         self.uploads_by_caller: dict[str, int] = {}
+
+    def body_limit(self, scope: Scope) -> int:
+        """The largest body this request may send."""
+        return self.max_upload_bytes if self.is_upload(scope) else self.max_request_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -257,9 +208,9 @@ class RequestGuard:
             try:
                 key = await self.authenticate(scope, bearer_token(scope))
             except AuthError as exc:
-                raise _Refused(
-                    exc.http_status, exc.detail, [(b"www-authenticate", b"Bearer")]
-                ) from None
+                # the challenge goes with a 401 only, as in the services' error handlers
+                challenge = [(b"www-authenticate", b"Bearer")] if exc.http_status == 401 else []
+                raise _Refused(exc.http_status, exc.detail, challenge) from None
             scope.setdefault("state", {})[CALLER_KEY] = key
             if self.max_uploads_per_caller is not None and self.is_upload(scope):
                 if self.uploads_by_caller.get(key, 0) >= self.max_uploads_per_caller:
@@ -361,10 +312,42 @@ class RequestGuard:
             await send_json(send, refused.status, refused.detail, refused.headers)
 
 
+class RequestMetrics:
+    """Counts every HTTP request by its route template (not its raw path), method and
+    status: ``count(route, method, status)``, once the request is done."""
+
+    def __init__(self, app: ASGIApp, count: Callable[[str, str, str], None]) -> None:
+        self.app = app
+        self.count = count
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            # Raw paths of unknown URLs would grow the label set without bound.
+            template = getattr(scope.get("route"), "path", None) or "<unmatched>"
+            # Likewise any method name a client makes up: one label for them all.
+            self.count(template, method_label(str(scope.get("method", ""))), str(status))
+
+
 class AdmissionControl:
     """Bounds concurrent requests, and concurrent uploads (``is_upload(scope)``; by
     default PUT). Past a bound a request waits up to ``wait_s`` for a slot, then gets
-    503 with Retry-After. ``exempt`` paths are never refused."""
+    503 with Retry-After instead of queueing without end. That keeps a burst of clients
+    from exhausting the worker threads and database connections (every request would
+    then time out), and bounds the memory that upload bodies take. ``exempt`` paths
+    (``/health``) are never refused, so probes keep working under load."""
 
     def __init__(
         self,
@@ -423,17 +406,12 @@ class AdmissionControl:
 
 __all__ = [
     "CALLER_KEY",
-    "ECHO_CHARS",
     "KNOWN_METHODS",
     "AdmissionControl",
     "RequestGuard",
-    "StripQueryFilter",
+    "RequestMetrics",
     "bearer_token",
-    "install_access_log_filter",
     "method_label",
-    "redact_url",
     "route_needs",
     "send_json",
-    "shorten",
-    "token_problem",
 ]
