@@ -61,10 +61,8 @@ def test_edge_killed_during_extraction_and_finetuning(tmp_path: Path) -> None:
         with client(edge.url, EDGE_ADMIN_TOKEN) as c:
             job = c.post("/v1/jobs/cycle").json()
             wait_until(
-                lambda: (
-                    c.get(f"/v1/jobs/{job['id']}").json()["state"] != "running"
-                    and c.get(f"/v1/jobs/{job['id']}").json()["state"] != "queued"
-                ),
+                # one read per check: two could see "queued" then "running" and stop early
+                lambda: c.get(f"/v1/jobs/{job['id']}").json()["state"] not in ("queued", "running"),
                 240,
                 "the new job",
             )
