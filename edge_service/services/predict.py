@@ -5,7 +5,13 @@ pixels of the whole request are checked from the headers before any pixel is dec
 (decompression bombs), each image is shrunk right after it is decoded, before the next
 one is, and a file that is not an image, or is truncated, is refused with a clear 4xx.
 Images go through the same transform as training (``fl_core.data.image_transform``),
-so a prediction sees what the model saw.
+so a prediction sees what the model saw. They are decoded and run in batches of at most
+``PredictLimits.batch_size``: a batch is decoded, run, and dropped before the next one is
+decoded, so a request's decoded pixels stay bounded whatever its size.
+
+The class probabilities come from the deployed model's runner
+(:mod:`edge_service.services.serving`: ONNX Runtime unless torch is asked for or the
+export failed); only the heat map needs torch, for its gradient.
 
 Grad-CAM: the activations of the last spatial stage are weighted by the mean gradient
 of the predicted class's logit over each channel; the positive part, upsampled to the
@@ -26,7 +32,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from edge_service.services.metrics import EdgeMetrics
-from edge_service.services.registry import ModelRegistry
+from edge_service.services.serving import NO_MODEL, DeployedModel
 from fl_core.data import image_transform
 from fl_core.errors import Conflict, InvalidInput, PayloadTooLarge
 from fl_core.guards import shorten
@@ -36,7 +42,6 @@ from fl_core.schemas import PredictResponse, ScoredLabel
 #: Heat maps are drawn at the image's size, but no side larger than this (a 50 MP
 #: overlay would be tens of MiB of base64 for no visible gain).
 MAX_HEATMAP_SIDE = 1024
-NO_MODEL = "no model deployed yet: run a cycle first"
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class PredictLimits:
     max_files: int = 16
     max_request_pixels: int = 100_000_000  # all images of one request together
     max_aspect: float = 32.0  # longest side over shortest side
+    batch_size: int = 32  # images decoded and run at a time
 
 
 def open_image(upload: Upload, limits: PredictLimits) -> Image.Image:
@@ -162,18 +168,14 @@ class Predictor:
     """Classifies uploaded images with the deployed local model."""
 
     def __init__(
-        self, registry: ModelRegistry, metrics: EdgeMetrics, limits: PredictLimits
+        self, deployed: DeployedModel, metrics: EdgeMetrics, limits: PredictLimits
     ) -> None:
-        self.registry = registry
+        self.deployed = deployed
         self.metrics = metrics
         self.limits = limits
 
-    def _images(
-        self, uploads: list[Upload], input_size: int, heatmap: bool
-    ) -> tuple[torch.Tensor, list[Image.Image | None]]:
-        """The model's input for every upload, and (with ``heatmap``) each image at its
-        heat map's size. Headers are all checked before any pixel is decoded; images
-        are then decoded one at a time, each shrunk and transformed before the next."""
+    def _open(self, uploads: list[Upload]) -> list[Image.Image]:
+        """Every upload opened and its header checked, before any pixel is decoded."""
         limits = self.limits
         if len(uploads) > limits.max_files:
             raise PayloadTooLarge(
@@ -188,57 +190,75 @@ class Predictor:
                 raise PayloadTooLarge(
                     f"{total} pixels in one request; the limit is {limits.max_request_pixels}"
                 )
-            transform = image_transform(input_size, augment=False)
-            inputs: list[torch.Tensor] = []
-            bases: list[Image.Image | None] = []
-            for upload, img in zip(uploads, opened, strict=True):
-                name = shorten(upload.filename or "image")
-                heat = _heatmap_size(*img.size) if heatmap else (0, 0)
-                need = (max(input_size, heat[0]), max(input_size, heat[1]))
-                small = decode_small(img, name, need)
-                inputs.append(transform(small))
-                if heatmap and small.size != heat:
-                    small = small.resize(heat, Image.Resampling.BILINEAR)
-                bases.append(small.convert("RGB") if heatmap else None)
-            return torch.stack(inputs), bases
-        finally:
+        except BaseException:
             for img in opened:
                 img.close()
+            raise
+        return opened
+
+    @staticmethod
+    def _decode(
+        uploads: list[Upload], opened: list[Image.Image], input_size: int, heatmap: bool
+    ) -> tuple[torch.Tensor, list[Image.Image | None]]:
+        """The model's input for these uploads, and (with ``heatmap``) each image at its
+        heat map's size; each image is shrunk and transformed before the next is decoded."""
+        transform = image_transform(input_size, augment=False)
+        inputs: list[torch.Tensor] = []
+        bases: list[Image.Image | None] = []
+        for upload, img in zip(uploads, opened, strict=True):
+            name = shorten(upload.filename or "image")
+            heat = _heatmap_size(*img.size) if heatmap else (0, 0)
+            need = (max(input_size, heat[0]), max(input_size, heat[1]))
+            small = decode_small(img, name, need)
+            inputs.append(transform(small))
+            if heatmap and small.size != heat:
+                small = small.resize(heat, Image.Resampling.BILINEAR)
+            bases.append(small.convert("RGB") if heatmap else None)
+        return torch.stack(inputs), bases
 
     def predict(self, uploads: list[Upload], heatmap: bool = False) -> PredictResponse:
         started = time.perf_counter()
         if not uploads:
             raise InvalidInput("send at least one image in the multipart field 'files'")
-        serving = self.registry.serving_model()
+        serving = self.deployed.serving()
         if serving is None:
             raise Conflict(NO_MODEL)
-        local, model = serving
-        x, images = self._images(uploads, model.arch.input_size, heatmap)
-        with torch.inference_mode():
-            probs = model(x).softmax(dim=1)
+        model = serving.model
         names = model.class_names
+        opened = self._open(uploads)
         predictions = []
-        for i, (upload, img) in enumerate(zip(uploads, images, strict=True)):
-            top = int(probs[i].argmax())
-            png = None
-            if img is not None:
-                cam = grad_cam(model, x[i : i + 1].clone(), top)
-                png = base64.b64encode(heatmap_png(img, cam)).decode("ascii")
-            predictions.append(
-                ScoredLabel(
-                    filename=shorten(upload.filename, 255),
-                    label=names[top],
-                    scores={n: float(probs[i, j]) for j, n in enumerate(names)},
-                    heatmap_png_base64=png,
-                    heatmap_class=names[top] if heatmap else None,
+        try:
+            step = max(1, self.limits.batch_size)
+            for first in range(0, len(uploads), step):
+                chunk = uploads[first : first + step]
+                x, images = self._decode(
+                    chunk, opened[first : first + step], model.arch.input_size, heatmap
                 )
-            )
+                probs = serving.runner(x)
+                for i, (upload, img) in enumerate(zip(chunk, images, strict=True)):
+                    top = int(probs[i].argmax())
+                    png = None
+                    if img is not None:
+                        cam = grad_cam(model, x[i : i + 1].clone(), top)
+                        png = base64.b64encode(heatmap_png(img, cam)).decode("ascii")
+                    predictions.append(
+                        ScoredLabel(
+                            filename=shorten(upload.filename, 255),
+                            label=names[top],
+                            scores={n: float(probs[i, j]) for j, n in enumerate(names)},
+                            heatmap_png_base64=png,
+                            heatmap_class=names[top] if heatmap else None,
+                        )
+                    )
+        finally:
+            for img in opened:
+                img.close()
         seconds = time.perf_counter() - started
         self.metrics.predictions.inc(len(uploads))
         self.metrics.prediction_latency.observe(seconds)
         return PredictResponse(
-            model_id=local.id,
-            model_version=local.base_version,
+            model_id=serving.local.id,
+            model_version=serving.local.base_version,
             latency_ms=round(seconds * 1000, 3),
             predictions=predictions,
         )
