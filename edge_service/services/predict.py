@@ -4,10 +4,12 @@ Uploaded bytes are decoded defensively: the pixel count, the aspect ratio and th
 pixels of the whole request are checked from the headers before any pixel is decoded
 (decompression bombs), each image is shrunk right after it is decoded, before the next
 one is, and a file that is not an image, or is truncated, is refused with a clear 4xx.
-Images go through the same transform as training (``fl_core.data.image_transform``),
-so a prediction sees what the model saw. They are decoded and run in batches of at most
-``PredictLimits.batch_size``: a batch is decoded, run, and dropped before the next one is
-decoded, so a request's decoded pixels stay bounded whatever its size.
+Images go through the same transform as training (``fl_core.data.image_array``, bit for
+bit ``image_transform``, in NumPy so that decoding never wakes torch's thread pool on
+cores ONNX Runtime is using), so a prediction sees what the model saw. They are decoded
+and run in batches of at most ``PredictLimits.batch_size``: a batch is decoded, run, and
+dropped before the next one is decoded, so a request's decoded pixels stay bounded
+whatever its size.
 
 The class probabilities come from the deployed model's runner
 (:mod:`edge_service.services.serving`: ONNX Runtime unless torch is asked for or the
@@ -33,7 +35,7 @@ from PIL import Image, UnidentifiedImageError
 
 from edge_service.services.metrics import EdgeMetrics
 from edge_service.services.serving import NO_MODEL, DeployedModel
-from fl_core.data import image_transform
+from fl_core.data import image_array
 from fl_core.errors import Conflict, InvalidInput, PayloadTooLarge
 from fl_core.guards import shorten
 from fl_core.model import SplitModel
@@ -202,19 +204,18 @@ class Predictor:
     ) -> tuple[torch.Tensor, list[Image.Image | None]]:
         """The model's input for these uploads, and (with ``heatmap``) each image at its
         heat map's size; each image is shrunk and transformed before the next is decoded."""
-        transform = image_transform(input_size, augment=False)
-        inputs: list[torch.Tensor] = []
+        inputs: list[np.ndarray] = []
         bases: list[Image.Image | None] = []
         for upload, img in zip(uploads, opened, strict=True):
             name = shorten(upload.filename or "image")
             heat = _heatmap_size(*img.size) if heatmap else (0, 0)
             need = (max(input_size, heat[0]), max(input_size, heat[1]))
             small = decode_small(img, name, need)
-            inputs.append(transform(small))
+            inputs.append(image_array(small, input_size))
             if heatmap and small.size != heat:
                 small = small.resize(heat, Image.Resampling.BILINEAR)
             bases.append(small.convert("RGB") if heatmap else None)
-        return torch.stack(inputs), bases
+        return torch.from_numpy(np.stack(inputs)), bases
 
     def predict(self, uploads: list[Upload], heatmap: bool = False) -> PredictResponse:
         started = time.perf_counter()
