@@ -362,9 +362,10 @@ def image_transform(input_size: int, augment: bool) -> v2.Transform:
     return v2.Compose(steps)
 
 
-def image_array(img: Image.Image, input_size: int) -> np.ndarray:
+def image_array(img: Image.Image, input_size: int, out: np.ndarray | None = None) -> np.ndarray:
     """``image_transform(input_size, augment=False)`` in NumPy: the same [3, S, S]
-    float32 values, bit for bit, without torch's intra-op thread pool.
+    float32 values, bit for bit, without torch's intra-op thread pool; written into
+    ``out`` (a [3, S, S] float32 view, e.g. one row of a batch) when given.
 
     Serving decodes on cores that ONNX Runtime keeps busy; there torch's few parallel
     element-wise ops per image cost more in thread hand-offs than the whole conversion
@@ -373,10 +374,17 @@ def image_array(img: Image.Image, input_size: int) -> np.ndarray:
     """
     small = img.resize((input_size, input_size), Image.Resampling.BILINEAR)
     pixels = np.asarray(small, dtype=np.uint8)
-    chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    if out is None:
+        out = np.empty((3, input_size, input_size), dtype=np.float32)
     # as ToDtype(scale=True): to float32, then times 1/255 in float32
-    x = chw.astype(np.float32) * np.float32(1.0 / 255)
-    return np.repeat(x, 3, axis=0) if x.shape[0] == 1 else np.ascontiguousarray(x)
+    scale = np.float32(1.0 / 255)
+    if pixels.ndim == 2:  # grey: one channel computed, repeated as _three_channels does
+        np.multiply(pixels, scale, out=out[0], dtype=np.float32)
+        out[1] = out[0]
+        out[2] = out[0]
+    else:
+        np.multiply(pixels.transpose(2, 0, 1), scale, out=out, dtype=np.float32)
+    return out
 
 
 class ImageDataset(Dataset[tuple[torch.Tensor, int]]):

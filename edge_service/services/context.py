@@ -19,7 +19,7 @@ from edge_service.services.cycle import LAST_CYCLE_KEY, PLANS, CycleService
 from edge_service.services.dataset import LocalData
 from edge_service.services.jobs import JobRunner, interruptible_sleep
 from edge_service.services.metrics import EdgeMetrics
-from edge_service.services.predict import PredictLimits, Predictor
+from edge_service.services.predict import SERVING_BATCH, PredictLimits, Predictor
 from edge_service.services.registry import ModelRegistry
 from edge_service.services.serving import DeployedModel
 from fl_core.blobstore import LocalBlobStore
@@ -149,7 +149,7 @@ def build_context(settings: Settings, http: httpx.Client | None = None) -> EdgeC
                 max_files=settings.max_predict_files,
                 max_request_pixels=settings.max_predict_pixels,
                 max_aspect=settings.max_image_aspect,
-                batch_size=settings.batch_size,
+                batch_size=min(settings.batch_size, SERVING_BATCH),
             ),
         ),
     )

@@ -7,9 +7,9 @@ one is, and a file that is not an image, or is truncated, is refused with a clea
 Images go through the same transform as training (``fl_core.data.image_array``, bit for
 bit ``image_transform``, in NumPy so that decoding never wakes torch's thread pool on
 cores ONNX Runtime is using), so a prediction sees what the model saw. They are decoded
-and run in batches of at most ``PredictLimits.batch_size``: a batch is decoded, run, and
-dropped before the next one is decoded, so a request's decoded pixels stay bounded
-whatever its size.
+and run in batches of at most ``PredictLimits.batch_size``, the next batch decoding on a
+helper thread while one runs: two batches at most are decoded at any time, so a
+request's decoded pixels stay bounded whatever its size.
 
 The class probabilities come from the deployed model's runner
 (:mod:`edge_service.services.serving`: ONNX Runtime unless torch is asked for or the
@@ -27,6 +27,7 @@ import base64
 import io
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +45,10 @@ from fl_core.schemas import PredictResponse, ScoredLabel
 #: Heat maps are drawn at the image's size, but no side larger than this (a 50 MP
 #: overlay would be tens of MiB of base64 for no visible gain).
 MAX_HEATMAP_SIDE = 1024
+#: images run at a time, the next as many decoding meanwhile: on 2 cores at 224 px,
+#: batches of 8 overlapped with decoding ran a batch of 16 faster than ONNX Runtime
+#: runs 16 already-decoded images, a single batch of 16 decoded first about 5% slower
+SERVING_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,7 @@ class PredictLimits:
     max_files: int = 16
     max_request_pixels: int = 100_000_000  # all images of one request together
     max_aspect: float = 32.0  # longest side over shortest side
-    batch_size: int = 32  # images decoded and run at a time
+    batch_size: int = SERVING_BATCH  # images decoded and run at a time
 
 
 def open_image(upload: Upload, limits: PredictLimits) -> Image.Image:
@@ -204,18 +209,18 @@ class Predictor:
     ) -> tuple[torch.Tensor, list[Image.Image | None]]:
         """The model's input for these uploads, and (with ``heatmap``) each image at its
         heat map's size; each image is shrunk and transformed before the next is decoded."""
-        inputs: list[np.ndarray] = []
+        inputs = np.empty((len(uploads), 3, input_size, input_size), dtype=np.float32)
         bases: list[Image.Image | None] = []
-        for upload, img in zip(uploads, opened, strict=True):
+        for i, (upload, img) in enumerate(zip(uploads, opened, strict=True)):
             name = shorten(upload.filename or "image")
             heat = _heatmap_size(*img.size) if heatmap else (0, 0)
             need = (max(input_size, heat[0]), max(input_size, heat[1]))
             small = decode_small(img, name, need)
-            inputs.append(image_array(small, input_size))
+            image_array(small, input_size, out=inputs[i])
             if heatmap and small.size != heat:
                 small = small.resize(heat, Image.Resampling.BILINEAR)
             bases.append(small.convert("RGB") if heatmap else None)
-        return torch.from_numpy(np.stack(inputs)), bases
+        return torch.from_numpy(inputs), bases
 
     def predict(self, uploads: list[Upload], heatmap: bool = False) -> PredictResponse:
         started = time.perf_counter()
@@ -227,30 +232,41 @@ class Predictor:
         model = serving.model
         names = model.class_names
         opened = self._open(uploads)
+        size = model.arch.input_size
+        step = max(1, self.limits.batch_size)
+        starts = list(range(0, len(uploads), step))
+
+        def decode(first: int) -> tuple[torch.Tensor, list[Image.Image | None]]:
+            end = first + step
+            return self._decode(uploads[first:end], opened[first:end], size, heatmap)
+
         predictions = []
         try:
-            step = max(1, self.limits.batch_size)
-            for first in range(0, len(uploads), step):
-                chunk = uploads[first : first + step]
-                x, images = self._decode(
-                    chunk, opened[first : first + step], model.arch.input_size, heatmap
-                )
-                probs = serving.runner(x)
-                for i, (upload, img) in enumerate(zip(chunk, images, strict=True)):
-                    top = int(probs[i].argmax())
-                    png = None
-                    if img is not None:
-                        cam = grad_cam(model, x[i : i + 1].clone(), top)
-                        png = base64.b64encode(heatmap_png(img, cam)).decode("ascii")
-                    predictions.append(
-                        ScoredLabel(
-                            filename=shorten(upload.filename, 255),
-                            label=names[top],
-                            scores={n: float(probs[i, j]) for j, n in enumerate(names)},
-                            heatmap_png_base64=png,
-                            heatmap_class=names[top] if heatmap else None,
+            # the next batch decodes on a helper thread while one runs: the engine leaves
+            # a core idle now and then (idle threads sleep), and decoding fills it
+            with ThreadPoolExecutor(1, thread_name_prefix="predict-decode") as pool:
+                pending = pool.submit(decode, 0)
+                for k, first in enumerate(starts):
+                    x, images = pending.result()
+                    if k + 1 < len(starts):
+                        pending = pool.submit(decode, starts[k + 1])
+                    probs = serving.runner(x)
+                    chunk = uploads[first : first + step]
+                    for i, (upload, img) in enumerate(zip(chunk, images, strict=True)):
+                        top = int(probs[i].argmax())
+                        png = None
+                        if img is not None:
+                            cam = grad_cam(model, x[i : i + 1].clone(), top)
+                            png = base64.b64encode(heatmap_png(img, cam)).decode("ascii")
+                        predictions.append(
+                            ScoredLabel(
+                                filename=shorten(upload.filename, 255),
+                                label=names[top],
+                                scores={n: float(probs[i, j]) for j, n in enumerate(names)},
+                                heatmap_png_base64=png,
+                                heatmap_class=names[top] if heatmap else None,
+                            )
                         )
-                    )
         finally:
             for img in opened:
                 img.close()
@@ -268,6 +284,7 @@ class Predictor:
 __all__ = [
     "MAX_HEATMAP_SIDE",
     "NO_MODEL",
+    "SERVING_BATCH",
     "PredictLimits",
     "Predictor",
     "Upload",

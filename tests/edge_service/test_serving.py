@@ -190,3 +190,15 @@ def test_a_request_larger_than_a_batch_is_decoded_and_run_in_batches(
         CLASSES[i] for i in scores.argmax(1)
     ]
     assert all(p["heatmap_png_base64"] for p in body["predictions"])
+
+
+def test_a_corrupt_image_in_a_later_batch_is_refused_by_name(
+    make_edge: EdgeFactory, fake_server: FakeServer
+) -> None:
+    edge = make_edge(fake_server.client(), batch_size=2)
+    deploy_model(_ctx(edge), tiny_model(3))
+    files = [("files", (f"{i}.png", data, "image/png")) for i, data in enumerate(IMAGES)]
+    files.append(("files", ("cut.png", IMAGES[0][:-200], "image/png")))
+    response = edge.post("/v1/predict", headers=AUTH, files=files)
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith("cut.png: the image is truncated or corrupt")
