@@ -2,12 +2,15 @@
 
 The whole model is exported once per deployed model, checked against torch
 (:func:`fl_core.onnx_runtime.model_runner`), and its session kept until another model is
-deployed or rolled back to: every call compares the active model's id with the one the
-runner was built for, so a deployment or a rollback is seen by the next request, never
-a stale model. The checked export is written beside the blob store, named by the
-weights' sha256 (content-addressed, so a rollback to an earlier model finds its file
-again and a restarted edge does not export again); a file there is trusted only after
-the same check against torch.
+deployed or rolled back to. The export is made at deployment, in the deploying thread
+(the cycle job, or the operator's activation), so the first prediction does not wait for
+it; every call also compares the active model's id with the one the runner was built
+for, so a deployment made elsewhere is seen by the next request, never a stale model.
+
+The checked export is written beside the blob store, named by the weights' sha256
+(content-addressed, so a rollback to an earlier model finds its file again and a
+restarted edge does not export again); a file there serves only after the same check
+against torch.
 
 With ``extract_backend = "torch"`` predictions run in torch, and the ONNX file is
 exported only when someone downloads it.
@@ -59,6 +62,7 @@ class DeployedModel:
         self.onnx_dir = onnx_dir
         self._lock = threading.Lock()
         self._current: Serving | None = None
+        registry.on_deploy(lambda _model: self.serving())
 
     def _path(self, local: LocalModel) -> Path:
         return self.onnx_dir / f"{local.sha256}.onnx"

@@ -202,3 +202,22 @@ def test_a_corrupt_image_in_a_later_batch_is_refused_by_name(
     response = edge.post("/v1/predict", headers=AUTH, files=files)
     assert response.status_code == 422
     assert response.json()["detail"].startswith("cut.png: the image is truncated or corrupt")
+
+
+def test_the_export_is_made_at_deployment_not_by_the_first_request(edge: TestClient) -> None:
+    ctx = _ctx(edge)
+    local = deploy_model(ctx, tiny_model(3))
+    assert (ctx.settings.onnx_dir / f"{local.sha256}.onnx").is_file()
+
+
+def test_a_failing_deploy_listener_does_not_undo_the_deployment(edge: TestClient) -> None:
+    ctx = _ctx(edge)
+
+    def broken(_model: object) -> None:
+        raise RuntimeError("no room on the disk")
+
+    ctx.registry.on_deploy(broken)
+    local = deploy_model(ctx, tiny_model(3))
+    deployed = ctx.registry.deployed()
+    assert deployed is not None and deployed.id == local.id
+    assert _predict(edge)[0] == local.id
