@@ -152,7 +152,7 @@ def _measure(
         return body
 
     started = time.perf_counter()
-    post(files[:1])  # exports and checks the deployed model
+    post(files[:1])  # the deployment has exported and checked the model already
     first_request_s = time.perf_counter() - started
     serving = ctx.deployed.serving()
     assert serving is not None
@@ -277,8 +277,8 @@ def markdown(results: dict[str, Any]) -> str:
         ),
         "",
         f"Engine: {results['backend']} ({results['export_check']}); export and check "
-        f"{results['export_setup_s']} s, paid once by the first request after the deployment "
-        f"({results['first_request_s']} s). The ONNX file downloaded from "
+        f"{results['export_setup_s']} s, made once at the deployment; the first request "
+        f"after it took {results['first_request_s']} s. The ONNX file downloaded from "
         f"`GET /v1/models/deployed/onnx` ({results['onnx_file_bytes']} bytes) gives "
         f"{'the same labels' if results['download_same_labels'] else 'OTHER LABELS'} as "
         f"/v1/predict, scores within {results['download_max_score_diff']:.1e}.",
