@@ -62,7 +62,11 @@ class DeployedModel:
         self.onnx_dir = onnx_dir
         self._lock = threading.Lock()
         self._current: Serving | None = None
-        registry.on_deploy(lambda _model: self.serving())
+        registry.on_deploy(self._prepare)
+
+    def _prepare(self, _model: LocalModel) -> None:
+        """At deployment: export and check now, not at the first request."""
+        self.serving()
 
     def _path(self, local: LocalModel) -> Path:
         return self.onnx_dir / f"{local.sha256}.onnx"
