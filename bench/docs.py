@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PAGE = ROOT / "docs" / "benchmarks.md"
 #: directories shown first, in this order; any other follows alphabetically
-ORDER = ("full", "recipe", "stage2", "scaleout", "quick", "extraction")
+ORDER = ("full", "recipe", "stage2", "scaleout", "quick", "extraction", "serving")
 
 HEADER = """\
 # Benchmarks
@@ -44,8 +44,13 @@ def _renderer(results: dict[str, Any]) -> Callable[[dict[str, Any]], str]:
         from bench import scaleout  # brings the test suite's process helpers: only here
 
         return lambda r: scaleout.to_markdown(r["rows"], r["meta"])
+    if "per_batch" in results and "latency_one_image" in results:
+        from bench import serving  # brings the edge service: only here
+
+        return serving.markdown
     raise ValueError(
-        "no renderer knows this results.json (not a bench, recipe, stage 2 or scale-out run)"
+        "no renderer knows this results.json "
+        "(not a bench, recipe, stage 2, scale-out or serving run)"
     )
 
 

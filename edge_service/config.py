@@ -107,9 +107,10 @@ class Settings(ServiceSettings):
     extract_backend: Literal["onnxruntime", "torch"] = Field(
         default="onnxruntime",
         description="Engine of the frozen layers: the lower part during feature extraction "
-        "and the stages below the fine-tuned ones in stage 3. 'onnxruntime' (exported from "
-        "the model and checked against torch; falls back to torch, with the reason logged, "
-        "when export or check fail) or 'torch'.",
+        "and the stages below the fine-tuned ones in stage 3, and of the deployed model "
+        "answering POST /v1/predict (heat maps still take torch's gradients). "
+        "'onnxruntime' (exported from the model and checked against torch; falls back to "
+        "torch, with the reason logged, when export or check fail) or 'torch'.",
     )
     threads: int | None = Field(
         default=None,
@@ -229,6 +230,11 @@ class Settings(ServiceSettings):
     @property
     def blob_dir(self) -> Path:
         return self.data_dir / "blobs"
+
+    @property
+    def onnx_dir(self) -> Path:
+        """Checked ONNX exports of deployed models, named by the weights' sha256."""
+        return self.data_dir / "onnx"
 
 
 def load_settings() -> Settings:

@@ -21,11 +21,18 @@ weights) reuses the export instead of paying for it again.
 The exporter is the TorchScript one (``dynamo=False``): it works offline and handles
 the backbones' data-dependent "same" padding by tracing at the model's input size,
 which is the only size the edge feeds. The batch axis is dynamic.
+
+The whole model (stages and classifier, class prior included) is exported the same way
+by :func:`export_model` and run by :func:`model_runner`: the edge serves predictions
+through it, and offers the file to lines that run it in their own runtime. Its graph
+answers ``logits`` and ``probabilities``; the class names and input size travel in the
+file's metadata.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import threading
 import time
@@ -80,16 +87,13 @@ class _Prefix(nn.Module):
         return self.model.run_stages(self.model.normalize(x), 0, self.end)
 
 
-def export_lower(model: SplitModel, end: int | None = None) -> bytes:
-    """The lower part of ``model`` (normalisation included) as ONNX bytes; with ``end``,
-    the stages below ``end`` instead of those up to the cut.
-
-    Input ``images`` [B, 3, S, S] float32 in [0, 1]; output ``features`` [B, ...].
-    """
+def _export(module: nn.Module, model: SplitModel, outputs: list[str]) -> bytes:
+    """``module`` (which runs ``model``) as ONNX bytes, traced at the model's input size
+    with a dynamic batch axis; input ``images`` [B, 3, S, S] float32 in [0, 1]."""
     was_training = model.training
     # the exporter restores the wrapper's training flag afterwards, recursively: a
     # wrapper left in training mode would switch the model's batch norms to batch stats
-    wrapper = _Prefix(model, _end(model, end)).eval()
+    module.eval()
     size = model.arch.input_size
     probe = torch.zeros(2, 3, size, size)
     buffer = io.BytesIO()
@@ -99,17 +103,69 @@ def export_lower(model: SplitModel, end: int | None = None) -> bytes:
         # padding); at the one input size the edge uses these branches are constants
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            wrapper,
+            module,
             (probe,),
             buffer,  # type: ignore[arg-type]  # the TorchScript exporter takes file objects
             dynamo=False,
             opset_version=OPSET,
             input_names=["images"],
-            output_names=["features"],
-            dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+            output_names=outputs,
+            dynamic_axes={"images": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
         )
     model.train(was_training)
     return buffer.getvalue()
+
+
+def export_lower(model: SplitModel, end: int | None = None) -> bytes:
+    """The lower part of ``model`` (normalisation included) as ONNX bytes; with ``end``,
+    the stages below ``end`` instead of those up to the cut.
+
+    Input ``images`` [B, 3, S, S] float32 in [0, 1]; output ``features`` [B, ...].
+    """
+    return _export(_Prefix(model, _end(model, end)), model, ["features"])
+
+
+class _Whole(nn.Module):
+    """The whole model, answering its logits and their softmax."""
+
+    def __init__(self, model: SplitModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x)
+        return logits, logits.softmax(dim=1)
+
+
+#: keys of the metadata :func:`export_model` writes into the file
+META_CLASS_NAMES = "fedinspect.class_names"
+META_INPUT_SIZE = "fedinspect.input_size"
+META_ARCH = "fedinspect.arch"
+
+
+def export_model(model: SplitModel, metadata: dict[str, str] | None = None) -> bytes:
+    """The whole of ``model`` (normalisation, stages, classifier with its class prior) as
+    ONNX bytes, with the class names, input size, architecture and ``metadata`` in the
+    file's metadata (``session.get_modelmeta().custom_metadata_map``).
+
+    Input ``images`` [B, 3, S, S] float32 in [0, 1] (grey images repeated on the three
+    channels); outputs ``logits`` and ``probabilities`` [B, classes], in the order of
+    the class names.
+    """
+    import onnx
+
+    data = _export(_Whole(model), model, ["logits", "probabilities"])
+    proto = onnx.load_from_string(data)
+    meta = {
+        META_CLASS_NAMES: json.dumps(model.class_names),
+        META_INPUT_SIZE: str(model.arch.input_size),
+        META_ARCH: model.arch.to_json(),
+        **(metadata or {}),
+    }
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    return bytes(proto.SerializeToString())
 
 
 def make_session(onnx_bytes: bytes, threads: int | None = None) -> Any:
@@ -123,6 +179,11 @@ def make_session(onnx_bytes: bytes, threads: int | None = None) -> Any:
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3  # errors only: its warnings are about unused initialisers
+    # Idle pool threads sleep instead of spinning. On cores shared with other work (the
+    # edge's own decoding between batches, other edges on one machine) spinning threads
+    # take the cores that work needs: whole-model ONNX Runtime at 224 px, batch 16, two
+    # threads on a loaded 2-core machine ran at 56 img/s without spinning, 39 with it.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
 
 
@@ -180,6 +241,38 @@ def torch_runner(model: SplitModel, reason: str = "", end: int | None = None) ->
     return LowerRunner("torch", run, end, reason or "torch requested")
 
 
+def _session(onnx_bytes: bytes, threads: int) -> Any:
+    """:func:`make_session`, its failures as :class:`OnnxUnavailable`."""
+    try:
+        return make_session(onnx_bytes, threads)
+    except ImportError:
+        raise OnnxUnavailable("onnxruntime is not installed") from None
+    except Exception as exc:
+        raise OnnxUnavailable(f"onnxruntime refused the model: {type(exc).__name__}") from None
+
+
+def _probe(model: SplitModel, batch: int, seed: int) -> torch.Tensor:
+    size = model.arch.input_size
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _check(got_array: np.ndarray, expected: torch.Tensor, rtol: float) -> float:
+    """max |got - expected|; :class:`OnnxUnavailable` past ``rtol`` of the largest
+    expected value, or when the shapes differ."""
+    got = torch.from_numpy(np.asarray(got_array))
+    if got.shape != expected.shape:
+        raise OnnxUnavailable(
+            f"ONNX output has shape {list(got.shape)}, torch's {list(expected.shape)}"
+        )
+    diff = float((got - expected).abs().max())
+    bound = rtol * max(1.0, float(expected.abs().max()))
+    if not diff <= bound:  # also catches NaN
+        raise OnnxUnavailable(
+            f"ONNX output differs from torch's by {diff:.3g} (allowed {bound:.3g})"
+        )
+    return diff
+
+
 def onnx_runner(
     model: SplitModel,
     threads: int | None = None,
@@ -200,28 +293,11 @@ def onnx_runner(
         onnx_bytes = export_lower(model, end)
     except Exception as exc:  # the exporter raises many types; all mean "not exportable"
         raise OnnxUnavailable(f"ONNX export failed: {type(exc).__name__}: {exc}") from None
-    try:
-        session = make_session(onnx_bytes, threads)
-    except ImportError:
-        raise OnnxUnavailable("onnxruntime is not installed") from None
-    except Exception as exc:
-        raise OnnxUnavailable(f"onnxruntime refused the model: {type(exc).__name__}") from None
-    size = model.arch.input_size
-    gen = torch.Generator().manual_seed(seed)
-    probe = torch.rand(probe_batch, 3, size, size, generator=gen)
+    session = _session(onnx_bytes, threads)
+    probe = _probe(model, probe_batch, seed)
     with torch.inference_mode():
         expected = model.run_stages(model.normalize(probe), 0, end).float()
-    got = torch.from_numpy(session.run(None, {"images": probe.numpy()})[0])
-    if got.shape != expected.shape:
-        raise OnnxUnavailable(
-            f"ONNX output has shape {list(got.shape)}, torch's {list(expected.shape)}"
-        )
-    diff = float((got - expected).abs().max())
-    bound = rtol * max(1.0, float(expected.abs().max()))
-    if not diff <= bound:  # also catches NaN
-        raise OnnxUnavailable(
-            f"ONNX output differs from torch's by {diff:.3g} (allowed {bound:.3g})"
-        )
+    diff = _check(session.run(None, {"images": probe.numpy()})[0], expected, rtol)
 
     def run(images: torch.Tensor) -> torch.Tensor:
         x = np.ascontiguousarray(images.numpy(), dtype=np.float32)
@@ -287,19 +363,141 @@ def lower_runner(
     return runner
 
 
+# --------------------------------------------------------------------------- whole model
+
+
+@dataclass
+class ModelRunner:
+    """Class probabilities of a whole model on [0, 1] image batches: [B, 3, S, S] ->
+    [B, classes] float32; ``backend`` says which engine."""
+
+    backend: Backend
+    run: Callable[[torch.Tensor], np.ndarray]
+    #: the checked export it runs (None for torch)
+    onnx_bytes: bytes | None = None
+    #: why this backend (e.g. the reason of a fallback to torch)
+    reason: str = ""
+    #: seconds spent exporting and checking (0 for torch)
+    setup_s: float = 0.0
+    #: max |ort - torch| of the logits on the probe batch (None for torch)
+    max_abs_diff: float | None = None
+    #: threads the engine runs on (None: torch's intra-op pool, as it is at call time)
+    threads: int | None = None
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        return self.run(images)
+
+
+def torch_model_runner(model: SplitModel, reason: str = "") -> ModelRunner:
+    """Eager PyTorch (channels-last, as the model keeps its stages)."""
+    model.eval()
+
+    def run(images: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return model(images).softmax(dim=1).float().numpy()
+
+    return ModelRunner("torch", run, reason=reason or "torch requested")
+
+
+def onnx_model_runner(
+    model: SplitModel,
+    threads: int | None = None,
+    onnx_bytes: bytes | None = None,
+    rtol: float = DEFAULT_RTOL,
+    probe_batch: int = 2,
+    seed: int = 0,
+) -> ModelRunner:
+    """Export ``model`` whole (or take ``onnx_bytes``, an earlier export of it), open a
+    session and check its logits against torch's on a seeded probe batch.
+
+    Raises :class:`OnnxUnavailable` with the reason when any step fails.
+    """
+    started = time.perf_counter()
+    threads = threads or torch.get_num_threads()
+    if onnx_bytes is None:
+        try:
+            onnx_bytes = export_model(model)
+        except Exception as exc:  # the exporter raises many types; all mean "not exportable"
+            raise OnnxUnavailable(f"ONNX export failed: {type(exc).__name__}: {exc}") from None
+    session = _session(onnx_bytes, threads)
+    model.eval()
+    probe = _probe(model, probe_batch, seed)
+    with torch.inference_mode():
+        expected = model(probe).float()
+    try:
+        got = session.run(["logits"], {"images": probe.numpy()})[0]
+    except Exception as exc:  # a file that is not this model's export
+        raise OnnxUnavailable(
+            f"onnxruntime could not run the model: {type(exc).__name__}"
+        ) from None
+    diff = _check(got, expected, rtol)
+
+    def run(images: torch.Tensor) -> np.ndarray:
+        x = np.ascontiguousarray(images.numpy(), dtype=np.float32)
+        out: np.ndarray = session.run(["probabilities"], {"images": x})[0]
+        return out
+
+    return ModelRunner(
+        "onnxruntime",
+        run,
+        onnx_bytes,
+        reason=f"checked against torch: max abs diff of the logits {diff:.2e}",
+        setup_s=time.perf_counter() - started,
+        max_abs_diff=diff,
+        threads=threads,
+    )
+
+
+def model_runner(
+    model: SplitModel,
+    backend: Backend = "onnxruntime",
+    threads: int | None = None,
+    onnx_bytes: bytes | None = None,
+) -> ModelRunner:
+    """The fastest checked way to run the whole ``model``: ONNX Runtime (from
+    ``onnx_bytes`` when they pass the check, else a fresh export), else torch, with the
+    reason of the fallback logged and in ``reason``."""
+    if backend == "torch":
+        return torch_model_runner(model)
+    if backend != "onnxruntime":
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    try:
+        if onnx_bytes is not None:
+            try:
+                return onnx_model_runner(model, threads, onnx_bytes)
+            except OnnxUnavailable as exc:
+                log.warning("event=onnx_stale reason=%r: exporting again", str(exc))
+        runner = onnx_model_runner(model, threads)
+    except OnnxUnavailable as exc:
+        log.warning("event=onnx_fallback backend=torch reason=%r", str(exc))
+        return torch_model_runner(model, f"fell back to torch: {exc}")
+    log.info(
+        "event=onnx_model_ready setup_s=%.2f max_abs_diff=%.2e", runner.setup_s, runner.max_abs_diff
+    )
+    return runner
+
+
 __all__ = [
     "BACKENDS",
     "CACHED_SESSIONS",
     "DEFAULT_RTOL",
+    "META_ARCH",
+    "META_CLASS_NAMES",
+    "META_INPUT_SIZE",
     "OPSET",
     "Backend",
     "LowerRunner",
+    "ModelRunner",
     "OnnxUnavailable",
     "clear_sessions",
     "export_lower",
+    "export_model",
     "lower_runner",
     "make_session",
+    "model_runner",
+    "onnx_model_runner",
     "onnx_runner",
+    "torch_model_runner",
     "torch_runner",
     "torch_threads_beside",
 ]

@@ -19,8 +19,9 @@ from edge_service.services.cycle import LAST_CYCLE_KEY, PLANS, CycleService
 from edge_service.services.dataset import LocalData
 from edge_service.services.jobs import JobRunner, interruptible_sleep
 from edge_service.services.metrics import EdgeMetrics
-from edge_service.services.predict import PredictLimits, Predictor
+from edge_service.services.predict import SERVING_BATCH, PredictLimits, Predictor
 from edge_service.services.registry import ModelRegistry
+from edge_service.services.serving import DeployedModel
 from fedinspect.service import log_event, redact_url
 from fl_core.blobstore import LocalBlobStore
 from fl_core.schemas import EdgeStatus, Job, JobKind, ServerLink
@@ -42,6 +43,7 @@ class EdgeContext:
     runner: JobRunner
     cycles: CycleService
     predictor: Predictor
+    deployed: DeployedModel
 
     # ------------------------------------------------------------------ jobs
 
@@ -122,6 +124,9 @@ def build_context(settings: Settings, http: httpx.Client | None = None) -> EdgeC
     )
     data = LocalData(settings)
     registry = ModelRegistry(store, blobs)
+    deployed = DeployedModel(
+        registry, settings.extract_backend, settings.threads, settings.onnx_dir
+    )
     return EdgeContext(
         settings=settings,
         store=store,
@@ -134,8 +139,9 @@ def build_context(settings: Settings, http: httpx.Client | None = None) -> EdgeC
         metrics=metrics,
         runner=runner,
         cycles=CycleService(settings, client, data, registry),
+        deployed=deployed,
         predictor=Predictor(
-            registry,
+            deployed,
             metrics,
             PredictLimits(
                 max_pixels=settings.max_image_pixels,
@@ -143,6 +149,7 @@ def build_context(settings: Settings, http: httpx.Client | None = None) -> EdgeC
                 max_files=settings.max_predict_files,
                 max_request_pixels=settings.max_predict_pixels,
                 max_aspect=settings.max_image_aspect,
+                batch_size=min(settings.batch_size, SERVING_BATCH),
             ),
         ),
     )

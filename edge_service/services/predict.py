@@ -4,8 +4,16 @@ Uploaded bytes are decoded defensively: the pixel count, the aspect ratio and th
 pixels of the whole request are checked from the headers before any pixel is decoded
 (decompression bombs), each image is shrunk right after it is decoded, before the next
 one is, and a file that is not an image, or is truncated, is refused with a clear 4xx.
-Images go through the same transform as training (``fl_core.data.image_transform``),
-so a prediction sees what the model saw.
+Images go through the same transform as training (``fl_core.data.image_array``, bit for
+bit ``image_transform``, in NumPy so that decoding never wakes torch's thread pool on
+cores ONNX Runtime is using), so a prediction sees what the model saw. They are decoded
+and run in batches of at most ``PredictLimits.batch_size``, the next batch decoding on a
+helper thread while one runs: two batches at most are decoded at any time, so a
+request's decoded pixels stay bounded whatever its size.
+
+The class probabilities come from the deployed model's runner
+(:mod:`edge_service.services.serving`: ONNX Runtime unless torch is asked for or the
+export failed); only the heat map needs torch, for its gradient.
 
 Grad-CAM: the activations of the last spatial stage are weighted by the mean gradient
 of the predicted class's logit over each channel; the positive part, upsampled to the
@@ -19,6 +27,7 @@ import base64
 import io
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,8 +35,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from edge_service.services.metrics import EdgeMetrics
-from edge_service.services.registry import ModelRegistry
-from fl_core.data import image_transform
+from edge_service.services.serving import NO_MODEL, DeployedModel
+from fl_core.data import image_array
 from fl_core.errors import Conflict, InvalidInput, PayloadTooLarge, shorten
 from fl_core.model import SplitModel
 from fl_core.schemas import PredictResponse, ScoredLabel
@@ -35,7 +44,10 @@ from fl_core.schemas import PredictResponse, ScoredLabel
 #: Heat maps are drawn at the image's size, but no side larger than this (a 50 MP
 #: overlay would be tens of MiB of base64 for no visible gain).
 MAX_HEATMAP_SIDE = 1024
-NO_MODEL = "no model deployed yet: run a cycle first"
+#: images run at a time, the next as many decoding meanwhile: on 2 cores at 224 px,
+#: batches of 8 overlapped with decoding ran a batch of 16 faster than ONNX Runtime
+#: runs 16 already-decoded images, a single batch of 16 decoded first about 5% slower
+SERVING_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,7 @@ class PredictLimits:
     max_files: int = 16
     max_request_pixels: int = 100_000_000  # all images of one request together
     max_aspect: float = 32.0  # longest side over shortest side
+    batch_size: int = SERVING_BATCH  # images decoded and run at a time
 
 
 def open_image(upload: Upload, limits: PredictLimits) -> Image.Image:
@@ -161,18 +174,14 @@ class Predictor:
     """Classifies uploaded images with the deployed local model."""
 
     def __init__(
-        self, registry: ModelRegistry, metrics: EdgeMetrics, limits: PredictLimits
+        self, deployed: DeployedModel, metrics: EdgeMetrics, limits: PredictLimits
     ) -> None:
-        self.registry = registry
+        self.deployed = deployed
         self.metrics = metrics
         self.limits = limits
 
-    def _images(
-        self, uploads: list[Upload], input_size: int, heatmap: bool
-    ) -> tuple[torch.Tensor, list[Image.Image | None]]:
-        """The model's input for every upload, and (with ``heatmap``) each image at its
-        heat map's size. Headers are all checked before any pixel is decoded; images
-        are then decoded one at a time, each shrunk and transformed before the next."""
+    def _open(self, uploads: list[Upload]) -> list[Image.Image]:
+        """Every upload opened and its header checked, before any pixel is decoded."""
         limits = self.limits
         if len(uploads) > limits.max_files:
             raise PayloadTooLarge(
@@ -187,57 +196,85 @@ class Predictor:
                 raise PayloadTooLarge(
                     f"{total} pixels in one request; the limit is {limits.max_request_pixels}"
                 )
-            transform = image_transform(input_size, augment=False)
-            inputs: list[torch.Tensor] = []
-            bases: list[Image.Image | None] = []
-            for upload, img in zip(uploads, opened, strict=True):
-                name = shorten(upload.filename or "image")
-                heat = _heatmap_size(*img.size) if heatmap else (0, 0)
-                need = (max(input_size, heat[0]), max(input_size, heat[1]))
-                small = decode_small(img, name, need)
-                inputs.append(transform(small))
-                if heatmap and small.size != heat:
-                    small = small.resize(heat, Image.Resampling.BILINEAR)
-                bases.append(small.convert("RGB") if heatmap else None)
-            return torch.stack(inputs), bases
-        finally:
+        except BaseException:
             for img in opened:
                 img.close()
+            raise
+        return opened
+
+    @staticmethod
+    def _decode(
+        uploads: list[Upload], opened: list[Image.Image], input_size: int, heatmap: bool
+    ) -> tuple[torch.Tensor, list[Image.Image | None]]:
+        """The model's input for these uploads, and (with ``heatmap``) each image at its
+        heat map's size; each image is shrunk and transformed before the next is decoded."""
+        inputs = np.empty((len(uploads), 3, input_size, input_size), dtype=np.float32)
+        bases: list[Image.Image | None] = []
+        for i, (upload, img) in enumerate(zip(uploads, opened, strict=True)):
+            name = shorten(upload.filename or "image")
+            heat = _heatmap_size(*img.size) if heatmap else (0, 0)
+            need = (max(input_size, heat[0]), max(input_size, heat[1]))
+            small = decode_small(img, name, need)
+            image_array(small, input_size, out=inputs[i])
+            if heatmap and small.size != heat:
+                small = small.resize(heat, Image.Resampling.BILINEAR)
+            bases.append(small.convert("RGB") if heatmap else None)
+        return torch.from_numpy(inputs), bases
 
     def predict(self, uploads: list[Upload], heatmap: bool = False) -> PredictResponse:
         started = time.perf_counter()
         if not uploads:
             raise InvalidInput("send at least one image in the multipart field 'files'")
-        serving = self.registry.serving_model()
+        serving = self.deployed.serving()
         if serving is None:
             raise Conflict(NO_MODEL)
-        local, model = serving
-        x, images = self._images(uploads, model.arch.input_size, heatmap)
-        with torch.inference_mode():
-            probs = model(x).softmax(dim=1)
+        model = serving.model
         names = model.class_names
+        opened = self._open(uploads)
+        size = model.arch.input_size
+        step = max(1, self.limits.batch_size)
+        starts = list(range(0, len(uploads), step))
+
+        def decode(first: int) -> tuple[torch.Tensor, list[Image.Image | None]]:
+            end = first + step
+            return self._decode(uploads[first:end], opened[first:end], size, heatmap)
+
         predictions = []
-        for i, (upload, img) in enumerate(zip(uploads, images, strict=True)):
-            top = int(probs[i].argmax())
-            png = None
-            if img is not None:
-                cam = grad_cam(model, x[i : i + 1].clone(), top)
-                png = base64.b64encode(heatmap_png(img, cam)).decode("ascii")
-            predictions.append(
-                ScoredLabel(
-                    filename=shorten(upload.filename, 255),
-                    label=names[top],
-                    scores={n: float(probs[i, j]) for j, n in enumerate(names)},
-                    heatmap_png_base64=png,
-                    heatmap_class=names[top] if heatmap else None,
-                )
-            )
+        try:
+            # the next batch decodes on a helper thread while one runs: the engine leaves
+            # a core idle now and then (idle threads sleep), and decoding fills it
+            with ThreadPoolExecutor(1, thread_name_prefix="predict-decode") as pool:
+                pending = pool.submit(decode, 0)
+                for k, first in enumerate(starts):
+                    x, images = pending.result()
+                    if k + 1 < len(starts):
+                        pending = pool.submit(decode, starts[k + 1])
+                    probs = serving.runner(x)
+                    chunk = uploads[first : first + step]
+                    for i, (upload, img) in enumerate(zip(chunk, images, strict=True)):
+                        top = int(probs[i].argmax())
+                        png = None
+                        if img is not None:
+                            cam = grad_cam(model, x[i : i + 1].clone(), top)
+                            png = base64.b64encode(heatmap_png(img, cam)).decode("ascii")
+                        predictions.append(
+                            ScoredLabel(
+                                filename=shorten(upload.filename, 255),
+                                label=names[top],
+                                scores={n: float(probs[i, j]) for j, n in enumerate(names)},
+                                heatmap_png_base64=png,
+                                heatmap_class=names[top] if heatmap else None,
+                            )
+                        )
+        finally:
+            for img in opened:
+                img.close()
         seconds = time.perf_counter() - started
         self.metrics.predictions.inc(len(uploads))
         self.metrics.prediction_latency.observe(seconds)
         return PredictResponse(
-            model_id=local.id,
-            model_version=local.base_version,
+            model_id=serving.local.id,
+            model_version=serving.local.base_version,
             latency_ms=round(seconds * 1000, 3),
             predictions=predictions,
         )
@@ -246,6 +283,7 @@ class Predictor:
 __all__ = [
     "MAX_HEATMAP_SIDE",
     "NO_MODEL",
+    "SERVING_BATCH",
     "PredictLimits",
     "Predictor",
     "Upload",

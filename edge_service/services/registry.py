@@ -41,6 +41,13 @@ class ModelRegistry:
         self.blobs = blobs
         self._lock = threading.Lock()
         self._loaded: tuple[int, SplitModel] | None = None
+        self._on_deploy: list[Callable[[LocalModel], None]] = []
+
+    def on_deploy(self, listener: Callable[[LocalModel], None]) -> None:
+        """Call ``listener(model)`` after each deployment, in the deploying thread (the
+        cycle job's, or an operator's request); its failures are logged, never raised:
+        the deployment itself has happened."""
+        self._on_deploy.append(listener)
 
     # ------------------------------------------------------------------ base weights
 
@@ -93,7 +100,19 @@ class ModelRegistry:
             self._record(decision, gate)
             self._loaded = None
         log_event(log, "model.deployed", local_model=model_id, decision=decision)
-        return self.store.get_model(model_id)
+        deployed = self.store.get_model(model_id)
+        for listener in self._on_deploy:
+            try:
+                listener(deployed)
+            except Exception as exc:  # a listener prepares; the deployment stands
+                log_event(
+                    log,
+                    "model.deploy_listener_failed",
+                    logging.WARNING,
+                    local_model=model_id,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+        return deployed
 
     def activate(self, model_id: int) -> LocalModel:
         """Operator rollback (or roll forward) to any recorded local model."""

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fl_core.data import (
     SYMMETRIES,
     align_classes,
     batches,
+    image_array,
+    image_transform,
     load_dataset_spec,
     load_elpv,
     load_image_folder,
@@ -155,3 +159,16 @@ def test_the_symmetric_views_are_distinct_and_closed_under_composition() -> None
         for b in range(4):
             twice = symmetric_view(symmetric_view(x, a), b)
             assert any(torch.equal(twice, v) for v in views)
+
+
+@pytest.mark.parametrize(
+    ("mode", "shape"),
+    [("L", (37, 53)), ("RGB", (300, 301, 3)), ("L", (32, 32)), ("RGB", (9, 90, 3))],
+)
+def test_image_array_is_the_model_transform_bit_for_bit(mode: str, shape: tuple[int, ...]) -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    img = Image.fromarray(pixels, mode)
+    for size in (32, 224):
+        got = image_array(img, size)
+        assert got.dtype == np.float32 and got.shape == (3, size, size)
+        assert np.array_equal(got, image_transform(size, augment=False)(img).numpy())

@@ -209,3 +209,58 @@ def test_extraction_overlaps_decoding_only_with_a_core_to_spare(
     assert bool(prefetched) is overlaps and len(y) == len(images)
     extract_images(model, images, 6, lower=runner, overlap=True)  # asked for: always
     assert len(prefetched) == int(overlaps) + 1
+
+
+def _with_prior(seed: int = 0):  # type: ignore[no-untyped-def]
+    """A model whose class prior is not uniform, so the export must carry it."""
+    model = _model(seed=seed)
+    model.set_class_prior(torch.tensor([30.0, 2.0]))
+    return model
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_the_whole_model_in_onnx_gives_torchs_probabilities(batch: int) -> None:
+    model = _with_prior()
+    runner = onnx_runtime.model_runner(model, threads=1)
+    assert runner.backend == "onnxruntime" and runner.onnx_bytes is not None
+    x = torch.rand(batch, 3, 32, 32)
+    with torch.inference_mode():
+        expected = model(x).softmax(dim=1).numpy()
+    got = runner(x)
+    assert got.shape == (batch, 2)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert (got.argmax(axis=1) == expected.argmax(axis=1)).all()
+
+
+def test_the_model_export_names_its_classes_and_input_size() -> None:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(onnx_runtime.export_model(_model(), {"extra": "1"}))
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta[onnx_runtime.META_CLASS_NAMES] == '["dark", "bright"]'
+    assert meta[onnx_runtime.META_INPUT_SIZE] == "32" and meta["extra"] == "1"
+    assert [o.name for o in session.get_outputs()] == ["logits", "probabilities"]
+
+
+def test_an_export_of_another_model_is_refused_and_exported_again() -> None:
+    other = onnx_runtime.export_model(_model(seed=1))
+    with pytest.raises(OnnxUnavailable, match="differs from torch"):
+        onnx_runtime.onnx_model_runner(_with_prior(), onnx_bytes=other)
+    runner = onnx_runtime.model_runner(_with_prior(), onnx_bytes=other)
+    assert runner.backend == "onnxruntime" and runner.onnx_bytes != other
+
+
+def test_a_model_that_cannot_be_exported_is_served_by_torch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(_model: object, _meta: object = None) -> bytes:
+        raise RuntimeError("operator not supported")
+
+    monkeypatch.setattr(onnx_runtime, "export_model", broken)
+    model = _model()
+    runner = onnx_runtime.model_runner(model)
+    assert runner.backend == "torch" and "operator not supported" in runner.reason
+    x = torch.rand(3, 3, 32, 32)
+    with torch.inference_mode():
+        np.testing.assert_allclose(runner(x), model(x).softmax(dim=1).numpy(), atol=1e-6)
+    assert onnx_runtime.model_runner(model, "torch").reason == "torch requested"
