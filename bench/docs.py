@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PAGE = ROOT / "docs" / "benchmarks.md"
 #: directories shown first, in this order; any other follows alphabetically
-ORDER = ("full", "recipe", "stage2", "scaleout", "quick", "extraction", "serving")
+ORDER = ("full", "recipe", "stage2", "scaleout", "quick", "extraction", "serving", "limit")
 
 HEADER = """\
 # Benchmarks
@@ -48,9 +48,13 @@ def _renderer(results: dict[str, Any]) -> Callable[[dict[str, Any]], str]:
         from bench import serving  # brings the edge service: only here
 
         return serving.markdown
+    if "flops_per_image" in results and "per_threads" in results:
+        from bench import limit
+
+        return limit.markdown
     raise ValueError(
         "no renderer knows this results.json "
-        "(not a bench, recipe, stage 2, scale-out or serving run)"
+        "(not a bench, recipe, stage 2, scale-out, serving or limit run)"
     )
 
 
