@@ -16,7 +16,9 @@ image), stage 3's activation cache (the frozen stages once per view of each trai
 image), its training steps (views * epochs passes over the training split) and its
 evaluation (the frozen stages once over validation and test, then the upper part of
 each model the gate scores: the server model on the test split, and the candidate, the
-server model and the deployed model on validation and test).
+server model and the deployed model on validation and test;
+an edge's first cycle has no deployed model, so two models, and its evaluation a little
+less work than counted here).
 
 In the same run, per torch thread count, the CPU's sustained rates: a float32 matmul
 and dense 3x3 and 1x1 convolutions at the shapes of stages b13-b15 at batch 32 (the
