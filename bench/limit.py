@@ -675,6 +675,32 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def measure(input_size: int, threads: list[int], repeats: int) -> dict[str, Any]:
+    """:func:`run`, with how and when it ran (what :func:`markdown` reads)."""
+    load_before = [round(v, 2) for v in os.getloadavg()]
+    started = time.perf_counter()
+    results = run(input_size, threads, repeats)
+    results["meta"] = {
+        "command": f"python -m bench.limit --input-size {input_size} --threads "
+        f"{' '.join(map(str, threads))} --repeats {repeats}",
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "input_size": input_size,
+        "repeats": repeats,
+        "seconds": round(time.perf_counter() - started, 1),
+        "load_before": load_before,
+        "load_after": [round(v, 2) for v in os.getloadavg()],
+        "torch": torch.__version__,
+    }
+    return results
+
+
+def section(quick: bool) -> dict[str, Any]:
+    """The ``limit`` section of ``python -m bench``: elpv's 300 px, or 96 px quick."""
+    return measure(96, [1], 1) if quick else measure(300, [1, 2], 3)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -682,22 +708,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    load_before = [round(v, 2) for v in os.getloadavg()]
-    started = time.perf_counter()
-    results = run(args.input_size, args.threads, args.repeats)
-    results["meta"] = {
-        "command": f"python -m bench.limit --input-size {args.input_size} --threads "
-        f"{' '.join(map(str, args.threads))} --repeats {args.repeats}",
-        "cpus": os.cpu_count(),
-        "machine": platform.machine(),
-        "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "input_size": args.input_size,
-        "repeats": args.repeats,
-        "seconds": round(time.perf_counter() - started, 1),
-        "load_before": load_before,
-        "load_after": [round(v, 2) for v in os.getloadavg()],
-        "torch": torch.__version__,
-    }
+    results = measure(args.input_size, args.threads, args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "results.md").write_text(markdown(results))
@@ -714,6 +725,8 @@ __all__ = [
     "edge_work",
     "linear_flops",
     "markdown",
+    "measure",
     "run",
+    "section",
     "shape_flops",
 ]

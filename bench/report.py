@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench import limit
 from bench.stats import fmt
 
 
@@ -341,6 +342,8 @@ def to_markdown(r: dict[str, Any]) -> str:
         lines += _wire(r["wire"])
     if r.get("ingest"):
         lines += _ingest(r["ingest"])
+    if r.get("limit"):  # its own page's title, one level down
+        lines += ["", "#" + limit.markdown(r["limit"]).strip()]
     if r.get("cycle"):
         lines += _cycle(r["cycle"])
     if r.get("accuracy"):

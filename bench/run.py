@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from bench import demo_runs, extraction, flower, ingest, wire
+from bench import demo_runs, extraction, flower, ingest, limit, wire
 from bench.report import to_markdown
 
 
@@ -81,7 +81,7 @@ def _section(name: str, results: dict[str, Any], work: Callable[[], Any]) -> Any
     return value
 
 
-SECTIONS = ("extraction", "wire", "ingest", "demos", "flower")
+SECTIONS = ("extraction", "wire", "ingest", "limit", "demos", "flower")
 DATASET_LABELS = ("elpv", "neu-det")
 #: what the flower section writes (beside ``ours``, which the demos section writes)
 FLOWER_KEYS = ("flower", "flower_head", "same_seed", "engine")
@@ -206,6 +206,9 @@ def run_bench(
         save()
     if want("ingest"):
         results["ingest"] = _section("ingest", results, lambda: ingest.run(quick))
+        save()
+    if want("limit"):
+        results["limit"] = _section("limit", results, lambda: limit.section(quick))
         save()
     if want("demos"):
         _demos(quick, results, save, list(range(seeds or (1 if quick else 3))), chosen)

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from bench import demo_runs, extraction, flower, ingest, wire
+from bench import demo_runs, extraction, flower, ingest, limit, wire
 from bench import run as bench_run
 
 
@@ -20,6 +20,7 @@ def no_heavy_work(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(extraction, "run", forbidden)
     monkeypatch.setattr(wire, "run", forbidden)
     monkeypatch.setattr(ingest, "run", forbidden)
+    monkeypatch.setattr(limit, "run", forbidden)
     monkeypatch.setattr(demo_runs, "run_demos", forbidden)
     monkeypatch.setattr(flower, "run", forbidden)
     monkeypatch.setattr(bench_run, "_machine", lambda: {"load_average_at_start": [0.0, 0.0, 0.0]})

@@ -314,3 +314,25 @@ def test_an_absent_dataset_that_was_not_asked_for_is_not_noted_as_skipped(
     assert skipped not in chosen["notes"]
     every = bench_run.run_bench(True, tmp_path, only=["demos"], seeds=1)
     assert skipped in every["notes"]
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+def test_the_limit_is_a_section_of_the_bench_and_of_its_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``python -m bench --only limit`` keeps bench.limit's results under ``limit`` (where
+    ``stage3.achieved_over_peak`` is judged) and renders them on the bench's page."""
+    from bench import limit
+
+    measured = json.loads((limit.RESULTS / "results.json").read_text())
+    monkeypatch.setattr(limit, "section", lambda quick: measured)
+    (tmp_path / "results.json").write_text(json.dumps(fake_header()))
+
+    results = bench_run.run_bench(False, tmp_path, only=["limit"])
+
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert (
+        saved["limit"]["stage3"]["achieved_over_peak"] == measured["stage3"]["achieved_over_peak"]
+    )
+    assert results["limit"] == measured
+    assert "## The limit" in (tmp_path / "results.md").read_text()
