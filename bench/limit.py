@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.stats import fmt, summary
+from bench.stats import fmt, summary, write_results
 from fedinspect.demo import DemoOptions, edge_threads, plan_demo
 from fl_core.model import SplitModel, build_split_model
 from fl_core.onnx_runtime import lower_runner, torch_runner
@@ -709,9 +709,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     results = measure(args.input_size, args.threads, args.repeats)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "results.md").write_text(markdown(results))
+    write_results(args.out, results, markdown(results))
     print(markdown(results))
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from bench.stats import summary
+from bench.stats import summary, write_results
 from fedinspect.demo import DemoOptions, DemoPlan, _base_model, _union, plan_demo
 from fl_core.data import SYMMETRIES, ImageSet, batches, symmetric_view
 from fl_core.features import extract_images
@@ -288,9 +288,7 @@ def run(
                 f"TTA {100 * r['test_tta']['accuracy']:.1f}, {r['train_seconds']:.0f} s",
                 flush=True,
             )
-            out.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(results, indent=2) + "\n")
-            (out / "results.md").write_text(markdown(results))
+            write_results(out, results, markdown(results))
     return results
 
 

@@ -28,6 +28,7 @@ import torch
 
 from bench import demo_runs, extraction, flower, ingest, limit, wire
 from bench.report import to_markdown
+from bench.stats import write_results
 
 
 def _machine() -> dict[str, Any]:
@@ -192,8 +193,7 @@ def run_bench(
         return not only or section in only
 
     def save() -> None:
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        (out / "results.md").write_text(to_markdown(results))
+        write_results(out, results, to_markdown(results))
 
     if want("extraction"):
         results["extraction"] = _section("extraction", results, lambda: extraction.run(quick))

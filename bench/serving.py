@@ -20,7 +20,6 @@ the client). The load average is recorded, as the machine may be shared.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import socket
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 from pydantic import SecretStr
 
-from bench.stats import fmt, summary
+from bench.stats import fmt, summary, write_results
 from edge_service.config import Settings
 from edge_service.main import create_app
 from edge_service.services.context import EdgeContext
@@ -311,9 +310,7 @@ def main(argv: list[str] | None = None) -> None:
         "load_after": [round(v, 2) for v in os.getloadavg()],
         "torch": torch.__version__,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "results.md").write_text(markdown(results))
+    write_results(args.out, results, markdown(results))
     print(markdown(results))
 
 

@@ -17,7 +17,6 @@ relabelled to two (``crazing`` against the rest), when ``../shared/data/neu-det`
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.stats import write_results
 from fl_core.data import (
     ImageSet,
     dirichlet_indices,
@@ -244,9 +244,7 @@ def run(out: Path, seeds: list[int], edges: int, alpha: float) -> dict[str, Any]
             "runs": runs,
         }
     results["seconds"] = round(time.monotonic() - began, 1)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(results) + "\n")
+    write_results(out, results, markdown(results) + "\n")
     return results
 
 

@@ -1,10 +1,12 @@
-"""Repeat a measurement and summarise it as median / min / max."""
+"""Repeat a measurement and summarise it as median / min / max; write a results folder."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -40,3 +42,11 @@ def fmt(s: dict[str, Any] | None, unit: str = "") -> str:
 
 
 __all__ = ["fmt", "rate", "summary"]
+
+
+def write_results(out: Path, results: dict[str, Any], page: str) -> None:
+    """A bench section's folder: ``results.json`` (its data) and ``results.md`` (``page``,
+    the Markdown its own renderer made of that data)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(page)
