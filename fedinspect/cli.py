@@ -117,6 +117,15 @@ def demo(
             "models (stages 2 and 3), 'pooled' stage 2 only (minutes, not an hour, on elpv)"
         ),
     ] = Reference.full,
+    rounds: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=50,
+            help="federated fine-tuning rounds after the head (server.rounds); default: the "
+            "server's",
+        ),
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option(
@@ -128,11 +137,16 @@ def demo(
         ),
     ] = None,
 ) -> None:
-    """Start a server and N edges on loopback, run one whole cycle over HTTP, compare."""
+    """Start a server and N edges on loopback, run one whole cycle over HTTP, compare.
+
+    With --rounds R the cycle runs R federated fine-tuning rounds after the head, and the
+    table shows each round's model on every edge."""
     from fedinspect.demo import DemoOptions, SettingError, parse_settings, plan_demo, run_demo
 
     try:
-        settings = parse_settings(set_ or [])
+        settings = parse_settings(
+            [*(set_ or []), *([f"server.rounds={rounds}"] if rounds is not None else [])]
+        )
         options = DemoOptions(
             edges, quick, dataset, json_path, report, seed, input_size, references.value, settings
         )

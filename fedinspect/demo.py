@@ -241,6 +241,7 @@ class DemoPlan:
             "HEAD_HIDDEN": self.head_hidden,
             "MIN_EDGES": len(self.edge_specs),
             "CYCLE_DEADLINE_S": 3600,
+            "ROUND_DEADLINE_S": 3600,
             "TRAIN_EPOCHS": self.upper.epochs,
             "TRAIN_LR": self.upper.lr,
             "TRAIN_BATCH_SIZE": self.upper.batch_size,
@@ -441,7 +442,11 @@ def served_metrics(result: CycleJobResult) -> tuple[EvalMetrics, str]:
 def _scores(m: EvalMetrics | None) -> dict[str, float] | None:
     if m is None:
         return None
-    return {"accuracy": round(m.accuracy, 4), "macro_f1": round(m.macro_f1, 4)}
+    return {
+        "accuracy": round(m.accuracy, 4),
+        "balanced_accuracy": round(m.balanced_accuracy, 4),
+        "macro_f1": round(m.macro_f1, 4),
+    }
 
 
 def _base_model(plan: DemoPlan) -> SplitModel:
@@ -678,6 +683,21 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                 "stage_seconds": r.stage_seconds,
                 # the edge's fine-tuning: epochs run, and the one whose weights were kept
                 "finetune": r.finetune.model_dump() if r.finetune else None,
+                # each federated round's model as this edge received it, on its test split;
+                # the last round's aggregate is the stage 2 column
+                "rounds": [
+                    {
+                        "round": rr.round,
+                        "model_version": rr.model_version,
+                        "test": _scores(rr.test),
+                        "norm": round(rr.norm, 4),
+                        "clipped": rr.clipped,
+                        "bytes_uploaded": rr.bytes_uploaded,
+                        "bytes_downloaded": rr.bytes_downloaded,
+                        "seconds": round(rr.seconds, 1),
+                    }
+                    for rr in r.rounds
+                ],
             }
         )
     results: dict[str, Any] = {
@@ -696,6 +716,9 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         "cycle": {
             "id": cycle["cycle"]["id"],
             "model_version": cycle["cycle"]["result_model_version"],
+            "rounds": cycle["cycle"]["round"],
+            "round_versions": cycle["cycle"]["round_versions"],
+            "reason": cycle["cycle"]["reason"],
             "seconds": round(cycle["seconds"], 1),
             "server_metrics": _scores(
                 EvalMetrics(**cycle["cycle"]["metrics"]) if cycle["cycle"]["metrics"] else None

@@ -104,6 +104,37 @@ def _mark(row: Mapping[str, Any]) -> str:
     return " *" if row.get("federated_model") == NOT_DEPLOYED else ""
 
 
+def format_rounds(results: Mapping[str, Any]) -> str:
+    """Per federated round, each edge's test accuracy / balanced accuracy / macro F1 of the
+    model it trained that round from (round 1: the head's), then of the last round's
+    aggregate (the stage 2 column); empty for a one-shot cycle."""
+    edges = results["edges"]
+    n = max((len(r.get("rounds") or []) for r in edges), default=0)
+    if not n:
+        return ""
+    lines = [
+        "| model | " + " | ".join(f"{r['name']} acc / bal / F1" for r in edges) + " |",
+        "|---|" + "---:|" * len(edges),
+    ]
+
+    def cell(s: dict[str, float] | None) -> str:
+        return f"{_pct(s)} / {_pct(s, 'balanced_accuracy')} / {_pct(s, 'macro_f1')}"
+
+    for i in range(n):
+        label = "head (round 1 trains it)" if i == 0 else f"after round {i}"
+        cells = [cell(r["rounds"][i]["test"]) if i < len(r["rounds"]) else "-" for r in edges]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append(
+        f"| after round {n} | " + " | ".join(cell(r["server_model"]) for r in edges) + " |"
+    )
+    up = sum(rr["bytes_uploaded"] for r in edges for rr in r["rounds"])
+    lines.append(
+        f"\nfederated rounds: {n}; updates sent {_mb(up)} MB in all; every figure on the "
+        "edge's own test split, in %, before its stage 3 fine-tuning"
+    )
+    return "\n".join(lines)
+
+
 def format_table(results: Mapping[str, Any]) -> str:
     """The per-edge table, as Markdown (readable in a terminal too)."""
     lines = [
@@ -153,6 +184,9 @@ def format_table(results: Mapping[str, Any]) -> str:
         f"references {results['references_seconds'] or 0:.0f} s; "
         f"total {results['total_seconds']:.0f} s"
     )
+    rounds = format_rounds(results)
+    if rounds:
+        lines.append("\n" + rounds)
     stages = results["edges"][0]["stage_seconds"]
     lines.append("stage seconds (edge-1): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
     return "\n".join(lines)

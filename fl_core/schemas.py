@@ -164,6 +164,8 @@ class EdgeInfo(BaseModel):
 class CycleState(StrEnum):
     collecting = "collecting"
     training = "training"
+    #: the head is trained; federated fine-tuning rounds run (``Cycle.round``)
+    rounds = "rounds"
     done = "done"
     failed = "failed"
     cancelled = "cancelled"
@@ -186,6 +188,54 @@ class UploadAck(BaseModel):
     replaced: bool = Field(description="true when an earlier, different upload was replaced")
 
 
+class RoundPlan(BaseModel):
+    """How a cycle's federated fine-tuning rounds run (the server's ROUND_* settings
+    when the cycle opened)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    rounds: int = Field(ge=0, le=50, description="rounds after the head; 0: a one-shot cycle")
+    train_from: str = Field(
+        description="first stage an edge trains in a round (with every stage above it "
+        "and the head); its update carries exactly those parameters"
+    )
+    epochs: int = Field(ge=1, le=20, description="local epochs over the edge's views per round")
+    lr: float = Field(
+        default=3e-4, gt=0, description="peak learning rate of a round's local training"
+    )
+    clip_norm: float = Field(
+        gt=0, description="L2 bound of one edge's update; the server refuses a longer one"
+    )
+    noise_multiplier: float = Field(
+        ge=0,
+        description="Gaussian noise added by the server to the averaged update: standard "
+        "deviation noise_multiplier x clip_norm x the largest edge weight (0: none)",
+    )
+    dtype: Literal["float16", "float32"] = Field(description="dtype of an update on the wire")
+    deadline_s: float = Field(gt=0, description="seconds each round waits for the quorum")
+
+
+class RoundUpdateInfo(BaseModel):
+    edge_id: str
+    round: int
+    samples: int = Field(description="training images the edge trained on (its weight)")
+    norm: float = Field(description="L2 norm of the update as received")
+    sha256: str
+    size: int
+    received_at: datetime
+
+
+class RoundUpdateAck(BaseModel):
+    cycle_id: int
+    round: int
+    edge_id: str
+    samples: int
+    norm: float
+    sha256: str
+    unchanged: bool = Field(description="true when the same bytes were already stored")
+    replaced: bool = Field(description="true when an earlier, different update was replaced")
+
+
 class Cycle(BaseModel):
     id: int
     state: CycleState
@@ -200,7 +250,28 @@ class Cycle(BaseModel):
     uploads: list[UploadInfo] = []
     result_model_version: int | None = None
     metrics: EvalMetrics | None = None
-    reason: str | None = Field(default=None, description="why it failed or was cancelled")
+    reason: str | None = Field(
+        default=None, description="why it failed or was cancelled, or why its rounds stopped"
+    )
+    plan: RoundPlan | None = Field(
+        default=None, description="its federated fine-tuning rounds (None: none, as R = 0)"
+    )
+    round: int = Field(
+        default=0,
+        description="the round running (1..plan.rounds) in state rounds; after it, the "
+        "rounds completed",
+    )
+    round_model_version: int | None = Field(
+        default=None, description="the model the current round trains from"
+    )
+    round_deadline: datetime | None = None
+    round_updates: list[RoundUpdateInfo] = Field(
+        default=[], description="the updates received for the current round"
+    )
+    round_versions: list[int] = Field(
+        default=[],
+        description="model versions of the cycle in order: the head's, then each round's",
+    )
 
 
 class TrainedFrom(BaseModel):
@@ -209,6 +280,10 @@ class TrainedFrom(BaseModel):
     rows_per_edge: dict[str, int] = {}
     rows_train: int = 0
     rows_val: int = 0
+    round: int | None = Field(default=None, description="the federated round it aggregates")
+    samples_per_edge: dict[str, int] = Field(
+        default={}, description="a round's edges and the training images each trained on"
+    )
 
 
 class ModelInfo(BaseModel):
@@ -384,6 +459,23 @@ class FinetuneSummary(BaseModel):
     )
 
 
+class RoundResult(BaseModel):
+    """One federated round at an edge: what it trained from, sent, and scored."""
+
+    round: int
+    model_version: int = Field(description="the round's model the edge trained from")
+    samples: int
+    norm: float = Field(description="L2 norm of the update before clipping")
+    clipped: bool
+    bytes_uploaded: int
+    bytes_downloaded: int
+    seconds: float
+    test: EvalMetrics | None = Field(
+        default=None,
+        description="the round's model as received, on the local test split (reporting only)",
+    )
+
+
 class CycleJobResult(BaseModel):
     """The result of an edge's ``cycle``, ``extract`` or ``finetune`` job: every kind
     fills the same fields, defaults where a stage did not run (jobs stored before a
@@ -423,6 +515,9 @@ class CycleJobResult(BaseModel):
     )
     previous_model_id: int | None = None
     deployed_model_id: int | None = None
+    rounds: list[RoundResult] = Field(
+        default=[], description="this edge's part in each federated round, in order"
+    )
     stage_seconds: dict[str, float] = Field(default={}, description="seconds spent per stage")
 
 

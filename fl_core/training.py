@@ -418,6 +418,45 @@ def finetune(
     return finetune_activations(model, start, x_tr, y_tr, x_va, y_va, cfg, on_epoch)
 
 
+def train_activations(
+    model: SplitModel,
+    train: ImageSet,
+    config: FinetuneConfig,
+    frozen: LowerRunner | None = None,
+    progress: Progress | None = None,
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """The recipe's views of ``train`` run through the frozen stages, once: the first
+    trained stage and the activations and labels that :func:`finetune_activations`
+    trains on (a federated round's local training reuses them round after round, as
+    only the stages from there up change)."""
+    if len(train) < 2:
+        raise InvalidInput("fine-tuning needs at least two training images")
+    start = finetune_start(model, config.train_from)
+    _set_seed(config.seed)
+    views = config.views if config.augment else 1
+    total = views * len(train)
+    seen = 0
+
+    def on_images(n: int) -> None:
+        nonlocal seen
+        seen += n
+        if progress is not None:
+            progress(seen / total, f"caching activations {seen}/{total}")
+
+    x, y = _activations(
+        model,
+        train,
+        start,
+        views,
+        config.augment,
+        config.batch_size,
+        config.seed,
+        on_images,
+        frozen,
+    )
+    return start, x, y
+
+
 def finetune_activations(
     model: SplitModel,
     start: int,
@@ -567,5 +606,6 @@ __all__ = [
     "frozen_activations",
     "frozen_runner",
     "predict_proba",
+    "train_activations",
     "train_upper",
 ]

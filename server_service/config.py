@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -156,6 +157,49 @@ class Settings(ServiceSettings):
         description="Stratified share of the pooled rows held out for validation metrics.",
     )
     train_seed: int = Field(default=0, description="Seed of server-side training.")
+    rounds: int = Field(
+        default=0,
+        ge=0,
+        le=50,
+        description="Federated fine-tuning rounds a cycle runs after the head (R): each "
+        "edge trains the top stages on its images and sends their update; 0: one-shot.",
+    )
+    round_train_from: str | None = Field(
+        default=None,
+        description="First stage the rounds train (with all above it and the head); "
+        "default: the backbone's fine-tuning stage (b13 for efficientnet_lite0).",
+    )
+    round_epochs: int = Field(
+        default=1, ge=1, le=20, description="Local epochs over an edge's views per round."
+    )
+    round_lr: float = Field(
+        default=3e-4,
+        gt=0,
+        description="Peak learning rate of a round's local training (one-cycle, AdamW); "
+        "lower than stage 3's: a short run at that rate disturbs the blocks more than it "
+        "teaches them.",
+    )
+    round_clip_norm: float = Field(
+        default=10.0,
+        gt=0,
+        description="L2 bound of one edge's update: edges clip to it, the server refuses "
+        "a longer update.",
+    )
+    round_noise_multiplier: float = Field(
+        default=0.0,
+        ge=0,
+        description="Gaussian noise on the averaged update, in units of the clip bound "
+        "times the largest edge weight (DP-FedAvg); 0: none.",
+    )
+    round_dtype: Literal["float16", "float32"] = Field(
+        default="float16", description="dtype of a round's update on the wire."
+    )
+    round_deadline_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="Seconds a round waits for every edge's update; then it aggregates "
+        "with the quorum (MIN_EDGES), or the cycle ends with the last round's model.",
+    )
 
     @field_validator("admin_token")
     @classmethod

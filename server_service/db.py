@@ -1,7 +1,7 @@
 """Database schema and engine: SQLAlchemy 2.0 over SQLite (default) or PostgreSQL.
 
 Tables: ``edges``, ``cycles``, ``cycle_members``, ``uploads``, ``models`` and
-``edge_evaluations`` and ``leases``. Only portable SQL is used; the engine
+``edge_evaluations``, ``leases`` and ``round_updates``. Only portable SQL is used; the engine
 (:func:`fedinspect.service.make_engine`, as on the edge) gives SQLite WAL and a busy
 timeout so the API threads, the training thread and the deadline watcher can share one
 file. The schema is changed only by migrations (``server_service/migrations``, run at
@@ -20,6 +20,7 @@ from sqlalchemy import (
     Boolean,
     Connection,
     Engine,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -88,6 +89,13 @@ class CycleRow(Base):
     result_model_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     metrics_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: fl_core.schemas.RoundPlan as JSON; None: a cycle opened before rounds existed
+    plan_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    round: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    round_model_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    round_deadline: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    #: JSON list of the cycle's model versions: the head's, then each round's
+    round_versions_json: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class CycleMemberRow(Base):
@@ -108,6 +116,25 @@ class UploadRow(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(BigInteger)
     rows: Mapped[int] = mapped_column(Integer)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class RoundUpdateRow(Base):
+    """One edge's update of one federated round (its bytes in the blob store)."""
+
+    __tablename__ = "round_updates"
+    __table_args__ = (
+        UniqueConstraint("cycle_id", "round", "edge_id", name="one_update_per_edge_and_round"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    cycle_id: Mapped[int] = mapped_column(ForeignKey("cycles.id"), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    edge_id: Mapped[str] = mapped_column(ForeignKey("edges.id"))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    samples: Mapped[int] = mapped_column(Integer)
+    norm: Mapped[float] = mapped_column(Float)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -191,6 +218,7 @@ __all__ = [
     "EdgeRow",
     "LeaseRow",
     "ModelRow",
+    "RoundUpdateRow",
     "Session",
     "UTCDateTime",
     "UploadRow",

@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import sessionmaker
 
 from fl_core.blobstore import BlobStore
-from fl_core.schemas import FeatureSpec
+from fl_core.schemas import FeatureSpec, RoundPlan
 from server_service.config import Settings
 from server_service.db import Session
 from server_service.services.metrics import ServerMetrics
@@ -41,6 +41,12 @@ class Runtime:
     #: held while a spec is built, so that a burst of joins loads the model once (each
     #: concurrent load took ~50 MB: 200 edges joining at once peaked at 2.5 GB)
     spec_build: threading.Lock = field(default_factory=threading.Lock)
+    #: round plans by (model version, sha256), built with the spec (the settings are fixed)
+    plans: dict[tuple[int, str], RoundPlan] = field(default_factory=dict)
+    #: name -> shape of the tensors a round trains, by (model version, first stage)
+    round_shapes: dict[tuple[int, str], dict[str, list[int]]] = field(default_factory=dict)
+    #: (cycle, round) pairs this process is aggregating, so a round is not done twice
+    aggregating: set[tuple[int, int]] = field(default_factory=set)
     #: cycles queued or training in this process, so a cycle is never queued twice
     training_ids: set[int] = field(default_factory=set)
     #: leases this process holds and renews on the heartbeat; and those it lost (a

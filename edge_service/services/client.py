@@ -36,6 +36,7 @@ from fl_core.schemas import (
     EdgeEvaluationReport,
     ModelInfo,
     ModelManifest,
+    RoundUpdateAck,
     ServerLink,
     TensorSubset,
     UploadAck,
@@ -244,6 +245,18 @@ class ServerClient:
         if self.on_transfer is not None:
             self.on_transfer("upload", len(body))
         return self._model(UploadAck, response, "upload acknowledgement")
+
+    def upload_round_update(self, cycle_id: int, round_number: int, body: bytes) -> RoundUpdateAck:
+        """This edge's update of a federated round (idempotent, as feature uploads)."""
+        response = self.request(
+            "PUT",
+            f"/v1/cycles/{cycle_id}/rounds/{round_number}/update",
+            content=body,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        if self.on_transfer is not None:
+            self.on_transfer("upload", len(body))
+        return self._model(RoundUpdateAck, response, "update acknowledgement")
 
     def get_model(self, version: int | str) -> ModelInfo:
         return self._model(ModelInfo, self.request("GET", f"/v1/models/{version}"), "model")

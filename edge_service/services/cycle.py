@@ -32,7 +32,9 @@ not run).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -59,6 +61,7 @@ from fl_core.features import check_model_matches_spec, extract_images
 from fl_core.model import SplitModel, model_from_bytes
 from fl_core.onnx_runtime import lower_runner
 from fl_core.privacy import pack_upload
+from fl_core.rounds import make_update, pack_update, snapshot, update_names
 from fl_core.schemas import (
     Cycle,
     CycleJobMetrics,
@@ -70,6 +73,7 @@ from fl_core.schemas import (
     FinetuneSummary,
     LocalModel,
     MajorityFloor,
+    RoundResult,
 )
 from fl_core.training import (
     FinetuneConfig,
@@ -77,9 +81,11 @@ from fl_core.training import (
     evaluate,
     evaluate_activations,
     finetune,
+    finetune_activations,
     finetune_start,
     frozen_activations,
     frozen_runner,
+    train_activations,
 )
 
 log = logging.getLogger("edge_service.cycle")
@@ -92,7 +98,8 @@ PLANS: dict[str, Plan] = {
         ("download", 0.04),
         ("extract", 0.22),
         ("upload", 0.06),
-        ("wait", 0.2),
+        ("wait", 0.12),
+        ("round", 0.08),
         ("download", 0.04),
         ("evaluate", 0.04),
         ("finetune", 0.33),
@@ -105,11 +112,20 @@ PLANS: dict[str, Plan] = {
 
 def waiting_message(cycle: Cycle, now: datetime) -> str:
     """What a job waiting for ``cycle`` waits for, until when, and what cuts it short."""
-    deadline = cycle.deadline if cycle.deadline.tzinfo else cycle.deadline.replace(tzinfo=UTC)
+    deadline = _deadline_of(cycle)
     at = deadline.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     head = f"waiting for cycle {cycle.id} ({cycle.state.value})"
     if cycle.state == CycleState.training:
         return f"{head}: the server is training on {len(cycle.uploads)} uploads"
+    if cycle.state == CycleState.rounds:
+        n = cycle.plan.rounds if cycle.plan else "?"
+        left = (_deadline_of(cycle) - now).total_seconds()
+        return (
+            f"{head}: round {cycle.round}/{n} has {len(cycle.round_updates)}/"
+            f"{len(cycle.uploads)} updates; it is aggregated when every edge has sent its "
+            f"update, or at its deadline (in {_duration(max(0.0, left))}) with "
+            f"{cycle.min_edges}"
+        )
     uploads = f"{len(cycle.uploads)}/{cycle.min_edges} uploads"
     left = (deadline - now).total_seconds()
     if left > 0:
@@ -121,6 +137,14 @@ def waiting_message(cycle: Cycle, now: datetime) -> str:
         f"or at the deadline; waiting {when}; an operator can train now with "
         f"POST /v1/cycles/{cycle.id}/train on the server"
     )
+
+
+def _deadline_of(cycle: Cycle) -> datetime:
+    """The deadline a job waiting on ``cycle`` goes by: its running round's, else its own."""
+    deadline = cycle.deadline
+    if cycle.state == CycleState.rounds and cycle.round_deadline is not None:
+        deadline = cycle.round_deadline
+    return deadline if deadline.tzinfo else deadline.replace(tzinfo=UTC)
 
 
 def _duration(seconds: float) -> str:
@@ -205,6 +229,17 @@ def finetune_config(s: Settings) -> FinetuneConfig:
     )
 
 
+@dataclass
+class _RoundState:
+    """What a cycle job keeps between its federated rounds: the training views' and test
+    split's activations below the first trained stage."""
+
+    start: int = -1
+    x: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+    test: FrozenActivations | None = None
+
+
 class CycleService:
     """Runs the cycle's stages for the job runner."""
 
@@ -225,9 +260,14 @@ class CycleService:
     def run_cycle(self, ctx: JobContext) -> CycleJobResult:
         result = CycleJobResult()
         cycle = self._stage2(ctx, result)
-        done = self._wait(ctx, cycle)
-        assert done.result_model_version is not None
-        self._stage3(ctx, done.result_model_version, result)
+        current = self._wait(ctx, cycle)
+        rounds = _RoundState()
+        while current.state == CycleState.rounds:
+            self._round(ctx, current, result, rounds)
+            current = self._wait(ctx, current)
+        assert current.result_model_version is not None
+        del rounds  # the cached activations
+        self._stage3(ctx, current.result_model_version, result)
         return result
 
     def run_extract(self, ctx: JobContext) -> CycleJobResult:
@@ -334,15 +374,20 @@ class CycleService:
     # ------------------------------------------------------------------ wait
 
     def _wait(self, ctx: JobContext, cycle: Cycle) -> Cycle:
-        """Poll the cycle until it is done, with backoff, bounded by its deadline + margin."""
+        """Poll the cycle until it is done, or at a federated round this edge has not sent
+        its update for, with backoff, bounded by its (round's) deadline + margin."""
         ctx.begin("wait", f"waiting for cycle {cycle.id}")
         s = self.settings
+        me = s.effective_edge_id
         interval = s.poll_interval_s
-        deadline = cycle.deadline if cycle.deadline.tzinfo else cycle.deadline.replace(tzinfo=UTC)
         started = utcnow()
-        span = max(1.0, (deadline - started).total_seconds())
+        span = max(1.0, (_deadline_of(cycle) - started).total_seconds())
         while True:
             current = self.client.get_cycle(cycle.id)
+            if current.state == CycleState.rounds and me not in {
+                u.edge_id for u in current.round_updates
+            }:
+                return current
             if current.state == CycleState.done:
                 if current.result_model_version is None:
                     raise RemoteError(f"cycle {cycle.id} is done but names no model", 502)
@@ -359,6 +404,7 @@ class CycleService:
                 reason = current.reason or "no reason given"
                 raise Conflict(f"cycle {cycle.id} {current.state.value} on the server: {reason}")
             now = utcnow()
+            deadline = _deadline_of(current)
             over = (now - deadline).total_seconds()
             if over > s.wait_margin_s:
                 raise Unavailable(
@@ -369,6 +415,109 @@ class CycleService:
             ctx.update(min(0.95, elapsed / span), waiting_message(current, now))
             ctx.sleep(interval)
             interval = min(interval * 1.5, s.poll_max_interval_s)
+
+    # ------------------------------------------------------------------ rounds
+
+    def _round(
+        self, ctx: JobContext, cycle: Cycle, result: CycleJobResult, state: _RoundState
+    ) -> None:
+        """One federated round: train the round's model on the local training split from
+        the plan's first stage up, and send the clipped update of those parameters."""
+        s = self.settings
+        plan = cycle.plan
+        version = cycle.round_model_version
+        if plan is None or version is None:
+            raise RemoteError(f"cycle {cycle.id} is in rounds but names no plan or model", 502)
+        r = cycle.round
+        started = time.perf_counter()
+        ctx.begin("round", f"round {r}/{plan.rounds}: downloading model {version}")
+        info = self.client.get_model(version)
+        fetched = fetch_base_weights(
+            self.client, self.registry, info.version, info.sha256, backbone=info.backbone
+        )
+        result.bytes_downloaded += fetched.downloaded
+        result.downloads.append(fetched.how)
+        model = model_from_bytes(fetched.data)
+        splits = self.data.aligned(model.class_names)
+        config = dataclasses.replace(
+            finetune_config(s),
+            train_from=plan.train_from,
+            epochs=plan.epochs,
+            lr=plan.lr,
+            seed=s.split_seed + r,
+        )
+        start = finetune_start(model, plan.train_from)
+        if state.start != start or state.x is None:
+            # the stages below `start` are the same in every round of a cycle: their
+            # activations of the training views (and of the test split) are made once
+            frozen = frozen_runner(model, plan.train_from, s.extract_backend)
+            state.start, state.x, state.y = train_activations(
+                model,
+                splits.train,
+                config,
+                frozen=frozen,
+                progress=lambda frac, msg: ctx.update(0.8 * frac, f"round {r}: {msg}"),
+            )
+            state.test = (
+                frozen_activations(model, splits.test, start, s.batch_size, frozen)
+                if len(splits.test)
+                else None
+            )
+        assert state.x is not None and state.y is not None
+        test = (
+            evaluate_activations(model, state.test, s.batch_size)
+            if state.test is not None
+            else None
+        )
+        names = update_names(model, plan.train_from)
+        before = snapshot(model, names)
+        ctx.update(0.8, f"round {r}/{plan.rounds}: training from {plan.train_from}")
+        finetune_activations(
+            model,
+            start,
+            state.x,
+            state.y,
+            config=config,
+            progress=lambda frac, msg: ctx.update(0.8 + 0.15 * frac, f"round {r}: {msg}"),
+        )
+        delta, norm = make_update(model, before, plan)
+        body = pack_update(
+            delta,
+            plan,
+            spec_hash=cycle.spec_hash,
+            edge_id=s.effective_edge_id,
+            round_number=r,
+            base_version=version,
+            samples=len(splits.train),
+        )
+        ack = self.client.upload_round_update(cycle.id, r, body)
+        result.bytes_uploaded += len(body)
+        seconds = time.perf_counter() - started
+        result.rounds.append(
+            RoundResult(
+                round=r,
+                model_version=version,
+                samples=len(splits.train),
+                norm=norm,
+                clipped=norm > plan.clip_norm,
+                bytes_uploaded=len(body),
+                bytes_downloaded=fetched.downloaded,
+                seconds=seconds,
+                test=test,
+            )
+        )
+        log_event(
+            log,
+            "round.update_sent",
+            cycle_id=cycle.id,
+            edge=s.name,
+            round=r,
+            model=version,
+            norm=round(norm, 4),
+            bytes=len(body),
+            unchanged=ack.unchanged,
+        )
+        ctx.update(1.0, f"round {r}/{plan.rounds}: update sent ({len(body)} bytes)")
 
     # ------------------------------------------------------------------ stage 3
 

@@ -95,6 +95,7 @@ EdgeDep = Annotated[str, Depends(get_edge_id)]
 """The calling edge's id (403 for the admin)."""
 
 CycleId = Annotated[int, Path(ge=1, le=MAX_ID, description="cycle id")]
+RoundNumber = Annotated[int, Path(ge=1, le=50, description="federated round, from 1")]
 ModelVersion = Annotated[int, Path(ge=1, le=MAX_ID, description="model version")]
 EdgeId = Annotated[
     str, Path(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$", description="edge id")
@@ -149,6 +150,7 @@ __all__ = [
     "EdgeId",
     "EdgeOrAdminDep",
     "ModelVersion",
+    "RoundNumber",
     "RuntimeDep",
     "SessionDep",
     "SettingsDep",

@@ -6,6 +6,7 @@ one collecting cycle and is called after every upload and by the deadline watche
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Collection
 from datetime import datetime, timedelta
@@ -15,14 +16,29 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
 from fl_core.errors import Conflict, NotFound, Unavailable
-from fl_core.schemas import Cycle, CycleState, EvalMetrics, FeatureSpec, UploadInfo
+from fl_core.schemas import (
+    Cycle,
+    CycleState,
+    EvalMetrics,
+    FeatureSpec,
+    RoundPlan,
+    RoundUpdateInfo,
+    UploadInfo,
+)
 from server_service import leases
-from server_service.db import CycleMemberRow, CycleRow, Session, UploadRow, utcnow
+from server_service.db import (
+    CycleMemberRow,
+    CycleRow,
+    RoundUpdateRow,
+    Session,
+    UploadRow,
+    utcnow,
+)
 from server_service.logs import log_event
 from server_service.runtime import Runtime
 from server_service.services import cycle_state
 from server_service.services.auth import Caller
-from server_service.services.models import latest_model, spec_for
+from server_service.services.models import latest_model, plan_for, spec_for
 from server_service.services.training import record_failures, submit_training
 
 Decision = Literal["wait", "train", "fail"]
@@ -46,6 +62,41 @@ def decide(
     if now >= deadline:
         return "train" if quorum else "fail"
     return "wait"
+
+
+def row_plan(row: CycleRow) -> RoundPlan | None:
+    return RoundPlan.model_validate_json(row.plan_json) if row.plan_json else None
+
+
+def round_versions(row: CycleRow) -> list[int]:
+    return [int(v) for v in json.loads(row.round_versions_json)] if row.round_versions_json else []
+
+
+def updates_of(session: Session, cycle_id: int, round_number: int) -> list[RoundUpdateRow]:
+    return list(
+        session.scalars(
+            select(RoundUpdateRow)
+            .where(RoundUpdateRow.cycle_id == cycle_id, RoundUpdateRow.round == round_number)
+            .order_by(RoundUpdateRow.edge_id)
+        ).all()
+    )
+
+
+def update_infos(session: Session, row: CycleRow) -> list[RoundUpdateInfo]:
+    if row.state != CycleState.rounds.value:
+        return []
+    return [
+        RoundUpdateInfo(
+            edge_id=u.edge_id,
+            round=u.round,
+            samples=u.samples,
+            norm=u.norm,
+            sha256=u.sha256,
+            size=u.size,
+            received_at=u.received_at,
+        )
+        for u in updates_of(session, row.id, row.round)
+    ]
 
 
 def to_cycle(session: Session, row: CycleRow) -> Cycle:
@@ -81,6 +132,12 @@ def to_cycle(session: Session, row: CycleRow) -> Cycle:
         result_model_version=row.result_model_version,
         metrics=EvalMetrics.model_validate_json(row.metrics_json) if row.metrics_json else None,
         reason=row.reason,
+        plan=row_plan(row),
+        round=row.round,
+        round_model_version=row.round_model_version,
+        round_deadline=row.round_deadline,
+        round_updates=update_infos(session, row),
+        round_versions=round_versions(row),
     )
 
 
@@ -131,6 +188,7 @@ def open_or_join(rt: Runtime, session: Session, caller: Caller) -> tuple[Cycle, 
                 "server's blob store: no cycle opens until an operator restores them"
             )
         spec = spec_for(rt, base)
+        plan = plan_for(rt, base)
         now = utcnow()
         row = CycleRow(
             state=CycleState.collecting.value,
@@ -138,6 +196,7 @@ def open_or_join(rt: Runtime, session: Session, caller: Caller) -> tuple[Cycle, 
             spec_json=spec.model_dump_json(),
             spec_hash=spec.spec_hash(),
             min_edges=rt.settings.min_edges,
+            plan_json=plan.model_dump_json(),
             deadline=now + timedelta(seconds=rt.settings.cycle_deadline_s),
             created_at=now,
             updated_at=now,
@@ -302,7 +361,11 @@ __all__ = [
     "list_cycles",
     "open_or_join",
     "resume_training",
+    "round_versions",
+    "row_plan",
     "take_over_training",
     "to_cycle",
     "train_now",
+    "update_infos",
+    "updates_of",
 ]

@@ -27,8 +27,10 @@ from fl_core.schemas import (
     ModelInfo,
     ModelManifest,
     PrivacyConfig,
+    RoundPlan,
     TrainedFrom,
 )
+from fl_core.training import finetune_start
 from server_service.db import ModelRow, Session, utcnow
 from server_service.logs import log_event
 from server_service.runtime import Runtime
@@ -212,6 +214,23 @@ def load_model(rt: Runtime, row: ModelRow) -> SplitModel:
     return model_from_bytes(rt.blobs.get(row.sha256))
 
 
+def _build_spec_and_plan(rt: Runtime, row: ModelRow) -> None:
+    """Load ``row``'s model once and cache what cycles based on it need: the feature
+    spec, and the round plan (left out when the settings name a stage it lacks; then
+    :func:`plan_for` says so). Called under ``rt.spec_build``."""
+    key = (row.version, row.sha256)
+    model = load_model(rt, row)
+    spec = make_spec(model, row.version, row.sha256, rt.settings.privacy)
+    try:
+        plan: RoundPlan | None = _plan(rt, model)
+    except InvalidInput:
+        plan = None
+    with rt.lock:
+        rt.specs[key] = spec
+        if plan is not None:
+            rt.plans[key] = plan
+
+
 def spec_for(rt: Runtime, row: ModelRow) -> FeatureSpec:
     """The feature spec edges follow for cycles based on this model (cached)."""
     key = (row.version, row.sha256)
@@ -222,12 +241,50 @@ def spec_for(rt: Runtime, row: ModelRow) -> FeatureSpec:
     with rt.spec_build:  # one build; whoever waited finds it cached
         with rt.lock:
             cached = rt.specs.get(key)
+        if cached is None:
+            _build_spec_and_plan(rt, row)
+    with rt.lock:
+        return rt.specs[key]
+
+
+def _plan(rt: Runtime, model: SplitModel) -> RoundPlan:
+    s = rt.settings
+    train_from = s.round_train_from or model.info.finetune_from
+    finetune_start(model, train_from)  # InvalidInput for a stage the backbone lacks
+    return RoundPlan(
+        rounds=s.rounds,
+        train_from=train_from,
+        epochs=s.round_epochs,
+        lr=s.round_lr,
+        clip_norm=s.round_clip_norm,
+        noise_multiplier=s.round_noise_multiplier,
+        dtype=s.round_dtype,
+        deadline_s=s.round_deadline_s,
+    )
+
+
+def plan_for(rt: Runtime, row: ModelRow) -> RoundPlan:
+    """The round plan of a cycle opened now on model ``row`` (the ROUND_* settings;
+    cached with its spec, so that a burst of joins loads the model once).
+
+    ``round_train_from`` may name any stage of the backbone, or ``upper`` (the stages
+    above the cut); another name is refused (:class:`InvalidInput`)."""
+    key = (row.version, row.sha256)
+    with rt.lock:
+        cached = rt.plans.get(key)
+    if cached is not None:
+        return cached
+    with rt.spec_build:
+        with rt.lock:
+            cached = rt.plans.get(key)
         if cached is not None:
             return cached
-        spec = make_spec(load_model(rt, row), row.version, row.sha256, rt.settings.privacy)
+        _build_spec_and_plan(rt, row)
         with rt.lock:
-            rt.specs[key] = spec
-    return spec
+            cached = rt.plans.get(key)
+        if cached is not None:
+            return cached
+        return _plan(rt, load_model(rt, row))  # raises the InvalidInput that left it out
 
 
 __all__ = [
@@ -239,6 +296,7 @@ __all__ = [
     "manifest",
     "model_row",
     "next_version",
+    "plan_for",
     "spec_for",
     "to_info",
     "verified_weights_path",

@@ -25,7 +25,7 @@ from fl_core.privacy import Upload, training_rows, unpack_upload, upload_rows
 from fl_core.schemas import CycleState, EvalMetrics, FeatureSpec, TrainedFrom
 from fl_core.training import TrainReport, train_upper
 from server_service import leases
-from server_service.db import CycleRow, UploadRow
+from server_service.db import CycleRow, UploadRow, utcnow
 from server_service.logs import log_event
 from server_service.runtime import Runtime
 from server_service.services import cycle_state
@@ -225,7 +225,7 @@ def train_cycle(rt: Runtime, cycle_id: int) -> None:
         rows_train=report.rows_train,
         rows_val=report.rows_val,
     )
-    version = _register(
+    version, target = _register(
         rt, cycle_id, base.version, model, sha, len(weights), report.metrics, trained_from, spec
     )
     elapsed = time.perf_counter() - started
@@ -234,7 +234,8 @@ def train_cycle(rt: Runtime, cycle_id: int) -> None:
         log_event("cycle.training_discarded", cycle_id=cycle_id, reason="cycle left training")
         return
     log_event(
-        "cycle.done",
+        # a cycle with federated rounds is done when its last round is aggregated
+        "cycle.done" if target == CycleState.done else "cycle.rounds_started",
         cycle_id=cycle_id,
         model_version=version,
         rows_train=report.rows_train,
@@ -254,20 +255,19 @@ def _register(
     metrics: EvalMetrics | None,
     trained_from: TrainedFrom,
     spec: FeatureSpec,
-) -> int | None:
-    """Insert the model version and mark the cycle done in one transaction."""
+) -> tuple[int | None, CycleState]:
+    """Insert the model version and mark the cycle done (or at its first round) in one
+    transaction; the version (None when the cycle had left training) and the state."""
     for attempt in range(_VERSION_ATTEMPTS):
         with rt.sessions() as session:
             version = next_version(session)
-            values = {
-                "result_model_version": version,
-                "metrics_json": metrics.model_dump_json() if metrics else None,
-            }
-            if not cycle_state.move(
-                session, cycle_id, CycleState.done, [CycleState.training], **values
-            ):
+            plan_json = session.scalar(select(CycleRow.plan_json).where(CycleRow.id == cycle_id))
+            # done, or on to round 1 when the cycle's plan has federated rounds
+            target, values = cycle_state.after_head(plan_json, version, utcnow())
+            values["metrics_json"] = metrics.model_dump_json() if metrics else None
+            if not cycle_state.move(session, cycle_id, target, [CycleState.training], **values):
                 session.rollback()
-                return None
+                return None, target
             session.add(
                 model_row(version, parent, model, sha, size, metrics, trained_from, spec.privacy)
             )
@@ -282,8 +282,8 @@ def _register(
             log_event(
                 "model.registered", cycle_id=cycle_id, version=version, parent=parent, sha256=sha
             )
-            return version
-    return None
+            return version, target
+    return None, CycleState.training
 
 
 __all__ = [

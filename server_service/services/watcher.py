@@ -1,10 +1,12 @@
-"""The deadline watcher: a lifespan task that re-evaluates collecting cycles.
+"""The deadline watcher: a lifespan task that re-evaluates collecting cycles and the
+rounds of cycles in federated fine-tuning.
 
 Every ``deadline_check_interval_s`` it renews the leases this replica holds (its
 heartbeat, every third of ``lease_ttl_s``) and takes or renews the ``watcher`` lease.
 The replica that holds it runs :func:`~server_service.services.cycles.check_cycles`
-(deadlines fire once, on one replica) and takes over cycles whose training replica
-died. An error in one pass is logged and the next pass runs.
+and :func:`~server_service.services.rounds.check_rounds` (deadlines fire once, on one
+replica; a round whose updates all arrived before a crash is aggregated) and takes
+over cycles whose training replica died. An error in one pass is logged and the next pass runs.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from server_service import leases
 from server_service.logs import log_event
 from server_service.runtime import Runtime
 from server_service.services.cycles import check_cycles, take_over_training
+from server_service.services.rounds import check_rounds
 
 
 def heartbeat(rt: Runtime) -> None:
@@ -41,6 +44,7 @@ def heartbeat(rt: Runtime) -> None:
 def watch_pass(rt: Runtime) -> None:
     if rt.watching:
         check_cycles(rt)
+        check_rounds(rt)
         take_over_training(rt)
 
 

@@ -190,7 +190,14 @@ def _fake_cycle(names: list[str]) -> dict[str, Any]:
     return {
         "edges": [{"name": n} for n in names],
         "results": {n: result for n in names},
-        "cycle": {"id": 1, "result_model_version": 2, "metrics": None},
+        "cycle": {
+            "id": 1,
+            "result_model_version": 2,
+            "metrics": None,
+            "round": 0,
+            "round_versions": [2],
+            "reason": None,
+        },
         "seconds": 12.0,
     }
 

@@ -38,6 +38,7 @@ def server(tmp_path: Path) -> Iterator[tuple[str, str]]:
         {
             "FEDINSPECT_SERVER_ADMIN_TOKEN": token,
             "FEDINSPECT_SERVER_MIN_EDGES": "2",
+            "FEDINSPECT_SERVER_ROUNDS": "1",  # as the README exports
             "FEDINSPECT_SERVER_DATA_DIR": str(tmp_path / "server"),
             "FEDINSPECT_SERVER_HOST": HOST,
             "FEDINSPECT_SERVER_PORT": str(port),
@@ -75,10 +76,13 @@ def test_curl_walkthrough_runs_a_whole_cycle(tmp_path: Path, server: tuple[str, 
     )
     assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     assert '"state": "done"' in done.stdout
-    assert '"result_model_version": 2' in done.stdout
+    # the head is version 2, round 1 averaged the edge's update into version 3
+    assert '"result_model_version": 3' in done.stdout
     last = done.stdout.strip().splitlines()[-1].split()
-    assert last[:2] == ["2", "1"]  # version 2, parent 1
+    assert last[:2] == ["3", "2"]  # version 3, parent 2
     import hashlib
 
     assert hashlib.sha256((work / "new.safetensors").read_bytes()).hexdigest() == last[2]
     assert (work / "features.safetensors").stat().st_size < 64 * 300 * 300
+    # the update carries only the trained blocks, in fp16: well under the model's size
+    assert (work / "update.safetensors").stat().st_size < (work / "new.safetensors").stat().st_size

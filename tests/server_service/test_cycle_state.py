@@ -27,6 +27,11 @@ ALLOWED = {
     (S.training, S.done),
     (S.training, S.failed),
     (S.training, S.cancelled),
+    (S.training, S.rounds),
+    (S.rounds, S.rounds),
+    (S.rounds, S.done),
+    (S.rounds, S.failed),
+    (S.rounds, S.cancelled),
 }
 
 
@@ -46,8 +51,8 @@ def test_transition_table(current: CycleState, target: CycleState) -> None:
 def test_every_state_is_in_the_table_and_terminal_states_are_final() -> None:
     assert set(TRANSITIONS) == set(S)
     assert set(TERMINAL) == {S.done, S.failed, S.cancelled}
-    assert sources_for(S.cancelled) == [S.collecting, S.training]
-    assert sources_for(S.done) == [S.training]
+    assert sources_for(S.cancelled) == [S.collecting, S.training, S.rounds]
+    assert sources_for(S.done) == [S.training, S.rounds]
 
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)

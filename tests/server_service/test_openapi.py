@@ -29,6 +29,7 @@ def test_every_route_is_documented(client: TestClient) -> None:
         ("GET", "/v1/cycles"),
         ("GET", "/v1/cycles/{cycle_id}"),
         ("PUT", "/v1/cycles/{cycle_id}/features"),
+        ("PUT", "/v1/cycles/{cycle_id}/rounds/{round_number}/update"),
         ("POST", "/v1/cycles/{cycle_id}/train"),
         ("POST", "/v1/cycles/{cycle_id}/cancel"),
         ("GET", "/v1/models"),

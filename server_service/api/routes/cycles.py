@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from fedinspect.service import error_responses
-from fl_core.schemas import Cycle, CycleState, ErrorResponse, UploadAck
+from fl_core.schemas import Cycle, CycleState, ErrorResponse, RoundUpdateAck, UploadAck
 from server_service.api.deps import (
     ADMIN_ERRORS,
     AUTH_ERRORS,
@@ -17,12 +17,13 @@ from server_service.api.deps import (
     CycleId,
     EdgeDep,
     EdgeOrAdminDep,
+    RoundNumber,
     RuntimeDep,
     SessionDep,
     check_content_length,
     read_body_limited,
 )
-from server_service.services import cycles, uploads
+from server_service.services import cycles, rounds, uploads
 
 router = APIRouter(prefix="/v1/cycles", tags=["cycles"])
 
@@ -113,6 +114,59 @@ async def upload_features(
     return ack
 
 
+@router.put(
+    "/{cycle_id}/rounds/{round_number}/update",
+    summary="Upload this edge's update of a federated fine-tuning round (safetensors body)",
+    description=(
+        "Body: a safetensors file holding, for each parameter the round trains (the stages "
+        "from the plan's `train_from` up, and the head), the edge's trained value minus the "
+        "round model's, in the plan's dtype, with L2 norm (all tensors as one vector) at most "
+        "the plan's `clip_norm`; metadata `fedinspect.spec_hash` (the cycle's), "
+        "`fedinspect.round`, `fedinspect.base_model_version` (the cycle's "
+        "`round_model_version`) and `fedinspect.samples` (training images, the edge's "
+        "weight in the average). Only an edge that uploaded features to the cycle takes "
+        "part (403 otherwise). Idempotent: the same bytes again answer 200 with "
+        "`unchanged=true`; different bytes replace the edge's earlier update while the "
+        "round runs and are refused (409) after it."
+    ),
+    status_code=201,
+    response_model=RoundUpdateAck,
+    responses={
+        200: {"model": RoundUpdateAck, "description": "unchanged or replaced"},
+        **error_responses(404, 409, 413, 422, base=EDGE_ERRORS),
+        403: {
+            "model": ErrorResponse,
+            "description": "the admin token, or an edge that uploaded no features to the cycle",
+        },
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+        }
+    },
+)
+async def upload_round_update(
+    cycle_id: CycleId,
+    round_number: RoundNumber,
+    request: Request,
+    response: Response,
+    rt: RuntimeDep,
+    edge_id: EdgeDep,
+) -> RoundUpdateAck:
+    limit = rt.settings.max_upload_bytes
+    check_content_length(request, limit)
+    await run_in_threadpool(rounds.check_update_allowed, rt, cycle_id, round_number, edge_id)
+    body = await read_body_limited(request, limit)
+    ack, created = await run_in_threadpool(
+        rounds.store_update, rt, cycle_id, round_number, edge_id, body
+    )
+    response.status_code = 201 if created else 200
+    return ack
+
+
 @router.post(
     "/{cycle_id}/train",
     summary="Close collection now and train on the uploads so far",
@@ -125,7 +179,7 @@ def train_cycle(cycle_id: CycleId, rt: RuntimeDep, _admin: AdminDep) -> Cycle:
 
 @router.post(
     "/{cycle_id}/cancel",
-    summary="Cancel a collecting or training cycle",
+    summary="Cancel a collecting or training cycle, or one whose rounds run",
     response_model=Cycle,
     responses=error_responses(404, 409, 413, 422, base=ADMIN_ERRORS),
 )

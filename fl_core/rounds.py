@@ -1,0 +1,272 @@
+"""Federated fine-tuning rounds: what an edge's block update is, on the wire and on the
+server.
+
+After the one-shot head, a cycle may run R rounds. In each, every edge that uploaded
+features trains the trainable part of the round's model (stages from the plan's
+``train_from`` up, and the head) on its own images, and sends only the *update* of those
+tensors: trained minus received, clipped to the plan's L2 bound, in the plan's dtype
+(float16 by default), as safetensors with the spec hash, the round, the model it was
+trained from and its number of training images in the metadata. The server checks all
+of it (:func:`unpack_update`), averages the updates weighted by those numbers, adds the
+plan's Gaussian noise to the average when the plan asks for it (the DP-FedAvg pattern:
+each edge's contribution is bounded by the clip, the noise hides it), and registers the
+round's model (:func:`aggregate`, :func:`apply_update`).
+
+Only parameters travel: batch-norm statistics stay frozen while fine-tuning
+(:func:`fl_core.training._train_mode`), so their update would always be zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fl_core import serialization
+from fl_core.data import ImageSet
+from fl_core.errors import InvalidInput
+from fl_core.features import SPEC_HASH_KEY
+from fl_core.model import SplitModel
+from fl_core.schemas import RoundPlan
+from fl_core.training import (
+    FinetuneConfig,
+    Progress,
+    finetune_activations,
+    finetune_start,
+    train_activations,
+)
+
+EDGE_KEY = "fedinspect.edge_id"
+ROUND_KEY = "fedinspect.round"
+BASE_KEY = "fedinspect.base_model_version"
+SAMPLES_KEY = "fedinspect.samples"
+
+#: how far over the clip bound an update may be: the edge clips in float32, then
+#: rounds to float16, which can lengthen the vector by about 2**-11 relative
+NORM_TOLERANCE = 1e-2
+
+_WIRE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+_HEADER_DTYPES = {"float16": "F16", "float32": "F32"}
+
+
+def update_names(model: SplitModel, train_from: str | None) -> list[str]:
+    """The tensors a round trains and an update carries: the parameters of the stages
+    from ``train_from`` up and of the head, in state-dict order."""
+    start = finetune_start(model, train_from)
+    names = []
+    for name, _ in model.named_parameters():
+        if name.startswith("head.") or (
+            name.startswith("stages.") and int(name.split(".", 2)[1]) >= start
+        ):
+            names.append(name)
+    return names
+
+
+def snapshot(model: SplitModel, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Copies of ``names`` (what a round started from, to take the update against)."""
+    state = model.state_dict()
+    return {n: state[n].detach().clone() for n in names}
+
+
+def global_norm(tensors: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of all tensors as one vector (accumulated in float64)."""
+    total = 0.0
+    for t in tensors.values():
+        total += float(t.detach().to(torch.float64).pow(2).sum())
+    return math.sqrt(total)
+
+
+def clip(
+    delta: Mapping[str, torch.Tensor], max_norm: float
+) -> tuple[dict[str, torch.Tensor], float]:
+    """``delta`` scaled to L2 norm at most ``max_norm``; also its norm before clipping."""
+    norm = global_norm(delta)
+    scale = 1.0 if norm <= max_norm or norm == 0 else max_norm / norm
+    return {n: (t * scale).to(torch.float32) for n, t in delta.items()}, norm
+
+
+def make_update(
+    model: SplitModel, before: Mapping[str, torch.Tensor], plan: RoundPlan
+) -> tuple[dict[str, torch.Tensor], float]:
+    """The clipped update (trained ``model`` minus ``before``) and its norm before clipping."""
+    state = model.state_dict()
+    delta = {n: state[n].detach().float() - t.float() for n, t in before.items()}
+    return clip(delta, plan.clip_norm)
+
+
+def train_round(
+    model: SplitModel,
+    train: ImageSet,
+    plan: RoundPlan,
+    config: FinetuneConfig | None = None,
+    progress: Progress | None = None,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """One round's local training, in place: ``config`` (default: the fine-tuning
+    recipe) for ``plan.epochs`` epochs at ``plan.lr`` from ``plan.train_from`` up;
+    returns the clipped update and its norm before clipping. (The edge caches the frozen
+    stages' activations across rounds instead: :func:`fl_core.training.train_activations`.)
+    """
+    cfg = dataclasses.replace(
+        config or FinetuneConfig(), train_from=plan.train_from, epochs=plan.epochs, lr=plan.lr
+    )
+    start, x, y = train_activations(model, train, cfg)
+    before = snapshot(model, update_names(model, plan.train_from))
+    finetune_activations(model, start, x, y, config=cfg, progress=progress)
+    return make_update(model, before, plan)
+
+
+def pack_update(
+    delta: Mapping[str, torch.Tensor],
+    plan: RoundPlan,
+    *,
+    spec_hash: str,
+    edge_id: str,
+    round_number: int,
+    base_version: int,
+    samples: int,
+) -> bytes:
+    """An update as it travels: the plan's dtype, the round's identity in the metadata."""
+    dtype = _WIRE_DTYPES[plan.dtype]
+    return serialization.dumps(
+        {n: t.to(dtype) for n, t in delta.items()},
+        {
+            SPEC_HASH_KEY: spec_hash,
+            EDGE_KEY: edge_id,
+            ROUND_KEY: str(round_number),
+            BASE_KEY: str(base_version),
+            SAMPLES_KEY: str(samples),
+        },
+    )
+
+
+@dataclass(frozen=True)
+class Update:
+    """One edge's checked update of one round."""
+
+    tensors: dict[str, torch.Tensor]  # float32
+    samples: int
+    norm: float
+
+
+def unpack_update(
+    data: bytes,
+    *,
+    expected: Mapping[str, Sequence[int]],
+    plan: RoundPlan,
+    spec_hash: str,
+    round_number: int,
+    base_version: int,
+    max_samples: int,
+) -> Update:
+    """Check an update against the round it claims to belong to, then load it.
+
+    ``expected`` maps each tensor the round trains to its shape. Refused
+    (:class:`InvalidInput`): another spec, round or base model; missing, extra or
+    reshaped tensors; another dtype than the plan's; a sample count out of
+    ``1..max_samples``; NaN or Inf; an L2 norm over the plan's clip bound.
+    """
+    header, meta = serialization.inspect_header(data)
+    if meta.get(SPEC_HASH_KEY) != spec_hash:
+        raise InvalidInput("the update was made for another feature spec (spec hash differs)")
+    if meta.get(ROUND_KEY) != str(round_number):
+        raise InvalidInput(
+            f"the update is for round {meta.get(ROUND_KEY)!r}; this route takes round "
+            f"{round_number}"
+        )
+    if meta.get(BASE_KEY) != str(base_version):
+        raise InvalidInput(
+            f"the update was trained from model {meta.get(BASE_KEY)!r}; round {round_number} "
+            f"trains model {base_version}"
+        )
+    try:
+        samples = int(meta.get(SAMPLES_KEY, ""))
+    except ValueError:
+        raise InvalidInput(f"metadata {SAMPLES_KEY} must be an integer") from None
+    if not 1 <= samples <= max_samples:
+        raise InvalidInput(f"{SAMPLES_KEY} must be between 1 and {max_samples}")
+    missing = sorted(set(expected) - set(header))
+    extra = sorted(set(header) - set(expected))
+    if missing or extra:
+        what = []
+        if missing:
+            what.append(f"{len(missing)} missing (first {missing[0]!r})")
+        if extra:
+            what.append(f"{len(extra)} unexpected (first {extra[0][:80]!r})")
+        raise InvalidInput(
+            "the update must carry exactly the tensors the round trains: " + ", ".join(what)
+        )
+    want_dtype = _HEADER_DTYPES[plan.dtype]
+    for name, info in header.items():
+        if info["dtype"] != want_dtype:
+            raise InvalidInput(f"tensor {name!r} is {info['dtype']}; the round sends {plan.dtype}")
+        if list(info["shape"]) != list(expected[name]):  # type: ignore[call-overload]
+            raise InvalidInput(
+                f"tensor {name!r} has shape {info['shape']}; the model's is {list(expected[name])}"
+            )
+    tensors, _ = serialization.loads(data)
+    out = {}
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise InvalidInput(f"tensor {name!r} holds NaN or Inf")
+        out[name] = t.to(torch.float32)
+    norm = global_norm(out)
+    if norm > plan.clip_norm * (1 + NORM_TOLERANCE):
+        raise InvalidInput(
+            f"the update's L2 norm {norm:.4g} is over the round's clip bound "
+            f"{plan.clip_norm:.4g}: clip it on the edge"
+        )
+    return Update(tensors=out, samples=samples, norm=norm)
+
+
+def aggregate(
+    updates: Sequence[Update], plan: RoundPlan, generator: torch.Generator | None = None
+) -> dict[str, torch.Tensor]:
+    """The sample-weighted mean of the updates, with the plan's Gaussian noise.
+
+    One edge moves the weighted mean by at most ``w_max * clip_norm`` (``w_max``: the
+    largest weight); the noise's standard deviation is ``noise_multiplier`` times that.
+    """
+    if not updates:
+        raise InvalidInput("a round needs at least one update to aggregate")
+    total = sum(u.samples for u in updates)
+    weights = [u.samples / total for u in updates]
+    names = list(updates[0].tensors)
+    mean = {
+        n: torch.stack([w * u.tensors[n] for w, u in zip(weights, updates, strict=True)]).sum(0)
+        for n in names
+    }
+    if plan.noise_multiplier > 0:
+        std = plan.noise_multiplier * plan.clip_norm * max(weights)
+        mean = {n: t + torch.randn(t.shape, generator=generator) * std for n, t in mean.items()}
+    return {n: t.to(torch.float32) for n, t in mean.items()}
+
+
+def apply_update(model: SplitModel, delta: Mapping[str, torch.Tensor]) -> None:
+    """Add ``delta`` to the model's tensors, in place."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, t in delta.items():
+            params[name].add_(t.to(params[name].dtype))
+
+
+__all__ = [
+    "BASE_KEY",
+    "EDGE_KEY",
+    "NORM_TOLERANCE",
+    "ROUND_KEY",
+    "SAMPLES_KEY",
+    "Update",
+    "aggregate",
+    "apply_update",
+    "clip",
+    "global_norm",
+    "make_update",
+    "pack_update",
+    "snapshot",
+    "train_round",
+    "unpack_update",
+    "update_names",
+]
