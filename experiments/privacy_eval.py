@@ -27,6 +27,12 @@ In ``stats`` mode there are no per-image rows: re-identification is impossible b
 construction (reported as 0), and the attacker's best per-image guess is the decoded
 class mean of the image's edge (the attacker is even told each image's class).
 
+And ``updates``: one federated round's update of one edge, at the server's default
+round settings, read by the server; a membership attack scores candidate images by how
+much the update lowered their loss (AUC of the edge's images against the other edges'),
+without noise and with each of ``UPDATE_SIGMAS`` as the server's noise multiplier, with
+the updated model's accuracy. ``--only updates`` runs this part alone.
+
 Everything runs in process on the CPU with fl_core's own packing, training and
 evaluation; nothing is downloaded.
 """
@@ -34,6 +40,8 @@ evaluation; nothing is downloaded.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import enum
 import hashlib
 import json
 import math
@@ -51,19 +59,53 @@ import typer
 from torch import nn
 
 from fl_core import serialization
-from fl_core.data import ImageSet, batches, load_elpv, load_image_folder, stratified_indices
+from fl_core.data import (
+    SYMMETRIES,
+    ImageSet,
+    batches,
+    load_elpv,
+    load_image_folder,
+    stratified_indices,
+    symmetric_view,
+)
 from fl_core.features import FeatureBatch, apply_privacy, make_spec
 from fl_core.model import SplitModel, build_split_model
 from fl_core.privacy import ClassStats, pack_upload, training_rows, unpack_upload
-from fl_core.schemas import PrivacyConfig
-from fl_core.training import UpperTrainConfig, evaluate_features, train_upper
+from fl_core.rounds import (
+    aggregate,
+    apply_update,
+    make_update,
+    pack_update,
+    snapshot,
+    unpack_update,
+    update_names,
+)
+from fl_core.schemas import PrivacyConfig, RoundPlan
+from fl_core.training import (
+    FinetuneConfig,
+    UpperTrainConfig,
+    evaluate_activations,
+    evaluate_features,
+    finetune_activations,
+    frozen_activations,
+    train_activations,
+    train_upper,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NEU_DET = REPO_ROOT.parent / "shared" / "data" / "neu-det"
 IMAGE_SIZE = 64
 N_EDGES = 3
+#: noise multipliers of the round-update rows (the server's ROUND_NOISE_MULTIPLIER)
+UPDATE_SIGMAS: tuple[float, ...] = (0.001, 0.01, 0.1, 0.5, 1.0)
 
 Log = Callable[[str], None]
+
+
+class Only(enum.StrEnum):
+    """Run one part of the evaluation alone."""
+
+    updates = "updates"
 
 
 def _print(message: str) -> None:
@@ -86,6 +128,10 @@ class EvalOptions:
     decoder_epochs: int | None = None
     upper_epochs: int | None = None
     accuracy_seeds: int | None = None
+    #: noise multipliers of the round-update attack (besides 0)
+    update_sigmas: Sequence[float] = UPDATE_SIGMAS
+    #: run only this part (None: all of it)
+    only: Only | None = None
 
     def resolved(self) -> EvalOptions:
         q = self.quick
@@ -102,6 +148,8 @@ class EvalOptions:
             decoder_epochs=self.decoder_epochs or (8 if q else 20),
             upper_epochs=self.upper_epochs or (30 if q else 60),
             accuracy_seeds=self.accuracy_seeds or (1 if q else 3),
+            update_sigmas=tuple(self.update_sigmas),
+            only=self.only,
         )
 
 
@@ -457,7 +505,11 @@ def server_default_privacy() -> PrivacyConfig:
 
 def _auc(members: np.ndarray, others: np.ndarray) -> float:
     """Probability that a member scores above a non-member (ties count half)."""
-    ranks = np.concatenate([members, others]).argsort().argsort() + 1.0
+    scores = np.concatenate([members, others]).astype(np.float64)
+    # 1-based ranks, tied scores sharing their mean rank (a model that gives many images
+    # the same loss must not rank members by where they happen to stand)
+    _, where, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[where]
     r = ranks[: len(members)].sum() - len(members) * (len(members) + 1) / 2
     return float(r / (len(members) * len(others)))
 
@@ -493,6 +545,197 @@ def _share_in_factors(st: ClassStats, x: torch.Tensor, y: torch.Tensor) -> np.nd
     return (inside / (centred**2).sum(1).clamp_min(1e-12)).numpy()
 
 
+# --------------------------------------------------------------------------- round updates
+
+
+@dataclass
+class UpdateRow:
+    """The membership attack on one round's model, at one noise multiplier."""
+
+    noise_multiplier: float
+    #: standard deviation of the noise on each updated parameter (one edge: weight 1)
+    noise_std: float
+    #: who sees the update this way: the server reads each edge's update as sent, before
+    #: its noise; everyone who gets the round's model sees the noised average
+    reader: str
+    #: AUC of the drop in loss from the round's model to the updated one (the headline)
+    membership_auc: float
+    #: AUC of the loss under the updated model alone
+    membership_auc_loss: float
+    #: the updated model's accuracy on the test split
+    accuracy: float
+
+
+def view_activations(
+    model: SplitModel, images: ImageSet, start: int, views: int, batch_size: int = 32
+) -> torch.Tensor:
+    """Stages ``0 .. start-1`` over the first ``views`` symmetric views of ``images``,
+    [views, N, ...] in image order (the views a round trains on, without augmentation)."""
+    model.eval()
+    out: list[list[torch.Tensor]] = [[] for _ in range(views)]
+    with torch.inference_mode():
+        for x, _ in batches(images, model.arch.input_size, batch_size):
+            for v in range(views):
+                h = model.run_stages(model.normalize(symmetric_view(x, v)), 0, start)
+                out[v].append(h.float().contiguous())
+    return torch.stack([torch.cat(v) for v in out])
+
+
+@torch.inference_mode()
+def view_losses(
+    model: SplitModel, acts: torch.Tensor, labels: torch.Tensor, start: int, batch_size: int = 256
+) -> torch.Tensor:
+    """Per image: the model's cross-entropy (logits as it predicts), mean over the views
+    of ``acts`` [views, N, ...]."""
+    model.eval()
+    end = len(model.stages)
+    losses = []
+    for view in acts:
+        logits = torch.cat(
+            [
+                model.classify(model.run_stages(view[i : i + batch_size], start, end))
+                for i in range(0, len(view), batch_size)
+            ]
+        )
+        losses.append(F.cross_entropy(logits.float(), labels, reduction="none"))
+    return torch.stack(losses).mean(0).double()
+
+
+def update_attack(
+    model: SplitModel,
+    members: ImageSet,
+    nonmembers: ImageSet,
+    test: ImageSet,
+    plan: RoundPlan,
+    noise_multipliers: Sequence[float] = (),
+    config: FinetuneConfig | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """One edge's round, and a membership attack by whoever reads its update.
+
+    ``model`` is the round's model (a head already trained). The edge trains it on
+    ``members`` exactly as an edge's cycle job does (the recipe ``config``, default
+    :class:`FinetuneConfig`, with the plan's stage, epochs and learning rate; the update
+    clipped, packed in the plan's dtype and checked by the server's unpacking). The
+    attacker knows the round's model, applies the update (at ``plan.noise_multiplier`` 0,
+    then each of ``noise_multipliers``, as the server's aggregation adds it with this edge
+    alone in the round) and scores each candidate image by how much its loss dropped,
+    averaged over the symmetric views the round trains on. ``membership_auc``: the AUC
+    of members against ``nonmembers`` (images like them that the edge did not train on);
+    0.5 is chance."""
+    cfg = dataclasses.replace(
+        config or FinetuneConfig(),
+        train_from=plan.train_from,
+        epochs=plan.epochs,
+        lr=plan.lr,
+        seed=seed,
+    )
+    round_model = copy.deepcopy(model)
+    edge = copy.deepcopy(model)
+    start, x, y = train_activations(edge, members, cfg)
+    names = update_names(edge, plan.train_from)
+    before = snapshot(edge, names)
+    finetune_activations(edge, start, x, y, config=cfg)
+    delta, norm = make_update(edge, before, plan)
+    del x, y, edge
+    params = dict(round_model.named_parameters())
+    body = pack_update(
+        delta,
+        plan,
+        spec_hash="0" * 64,
+        edge_id="edge-0",
+        round_number=1,
+        base_version=1,
+        samples=len(members),
+    )
+    update = unpack_update(
+        body,
+        expected={n: list(params[n].shape) for n in names},
+        plan=plan,
+        spec_hash="0" * 64,
+        round_number=1,
+        base_version=1,
+        max_samples=len(members),
+    )
+    # safetensors loads tensors in no fixed order, and the server's noise is drawn tensor
+    # after tensor: the model's order keeps a seed's noise the same from run to run
+    update = dataclasses.replace(update, tensors={n: update.tensors[n] for n in names})
+
+    views = min(cfg.views if cfg.augment else 1, len(SYMMETRIES))
+    mem_acts = view_activations(round_model, members, start, views, batch_size)
+    non_acts = view_activations(round_model, nonmembers, start, views, batch_size)
+    mem_y = torch.as_tensor(members.labels)
+    non_y = torch.as_tensor(nonmembers.labels)
+    test_acts = frozen_activations(round_model, test, start, batch_size)
+    mem_before = view_losses(round_model, mem_acts, mem_y, start)
+    non_before = view_losses(round_model, non_acts, non_y, start)
+
+    rows: list[UpdateRow] = []
+    for i, sigma in enumerate([0.0, *noise_multipliers]):
+        noisy_plan = plan.model_copy(update={"noise_multiplier": sigma})
+        gen = torch.Generator().manual_seed(seed * 1000 + i)
+        after = copy.deepcopy(round_model)
+        apply_update(after, aggregate([update], noisy_plan, generator=gen))
+        mem_after = view_losses(after, mem_acts, mem_y, start)
+        non_after = view_losses(after, non_acts, non_y, start)
+        rows.append(
+            UpdateRow(
+                noise_multiplier=sigma,
+                noise_std=sigma * plan.clip_norm,
+                reader="the server (each update as sent)"
+                if sigma == 0
+                else "whoever gets the round's model (server noise, one edge)",
+                membership_auc=_auc(
+                    (mem_before - mem_after).numpy(), (non_before - non_after).numpy()
+                ),
+                membership_auc_loss=_auc(-mem_after.numpy(), -non_after.numpy()),
+                accuracy=evaluate_activations(after, test_acts).accuracy,
+            )
+        )
+    n_params = sum(t.numel() for t in update.tensors.values())
+    return {
+        "train_from": plan.train_from,
+        "epochs": plan.epochs,
+        "lr": plan.lr,
+        "clip_norm": plan.clip_norm,
+        "dtype": plan.dtype,
+        "views": views,
+        "batch_size": cfg.batch_size,
+        "members": len(members),
+        "nonmembers": len(nonmembers),
+        "test_images": len(test),
+        "update_params": n_params,
+        "norm_before_clip": norm,
+        "norm_sent": update.norm,
+        "clipped": norm > plan.clip_norm,
+        "accuracy_before": evaluate_activations(round_model, test_acts).accuracy,
+        "membership_auc_before": _auc(-mem_before.numpy(), -non_before.numpy()),
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+def default_round_plan(model: SplitModel) -> RoundPlan:
+    """The round plan a server gets without ROUND_* settings, for ``model``."""
+    from server_service.config import Settings
+
+    fields = Settings.model_fields
+
+    def default(name: str) -> Any:
+        return fields[name].get_default(call_default_factory=True)
+
+    return RoundPlan(
+        rounds=max(1, default("rounds")),
+        train_from=default("round_train_from") or model.info.finetune_from,
+        epochs=default("round_epochs"),
+        lr=default("round_lr"),
+        clip_norm=default("round_clip_norm"),
+        noise_multiplier=default("round_noise_multiplier"),
+        dtype=default("round_dtype"),
+        deadline_s=default("round_deadline_s"),
+    )
+
+
 def mark_default(results: dict[str, Any], default: PrivacyConfig) -> dict[str, Any]:
     """Flag the in-domain row measured with the server's default privacy config."""
     results["server_default_privacy"] = default.model_dump(mode="json")
@@ -509,7 +752,8 @@ def mark_default(results: dict[str, Any], default: PrivacyConfig) -> dict[str, A
 
 
 def run_privacy_eval(options: EvalOptions, log: Log = _print) -> dict[str, Any]:
-    """Run the attack for every configuration; write results.json, results.md, grid.png."""
+    """Run the attack for every configuration, and the membership attack on one round's
+    update (``updates``); write results.json, results.md, grid.png."""
     started = time.perf_counter()
     o = options.resolved()
     o.out.mkdir(parents=True, exist_ok=True)
@@ -520,16 +764,18 @@ def run_privacy_eval(options: EvalOptions, log: Log = _print) -> dict[str, Any]:
     attack_idx, target_idx = stratified_indices(elpv.labels, [1, 1], o.seed)
     neu_set: ImageSet | None = None
     notes: list[str] = []
-    if o.neu_root.is_dir():
+    # --only updates: the round-update attack alone, without the decoders
+    attacks = o.only is None
+    if attacks and o.neu_root.is_dir():
         neu_set = _limit(load_image_folder(o.neu_root), o.neu_limit, o.seed)
         neu_set.name = "neu-det"
-    else:
+    elif attacks:
         notes.append(
             f"cross-domain attacker skipped: NEU-DET not found at {o.neu_root} "
             "(it is not on users' machines)"
         )
-    cfgs = _configs(o, default, neu_set is not None)
-    cuts = sorted({c.cut for c in cfgs}, key=lambda c: (c == "pooled", c))
+    cfgs = _configs(o, default, neu_set is not None) if attacks else []
+    cuts = sorted({"pooled", *(c.cut for c in cfgs)}, key=lambda c: (c == "pooled", c))
     ev = _Evaluation(o, log)
     base = ev.model("pooled")
     cache = o.out / "cache"
@@ -617,9 +863,45 @@ def run_privacy_eval(options: EvalOptions, log: Log = _print) -> dict[str, Any]:
             f"({time.perf_counter() - t0:.0f}s)"
         )
 
+    # one round's update of edge 0, read by the server: membership of its images
+    t0 = time.perf_counter()
+    target_images = elpv.subset(target_idx)
+    uploaded_images = target_images.subset(up_idx)
+    head_privacy = default if default.mode != "spatial" else PrivacyConfig(mode="pooled")
+    round_model = copy.deepcopy(base)
+    head_ups = ev.uploads(Config(head_privacy.mode, "pooled", head_privacy), uploaded, parts)
+    x, y = training_rows(head_ups, seed=o.seed)
+    assert o.upper_epochs is not None
+    train_upper(round_model, x, y, UpperTrainConfig(epochs=o.upper_epochs, seed=o.seed))
+    plan = default_round_plan(round_model)
+    updates = update_attack(
+        round_model,
+        uploaded_images.subset(parts[0]),
+        uploaded_images.subset([i for part in parts[1:] for i in part]),
+        target_images.subset(test_idx),
+        plan,
+        o.update_sigmas,
+        seed=o.seed,
+    )
+    updates["head"] = f"trained by the server on {head_privacy.mode} uploads of {N_EDGES} edges"
+    for r in updates["rows"]:
+        log(
+            f"round update, noise multiplier {r['noise_multiplier']:g}: membership AUC "
+            f"{r['membership_auc']:.3f} (loss alone {r['membership_auc_loss']:.3f}), "
+            f"accuracy {r['accuracy']:.3f}"
+        )
+    log(
+        f"round update: norm {updates['norm_before_clip']:.3g} before clipping to "
+        f"{plan.clip_norm:g}, accuracy {updates['accuracy_before']:.3f} before the round "
+        f"({time.perf_counter() - t0:.0f}s)"
+    )
+
     seconds = time.perf_counter() - started
+    command = "python -m experiments.privacy_eval" + (" --quick" if o.quick else "")
+    if o.only is not None:
+        command += f" --only {o.only.value}"
     results = {
-        "command": "python -m experiments.privacy_eval" + (" --quick" if o.quick else ""),
+        "command": command,
         "machine": _machine(),
         "seconds": round(seconds, 1),
         "options": {
@@ -638,12 +920,14 @@ def run_privacy_eval(options: EvalOptions, log: Log = _print) -> dict[str, Any]:
         },
         "baseline": baseline,
         "modes": [{k: v for k, v in asdict(r).items() if k != "examples"} for r in rows],
+        "updates": updates,
         "notes": notes,
     }
     mark_default(results, default)
     (o.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (o.out / "results.md").write_text(results_markdown(results))
-    _grid(uploaded.images, mean_image[0], recons, o.out / "grid.png", o.seed)
+    if recons:
+        _grid(uploaded.images, mean_image[0], recons, o.out / "grid.png", o.seed)
     log(f"privacy-eval done in {seconds:.0f}s: {o.out / 'results.md'}")
     return results
 
@@ -666,7 +950,6 @@ def _machine() -> str:
 
 
 def results_markdown(results: dict[str, Any]) -> str:
-    b = results["baseline"]
     o = results["options"]
     lines = [
         "# Privacy evaluation",
@@ -677,6 +960,24 @@ def results_markdown(results: dict[str, Any]) -> str:
         + ", ".join(f"{n} {k} images" for k, n in o["attacker_images"].items())
         + f"; features at {o['input_size']} px, reconstructions at {o['image_size']} px.",
         "",
+    ]
+    if results["modes"]:
+        lines += _modes_markdown(results)
+    if results.get("updates"):
+        lines += _updates_markdown(results["updates"])
+    lines += [f"- {n}" for n in results["notes"]]
+    if any(m["mode"] == "stats" for m in results["modes"]):
+        lines.append(
+            "- stats: no per-image rows leave the edge, so re-identification is impossible "
+            "by construction (0); the per-image guess is the decoded class mean."
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _modes_markdown(results: dict[str, Any]) -> list[str]:
+    b = results["baseline"]
+    lines = [
         f"Baseline (the attacker's own mean image, no features): SSIM {b['ssim']:.3f}, "
         f"PSNR {b['psnr']:.2f} dB.",
         "",
@@ -696,15 +997,34 @@ def results_markdown(results: dict[str, Any]) -> str:
             f"| {m['psnr_gain_db']:+.2f} | {100 * m['reid_top1']:.1f}% "
             f"| {100 * m['reid_chance']:.2f}% | {'' if auc is None else f'{auc:.3f}'} |"
         )
-    lines += [""]
-    lines += [f"- {n}" for n in results["notes"]]
-    if any(m["mode"] == "stats" for m in results["modes"]):
+    return [*lines, ""]
+
+
+def _updates_markdown(u: dict[str, Any]) -> list[str]:
+    lines = [
+        "## One round's update",
+        "",
+        f"Edge 0 trains the round's model (head {u['head']}) from `{u['train_from']}` up on "
+        f"its {u['members']} images ({u['views']} views, {u['epochs']} epoch at lr "
+        f"{u['lr']:g}); its update ({u['update_params']:,} parameters, {u['dtype']}) had "
+        f"L2 norm {u['norm_before_clip']:.3g} before clipping to {u['clip_norm']:g}. "
+        f"Membership: its images against {u['nonmembers']} images of the other edges, "
+        f"scored by the drop in loss from the round's model to the updated one (0.5 is "
+        f"chance). Loss under the round's model alone: AUC {u['membership_auc_before']:.3f}. "
+        f"Accuracy on {u['test_images']} test cells before the round: "
+        f"{100 * u['accuracy_before']:.1f}%.",
+        "",
+        "| noise multiplier | noise std | who reads it | membership AUC (loss drop) "
+        "| AUC (loss after) | accuracy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in u["rows"]:
         lines.append(
-            "- stats: no per-image rows leave the edge, so re-identification is impossible "
-            "by construction (0); the per-image guess is the decoded class mean."
+            f"| {r['noise_multiplier']:g} | {r['noise_std']:g} | {r['reader']} "
+            f"| {r['membership_auc']:.3f} | {r['membership_auc_loss']:.3f} "
+            f"| {100 * r['accuracy']:.1f}% |"
         )
-    lines.append("")
-    return "\n".join(lines)
+    return [*lines, ""]
 
 
 def _grid(
@@ -758,9 +1078,14 @@ def main(
         int | None, typer.Option(min=10, help="NEU-DET images of the cross-domain attacker")
     ] = None,
     seed: Annotated[int, typer.Option(help="seed of splits, noise and training")] = 0,
+    only: Annotated[
+        Only | None,
+        typer.Option(help="run one part alone: 'updates', the attack on a round's update"),
+    ] = None,
 ) -> None:
     """Attack the uploads of each privacy mode with a trained decoder; measure
-    reconstruction (SSIM, PSNR), re-identification and federated accuracy."""
+    reconstruction (SSIM, PSNR), re-identification and federated accuracy; and attack
+    one federated round's update by membership inference."""
     run_privacy_eval(
         EvalOptions(
             out=out,
@@ -770,6 +1095,7 @@ def main(
             neu_root=neu_root,
             neu_limit=neu_limit,
             seed=seed,
+            only=only,
         )
     )
 
@@ -779,8 +1105,11 @@ app.command()(main)
 
 
 __all__ = [
+    "UPDATE_SIGMAS",
     "Decoder",
     "EvalOptions",
+    "Only",
+    "UpdateRow",
     "app",
     "mark_default",
     "psnr",
@@ -790,6 +1119,9 @@ __all__ = [
     "server_default_privacy",
     "ssim",
     "train_decoder",
+    "update_attack",
+    "view_activations",
+    "view_losses",
 ]
 
 

@@ -208,7 +208,8 @@ def unpack_update(
             )
     tensors, _ = serialization.loads(data)
     out = {}
-    for name, t in tensors.items():
+    for name in expected:  # in the model's order: seeded noise lands on the same tensors
+        t = tensors[name]
         if not bool(torch.isfinite(t).all()):
             raise InvalidInput(f"tensor {name!r} holds NaN or Inf")
         out[name] = t.to(torch.float32)

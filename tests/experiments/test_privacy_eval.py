@@ -79,4 +79,11 @@ def test_quick_run_writes_results_in_range(tmp_path: Path) -> None:
     assert (default[0]["mode"], default[0]["stats_rank"]) == ("stats", 32)
     assert data["server_default_privacy"]["mode"] == "stats"
     assert "| mode |" in (out / "results.md").read_text()
+    updates = data["updates"]
+    assert (updates["train_from"], updates["clip_norm"], updates["dtype"]) == ("b13", 10, "float16")
+    assert updates["norm_before_clip"] > 0 and updates["members"] > 0
+    assert [r["noise_multiplier"] for r in updates["rows"]][:2] == [0, 0.001]
+    for r in updates["rows"]:
+        assert 0 <= r["membership_auc"] <= 1 and 0 <= r["accuracy"] <= 1
+    assert "## One round's update" in (out / "results.md").read_text()
     assert (out / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
