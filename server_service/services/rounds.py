@@ -88,6 +88,13 @@ def _not_open(cycle_id: int, row: CycleRow, round_number: int) -> Conflict:
     )
 
 
+def _not_participant(cycle_id: int, edge_id: str) -> Forbidden:
+    return Forbidden(
+        f"edge {edge_id} uploaded no features to cycle {cycle_id}: only the edges "
+        "its head was trained on take part in its rounds"
+    )
+
+
 def _update_of(
     session: Session, cycle_id: int, round_number: int, edge_id: str
 ) -> RoundUpdateRow | None:
@@ -120,10 +127,7 @@ def check_update_allowed(rt: Runtime, cycle_id: int, round_number: int, edge_id:
         if _update_of(session, cycle_id, round_number, edge_id) is not None:
             return  # re-sending the stored update is a 200 no-op, even after the round
         if edge_id not in _participants(session, cycle_id):
-            raise Forbidden(
-                f"edge {edge_id} uploaded no features to cycle {cycle_id}: only the edges "
-                "its head was trained on take part in its rounds"
-            )
+            raise _not_participant(cycle_id, edge_id)
         if row.state != CycleState.rounds.value or row.round != round_number:
             raise _not_open(cycle_id, row, round_number)
 
@@ -140,10 +144,7 @@ def store_update(
             rt.metrics.uploads.labels(outcome="unchanged").inc()
             return _ack(existing, unchanged=True, replaced=False), False
         if edge_id not in _participants(session, cycle_id):
-            raise Forbidden(
-                f"edge {edge_id} uploaded no features to cycle {cycle_id}: only the edges "
-                "its head was trained on take part in its rounds"
-            )
+            raise _not_participant(cycle_id, edge_id)
         if row.state != CycleState.rounds.value or row.round != round_number:
             raise _not_open(cycle_id, row, round_number)
         plan = row_plan(row)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
@@ -23,9 +24,31 @@ from server_service.api.deps import (
     check_content_length,
     read_body_limited,
 )
+from server_service.runtime import Runtime
 from server_service.services import cycles, rounds, uploads
 
 router = APIRouter(prefix="/v1/cycles", tags=["cycles"])
+
+_Ack = TypeVar("_Ack", UploadAck, RoundUpdateAck)
+
+
+async def _receive(
+    request: Request,
+    response: Response,
+    rt: Runtime,
+    check: Callable[[], None],
+    store: Callable[[bytes], tuple[_Ack, bool]],
+) -> _Ack:
+    """An edge's upload: an oversized declared body and what no body could make succeed
+    are refused before a byte is read; then the body, bounded, is checked and stored
+    (201 when new, 200 when unchanged or replaced)."""
+    limit = rt.settings.max_upload_bytes
+    check_content_length(request, limit)
+    await run_in_threadpool(check)
+    body = await read_body_limited(request, limit)
+    ack, created = await run_in_threadpool(store, body)
+    response.status_code = 201 if created else 200
+    return ack
 
 
 @router.post(
@@ -104,14 +127,13 @@ async def upload_features(
     rt: RuntimeDep,
     edge_id: EdgeDep,
 ) -> UploadAck:
-    limit = rt.settings.max_upload_bytes
-    # An oversized declared body is refused before the database is touched.
-    check_content_length(request, limit)
-    await run_in_threadpool(uploads.check_upload_allowed, rt, cycle_id, edge_id)
-    body = await read_body_limited(request, limit)
-    ack, created = await run_in_threadpool(uploads.store_upload, rt, cycle_id, edge_id, body)
-    response.status_code = 201 if created else 200
-    return ack
+    return await _receive(
+        request,
+        response,
+        rt,
+        lambda: uploads.check_upload_allowed(rt, cycle_id, edge_id),
+        lambda body: uploads.store_upload(rt, cycle_id, edge_id, body),
+    )
 
 
 @router.put(
@@ -156,15 +178,13 @@ async def upload_round_update(
     rt: RuntimeDep,
     edge_id: EdgeDep,
 ) -> RoundUpdateAck:
-    limit = rt.settings.max_upload_bytes
-    check_content_length(request, limit)
-    await run_in_threadpool(rounds.check_update_allowed, rt, cycle_id, round_number, edge_id)
-    body = await read_body_limited(request, limit)
-    ack, created = await run_in_threadpool(
-        rounds.store_update, rt, cycle_id, round_number, edge_id, body
+    return await _receive(
+        request,
+        response,
+        rt,
+        lambda: rounds.check_update_allowed(rt, cycle_id, round_number, edge_id),
+        lambda body: rounds.store_update(rt, cycle_id, round_number, edge_id, body),
     )
-    response.status_code = 201 if created else 200
-    return ack
 
 
 @router.post(
