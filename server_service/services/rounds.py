@@ -126,10 +126,10 @@ def check_update_allowed(rt: Runtime, cycle_id: int, round_number: int, edge_id:
         row = get_row(session, cycle_id)
         if _update_of(session, cycle_id, round_number, edge_id) is not None:
             return  # re-sending the stored update is a 200 no-op, even after the round
-        if edge_id not in _participants(session, cycle_id):
-            raise _not_participant(cycle_id, edge_id)
         if row.state != CycleState.rounds.value or row.round != round_number:
             raise _not_open(cycle_id, row, round_number)
+        if edge_id not in _participants(session, cycle_id):
+            raise _not_participant(cycle_id, edge_id)
 
 
 def store_update(
@@ -143,10 +143,10 @@ def store_update(
         if existing is not None and existing.sha256 == sha:
             rt.metrics.uploads.labels(outcome="unchanged").inc()
             return _ack(existing, unchanged=True, replaced=False), False
-        if edge_id not in _participants(session, cycle_id):
-            raise _not_participant(cycle_id, edge_id)
         if row.state != CycleState.rounds.value or row.round != round_number:
             raise _not_open(cycle_id, row, round_number)
+        if edge_id not in _participants(session, cycle_id):
+            raise _not_participant(cycle_id, edge_id)
         plan = row_plan(row)
         assert plan is not None and row.round_model_version is not None  # state rounds
         base_version = row.round_model_version

@@ -48,6 +48,7 @@ SERVER_ROLES: dict[tuple[str, str], set[str]] = {
     ("GET", "/v1/cycles"): {"edge", "admin"},
     ("GET", "/v1/cycles/{cycle_id}"): {"edge", "admin"},
     ("PUT", "/v1/cycles/{cycle_id}/features"): {"edge"},
+    ("PUT", "/v1/cycles/{cycle_id}/rounds/{round_number}/update"): {"edge"},
     ("POST", "/v1/cycles/{cycle_id}/train"): {"admin"},
     ("POST", "/v1/cycles/{cycle_id}/cancel"): {"admin"},
     ("GET", "/v1/models"): {"edge", "admin"},
@@ -97,6 +98,7 @@ class ServerWorld:
         url = (
             path.replace("{cycle_id}", str(self.cycle["id"]))
             .replace("{version}", "1")
+            .replace("{round_number}", "1")
             .replace("{edge_id}", self.victim.edge_id)
         )
         kwargs: dict[str, Any] = {}
