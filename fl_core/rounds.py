@@ -110,7 +110,11 @@ def train_round(
     stages' activations across rounds instead: :func:`fl_core.training.train_activations`.)
     """
     cfg = dataclasses.replace(
-        config or FinetuneConfig(), train_from=plan.train_from, epochs=plan.epochs, lr=plan.lr
+        config or FinetuneConfig(),
+        train_from=plan.train_from,
+        epochs=plan.epochs,
+        lr=plan.lr,
+        backbone_lr_scale=plan.backbone_lr_scale,
     )
     start, x, y = train_activations(model, train, cfg)
     before = snapshot(model, update_names(model, plan.train_from))

@@ -203,6 +203,12 @@ class RoundPlan(BaseModel):
     lr: float = Field(
         default=3e-4, gt=0, description="peak learning rate of a round's local training"
     )
+    backbone_lr_scale: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="learning rate of the trained backbone stages, relative to lr (the head's)",
+    )
     clip_norm: float = Field(
         gt=0, description="L2 bound of one edge's update; the server refuses a longer one"
     )

@@ -179,6 +179,13 @@ class Settings(ServiceSettings):
         "lower than stage 3's: a short run at that rate disturbs the blocks more than it "
         "teaches them.",
     )
+    round_backbone_lr_scale: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="Learning rate of the backbone stages a round trains, relative to "
+        "ROUND_LR (the head's).",
+    )
     round_clip_norm: float = Field(
         default=10.0,
         gt=0,

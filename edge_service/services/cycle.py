@@ -444,6 +444,7 @@ class CycleService:
             train_from=plan.train_from,
             epochs=plan.epochs,
             lr=plan.lr,
+            backbone_lr_scale=plan.backbone_lr_scale,
             seed=s.split_seed + r,
         )
         start = finetune_start(model, plan.train_from)

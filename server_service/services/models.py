@@ -256,6 +256,7 @@ def _plan(rt: Runtime, model: SplitModel) -> RoundPlan:
         train_from=train_from,
         epochs=s.round_epochs,
         lr=s.round_lr,
+        backbone_lr_scale=s.round_backbone_lr_scale,
         clip_norm=s.round_clip_norm,
         noise_multiplier=s.round_noise_multiplier,
         dtype=s.round_dtype,
