@@ -22,7 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PAGE = ROOT / "docs" / "benchmarks.md"
 #: directories shown first, in this order; any other follows alphabetically
-ORDER = ("full", "recipe", "stage2", "scaleout", "quick", "extraction", "serving", "limit")
+ORDER = (
+    "full",
+    "rounds",
+    "recipe",
+    "stage2",
+    "scaleout",
+    "quick",
+    "extraction",
+    "serving",
+    "limit",
+)
 
 HEADER = """\
 # Benchmarks
@@ -52,9 +62,13 @@ def _renderer(results: dict[str, Any]) -> Callable[[dict[str, Any]], str]:
         from bench import limit
 
         return limit.markdown
+    if "runs" in results and "summary" in results and "input_size" in results:
+        from bench import rounds
+
+        return rounds.page
     raise ValueError(
         "no renderer knows this results.json "
-        "(not a bench, recipe, stage 2, scale-out, serving or limit run)"
+        "(not a bench, recipe, rounds, stage 2, scale-out, serving or limit run)"
     )
 
 
