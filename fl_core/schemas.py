@@ -201,10 +201,10 @@ class RoundPlan(BaseModel):
     )
     epochs: int = Field(ge=1, le=20, description="local epochs over the edge's views per round")
     lr: float = Field(
-        default=3e-4, gt=0, description="peak learning rate of a round's local training"
+        default=1e-3, gt=0, description="peak learning rate of the head in a round's training"
     )
     backbone_lr_scale: float = Field(
-        default=1.0,
+        default=0.1,
         gt=0,
         le=1,
         description="learning rate of the trained backbone stages, relative to lr (the head's)",

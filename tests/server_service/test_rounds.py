@@ -168,9 +168,9 @@ def test_two_rounds_average_the_updates_into_new_versions(rounds_settings: Setti
         assert cycle["plan"] == {
             "rounds": 2,
             "train_from": "b1",  # tiny_cnn's fine-tuning stage
-            "epochs": 1,
-            "lr": 3e-4,
-            "backbone_lr_scale": 1.0,
+            "epochs": 3,
+            "lr": 1e-3,
+            "backbone_lr_scale": 0.1,
             "clip_norm": 1.0,
             "noise_multiplier": 0.0,
             "dtype": "float16",
