@@ -29,6 +29,14 @@ from server_service.services import cycles, rounds, uploads
 
 router = APIRouter(prefix="/v1/cycles", tags=["cycles"])
 
+#: the OpenAPI request body of an upload: safetensors bytes
+BINARY_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
 _Ack = TypeVar("_Ack", UploadAck, RoundUpdateAck)
 
 
@@ -111,14 +119,7 @@ def get_cycle(cycle_id: CycleId, session: SessionDep, _caller: EdgeOrAdminDep) -
         200: {"model": UploadAck, "description": "unchanged or replaced"},
         **error_responses(404, 409, 413, 422, base=EDGE_ERRORS),
     },
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
-            },
-        }
-    },
+    openapi_extra=BINARY_BODY,
 )
 async def upload_features(
     cycle_id: CycleId,
@@ -161,14 +162,7 @@ async def upload_features(
             "description": "the admin token, or an edge that uploaded no features to the cycle",
         },
     },
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
-            },
-        }
-    },
+    openapi_extra=BINARY_BODY,
 )
 async def upload_round_update(
     cycle_id: CycleId,
