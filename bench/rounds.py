@@ -25,9 +25,18 @@ from fedinspect.demo import DemoOptions, run_demo
 #: name -> (what it is, server settings as ``--set server.KEY=VALUE`` would give them)
 RECIPES: dict[str, tuple[str, dict[str, str]]] = {
     "r0": ("one-shot cycle (R = 0)", {"ROUNDS": "0"}),
-    "r2": ("R = 2: b13 up, 1 local epoch, lr 3e-4 (the ROUND_* defaults)", {"ROUNDS": "2"}),
+    "r2": (
+        "R = 2: b13 up, 1 local epoch, lr 3e-4, blocks at the full rate",
+        {
+            "ROUNDS": "2",
+            "ROUND_EPOCHS": "1",
+            "ROUND_LR": "3e-4",
+            "ROUND_BACKBONE_LR_SCALE": "1.0",
+        },
+    ),
     "r3-flower": (
-        "R = 3: b13 up, 3 local epochs, lr 1e-3, blocks at 0.1x (Flower's best FedAvg point)",
+        "R = 3: b13 up, 3 local epochs, lr 1e-3, blocks at 0.1x (Flower's best FedAvg "
+        "point; the ROUND_* defaults)",
         {
             "ROUNDS": "3",
             "ROUND_EPOCHS": "3",
@@ -37,7 +46,7 @@ RECIPES: dict[str, tuple[str, dict[str, str]]] = {
     ),
     "r3-head": (
         "R = 3: the head only, 1 local epoch, lr 1e-3",
-        {"ROUNDS": "3", "ROUND_TRAIN_FROM": "upper", "ROUND_LR": "1e-3"},
+        {"ROUNDS": "3", "ROUND_TRAIN_FROM": "upper", "ROUND_EPOCHS": "1", "ROUND_LR": "1e-3"},
     ),
 }
 
