@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -133,6 +134,37 @@ def list_models(session: Session) -> list[ModelInfo]:
 
 def next_version(session: Session) -> int:
     return int(session.scalar(select(func.max(ModelRow.version))) or 0) + 1
+
+
+#: attempts at taking the next version number when replicas register concurrently
+VERSION_ATTEMPTS = 3
+
+
+def register_version(
+    rt: Runtime,
+    claim: Callable[[Session, int], bool],
+    make_row: Callable[[int], ModelRow],
+) -> int | None:
+    """Insert the next model version in the transaction of ``claim(session, version)``
+    (the cycle's conditional move to what the version makes of it); the version, or
+    None when ``claim`` finds the cycle moved on. Another replica taking the same number
+    makes it try the next one."""
+    for attempt in range(VERSION_ATTEMPTS):
+        with rt.sessions() as session:
+            version = next_version(session)
+            if not claim(session, version):
+                session.rollback()
+                return None
+            session.add(make_row(version))
+            try:
+                session.commit()
+            except DBIntegrityError:
+                session.rollback()  # another replica took this version number
+                if attempt == VERSION_ATTEMPTS - 1:
+                    raise
+                continue
+            return version
+    return None
 
 
 def _missing(row: ModelRow) -> NotFound:
@@ -298,6 +330,7 @@ __all__ = [
     "model_row",
     "next_version",
     "plan_for",
+    "register_version",
     "spec_for",
     "to_info",
     "verified_weights_path",

@@ -26,7 +26,6 @@ from datetime import datetime, timedelta
 
 import torch
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.exc import OperationalError as DBOperationalError
 
 from fl_core.errors import Conflict, Forbidden
@@ -49,10 +48,7 @@ from server_service.services.cycles import (
     row_plan,
     updates_of,
 )
-from server_service.services.models import get_model, load_model, model_row, next_version
-
-#: attempts at taking the next version number when replicas register concurrently
-_VERSION_ATTEMPTS = 3
+from server_service.services.models import get_model, load_model, model_row, register_version
 
 
 def _participants(session: Session, cycle_id: int) -> list[str]:
@@ -307,56 +303,40 @@ def _aggregate(rt: Runtime, cycle_id: int, round_number: int) -> int | None:
         cycle_id=cycle_id, edges=sorted(samples), round=round_number, samples_per_edge=samples
     )
     last = round_number >= plan.rounds
-    for attempt in range(_VERSION_ATTEMPTS):
-        with rt.sessions() as session:
-            version = next_version(session)
-            values: dict[str, object] = {
-                "round_versions_json": json.dumps([*versions, version]),
-            }
-            if last:
-                target = CycleState.done
-                values["result_model_version"] = version
-            else:
-                target = CycleState.rounds
-                values["round"] = round_number + 1
-                values["round_model_version"] = version
-                values["round_deadline"] = utcnow() + timedelta(seconds=plan.deadline_s)
-            if not cycle_state.move(
-                session, cycle_id, target, [CycleState.rounds], at_round=round_number, **values
-            ):
-                session.rollback()
-                return None
-            session.add(
-                model_row(
-                    version,
-                    base.version,
-                    model,
-                    sha,
-                    len(weights),
-                    None,
-                    trained_from,
-                    spec.privacy,
-                )
-            )
-            try:
-                session.commit()
-            except DBIntegrityError:
-                session.rollback()  # another replica took this version number
-                if attempt == _VERSION_ATTEMPTS - 1:
-                    raise
-                continue
-        log_event(
-            "round.aggregated",
-            cycle_id=cycle_id,
-            round=round_number,
-            edges=len(rows),
-            model_version=version,
-            sha256=sha,
-        )
+    target = CycleState.done if last else CycleState.rounds
+
+    def claim(session: Session, version: int) -> bool:
+        values: dict[str, object] = {"round_versions_json": json.dumps([*versions, version])}
         if last:
-            log_event("cycle.done", cycle_id=cycle_id, model_version=version, rounds=round_number)
-        return version
-    return None
+            values["result_model_version"] = version
+        else:
+            values["round"] = round_number + 1
+            values["round_model_version"] = version
+            values["round_deadline"] = utcnow() + timedelta(seconds=plan.deadline_s)
+        return cycle_state.move(
+            session, cycle_id, target, [CycleState.rounds], at_round=round_number, **values
+        )
+
+    version = register_version(
+        rt,
+        claim,
+        lambda v: model_row(
+            v, base.version, model, sha, len(weights), None, trained_from, spec.privacy
+        ),
+    )
+    if version is None:
+        return None
+    log_event(
+        "round.aggregated",
+        cycle_id=cycle_id,
+        round=round_number,
+        edges=len(rows),
+        model_version=version,
+        sha256=sha,
+    )
+    if last:
+        log_event("cycle.done", cycle_id=cycle_id, model_version=version, rounds=round_number)
+    return version
 
 
 def check_rounds(rt: Runtime) -> None:

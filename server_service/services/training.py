@@ -16,7 +16,6 @@ import logging
 import time
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.exc import OperationalError as DBOperationalError
 
 from fl_core.errors import FedInspectError, shorten
@@ -25,15 +24,12 @@ from fl_core.privacy import Upload, training_rows, unpack_upload, upload_rows
 from fl_core.schemas import CycleState, EvalMetrics, FeatureSpec, TrainedFrom
 from fl_core.training import TrainReport, train_upper
 from server_service import leases
-from server_service.db import CycleRow, UploadRow, utcnow
+from server_service.db import CycleRow, Session, UploadRow, utcnow
 from server_service.logs import log_event
 from server_service.runtime import Runtime
 from server_service.services import cycle_state
-from server_service.services.models import get_model, load_model, model_row, next_version
+from server_service.services.models import get_model, load_model, model_row, register_version
 from server_service.storage import is_disk_full
-
-#: attempts at taking the next version number when replicas register concurrently
-_VERSION_ATTEMPTS = 3
 
 
 class TrainingInterrupted(Exception):
@@ -258,32 +254,24 @@ def _register(
 ) -> tuple[int | None, CycleState]:
     """Insert the model version and mark the cycle done (or at its first round) in one
     transaction; the version (None when the cycle had left training) and the state."""
-    for attempt in range(_VERSION_ATTEMPTS):
-        with rt.sessions() as session:
-            version = next_version(session)
-            plan_json = session.scalar(select(CycleRow.plan_json).where(CycleRow.id == cycle_id))
-            # done, or on to round 1 when the cycle's plan has federated rounds
-            target, values = cycle_state.after_head(plan_json, version, utcnow())
-            values["metrics_json"] = metrics.model_dump_json() if metrics else None
-            if not cycle_state.move(session, cycle_id, target, [CycleState.training], **values):
-                session.rollback()
-                return None, target
-            session.add(
-                model_row(version, parent, model, sha, size, metrics, trained_from, spec.privacy)
-            )
-            try:
-                session.commit()
-            except DBIntegrityError:
-                # Another replica took this version number; take the next one.
-                session.rollback()
-                if attempt == _VERSION_ATTEMPTS - 1:
-                    raise
-                continue
-            log_event(
-                "model.registered", cycle_id=cycle_id, version=version, parent=parent, sha256=sha
-            )
-            return version, target
-    return None, CycleState.training
+    with rt.sessions() as session:
+        plan_json = session.scalar(select(CycleRow.plan_json).where(CycleRow.id == cycle_id))
+    # done, or on to round 1 when the cycle's plan has federated rounds
+    target = cycle_state.after_head(plan_json, 0, utcnow())[0]
+
+    def claim(session: Session, version: int) -> bool:
+        _, values = cycle_state.after_head(plan_json, version, utcnow())
+        values["metrics_json"] = metrics.model_dump_json() if metrics else None
+        return cycle_state.move(session, cycle_id, target, [CycleState.training], **values)
+
+    version = register_version(
+        rt,
+        claim,
+        lambda v: model_row(v, parent, model, sha, size, metrics, trained_from, spec.privacy),
+    )
+    if version is not None:
+        log_event("model.registered", cycle_id=cycle_id, version=version, parent=parent, sha256=sha)
+    return version, target
 
 
 __all__ = [
