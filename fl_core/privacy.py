@@ -43,6 +43,7 @@ from fl_core.features import (
     pack_features,
     row_norm_bound,
     unpack_features,
+    validate_features,
 )
 from fl_core.schemas import FeatureSpec
 
@@ -347,6 +348,14 @@ def unpack_upload(data: bytes, spec: FeatureSpec, max_rows: int) -> Upload:
     return unpack_features(data, spec, max_rows)
 
 
+def validate_upload(data: bytes, spec: FeatureSpec, max_rows: int) -> int:
+    """Validate an upload in the spec's privacy mode as fully as :func:`unpack_upload`,
+    keeping nothing; returns the rows it stands for (as :func:`upload_rows`)."""
+    if spec.privacy.mode == "stats":
+        return upload_rows(unpack_stats(data, spec, max_rows))
+    return validate_features(data, spec, max_rows)
+
+
 def upload_rows(upload: Upload) -> int:
     """Rows an upload stands for (for statistics: the rows they were computed from)."""
     if isinstance(upload, ClassStats):
@@ -385,4 +394,5 @@ __all__ = [
     "unpack_upload",
     "upload_rows",
     "validate_stats_header",
+    "validate_upload",
 ]

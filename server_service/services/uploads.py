@@ -12,7 +12,7 @@ import logging
 from sqlalchemy import select
 
 from fl_core.errors import Conflict
-from fl_core.privacy import unpack_upload, upload_rows
+from fl_core.privacy import validate_upload
 from fl_core.schemas import CycleState, FeatureSpec, UploadAck
 from server_service.db import CycleRow, Session, UploadRow, utcnow
 from server_service.logs import log_event
@@ -71,12 +71,10 @@ def store_upload(rt: Runtime, cycle_id: int, edge_id: str, body: bytes) -> tuple
 
     try:
         # rows or per-class statistics, as the spec's privacy mode says
-        upload = unpack_upload(body, spec, rt.settings.max_upload_rows)
+        rows = validate_upload(body, spec, rt.settings.max_upload_rows)
     except Exception:
         rt.metrics.uploads.labels(outcome="invalid").inc()
         raise
-    rows = upload_rows(upload)
-    del upload
     rt.blobs.put(body)
 
     with rt.sessions() as session:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
 from fl_core import serialization
-from fl_core.errors import InvalidInput
+from fl_core.errors import InvalidInput, NotSafetensors
 from fl_core.features import SPEC_HASH_KEY, FeatureBatch, make_spec, pack_features, row_norm_bound
 from fl_core.model import build_split_model
 from fl_core.privacy import (
@@ -20,6 +22,7 @@ from fl_core.privacy import (
     unpack_stats,
     unpack_upload,
     upload_rows,
+    validate_upload,
 )
 from fl_core.schemas import FeatureSpec, PrivacyConfig
 
@@ -316,3 +319,53 @@ def test_stats_past_the_bounds_are_refused() -> None:
     loud[0, 0] = 100.0  # 10,000 of variance in a factor; the vars describe 3 * 19 * dim / 57
     with pytest.raises(InvalidInput, match="the factors carry more variance"):
         unpack_stats(_stats_body(unbounded, factors=loud), unbounded, 1000)
+
+
+def _refusal(
+    check: Callable[[bytes, FeatureSpec, int], object], body: bytes, spec: FeatureSpec
+) -> tuple[type, str] | None:
+    try:
+        check(body, spec, 1000)
+    except (InvalidInput, NotSafetensors) as exc:
+        return type(exc), str(exc)
+    return None
+
+
+def test_the_servers_validation_refuses_what_decoding_refuses() -> None:
+    """What the server runs on an upload before storing it (validate_upload, no tensors
+    kept) accepts and refuses exactly as decoding it does, with the same message."""
+    features, labels = _rows()
+    cases = []
+    for dtype in ("float32", "float16", "int8"):
+        privacy = PrivacyConfig(mode="pooled", dtype=dtype, clip_norm=4.0, noise_sigma=0.5)
+        spec = _spec(privacy)
+        honest = pack_upload(features, labels, spec, "e", seed=0)
+        cases.append((spec, honest))
+        tensors, meta = serialization.loads(honest)
+        bad_values = {
+            "nan": float("nan"),
+            "inf": float("inf"),
+            "huge": 60000.0 if dtype == "float16" else 3e38,
+        }
+        for value in bad_values.values():
+            changed = {k: v.clone() for k, v in tensors.items()}
+            if dtype == "int8":
+                changed["scale"][1] = value  # dequantized rows become non-finite or huge
+            else:
+                changed["features"][1, 0] = value
+            cases.append((spec, serialization.dumps(changed, meta)))
+        wrong_label = {**tensors, "labels": tensors["labels"].clone()}
+        wrong_label["labels"][0] = 7
+        cases.append((spec, serialization.dumps(wrong_label, meta)))
+    stats_spec = _spec(PrivacyConfig(mode="stats", clip_norm=4.0, noise_sigma=0.0))
+    cases.append((stats_spec, pack_upload(features, labels, stats_spec, "e", seed=0)))
+    cases.append((_spec(PrivacyConfig(mode="pooled")), b"not safetensors"))
+    refused = 0
+    for spec, body in cases:
+        expected = _refusal(unpack_upload, body, spec)
+        assert _refusal(validate_upload, body, spec) == expected
+        if expected is None:
+            assert validate_upload(body, spec, 1000) == upload_rows(unpack_upload(body, spec, 1000))
+        else:
+            refused += 1
+    assert refused >= 10  # the bad cases were refused, not quietly accepted
