@@ -28,6 +28,7 @@ ORDER = (
     "recipe",
     "stage2",
     "scaleout",
+    "ingest",
     "quick",
     "extraction",
     "serving",
@@ -50,6 +51,10 @@ def _renderer(results: dict[str, Any]) -> Callable[[dict[str, Any]], str]:
         return stage2.markdown
     if "mode" in results and "machine" in results:
         return report.to_markdown
+    if results.get("meta", {}).get("section") == "ingest" and "levels" in results:
+        from bench import ingest  # brings the server's settings: only here
+
+        return ingest.markdown
     if "meta" in results and "rows" in results:
         from bench import scaleout  # brings the test suite's process helpers: only here
 
@@ -68,7 +73,7 @@ def _renderer(results: dict[str, Any]) -> Callable[[dict[str, Any]], str]:
         return rounds.page
     raise ValueError(
         "no renderer knows this results.json "
-        "(not a bench, recipe, rounds, stage 2, scale-out, serving or limit run)"
+        "(not a bench, recipe, rounds, stage 2, scale-out, ingest, serving or limit run)"
     )
 
 

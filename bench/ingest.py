@@ -16,21 +16,25 @@ the uploads ran) say what an upload costs it whatever else runs on the machine.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
+import platform
 import secrets
 import statistics
 import struct
+import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import torch
 
-from bench.stats import summary
+from bench.stats import fmt, summary, write_results
 from fedinspect.launcher import HOST, ServiceProcess, build_settings, free_port
 from fl_core.features import pack_features
 from fl_core.schemas import Cycle, FeatureSpec
@@ -54,7 +58,9 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
-def _start_server(work: Path, admin: str, port: int, min_edges: int) -> ServiceProcess:
+def _start_server(
+    work: Path, admin: str, port: int, min_edges: int, tree: Path | None = None
+) -> ServiceProcess:
     settings = build_settings(
         ServerSettings,
         admin_token=admin,
@@ -67,7 +73,17 @@ def _start_server(work: Path, admin: str, port: int, min_edges: int) -> ServiceP
         # the uploads are feature rows, the largest a server takes: the pooled mode
         privacy={"mode": "pooled"},
     )
-    return ServiceProcess("server", "server", settings, work / "server.log")
+    if tree is None:
+        return ServiceProcess("server", "server", settings, work / "server.log")
+    # the server's packages from ``tree``: first on the path, before the installed ones
+    return ServiceProcess(
+        "server",
+        "server",
+        settings,
+        work / "server.log",
+        extra_env={"PYTHONPATH": str(tree)},
+        cwd=tree,
+    )
 
 
 def _body(spec: FeatureSpec, edge_id: str, rows: int, seed: int) -> bytes:
@@ -234,11 +250,13 @@ async def _load(
         return out
 
 
-def run_level(edges: int, uploads: int, rows: int) -> dict[str, Any]:
+def run_level(edges: int, uploads: int, rows: int, tree: Path | None = None) -> dict[str, Any]:
+    """One load of ``edges`` edges on a fresh server (run from the source ``tree``, by
+    default this one)."""
     admin = secrets.token_urlsafe(24)
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="fedinspect-ingest-") as tmp:
-        proc = _start_server(Path(tmp), admin, port, min_edges=edges + 1)
+        proc = _start_server(Path(tmp), admin, port, min_edges=edges + 1, tree=tree)
         try:
             proc.wait_healthy(timeout_s=180)
             out = asyncio.run(_load(proc.url, admin, edges, uploads, rows, server_pid=proc.pid))
@@ -287,4 +305,159 @@ def run(quick: bool) -> list[dict[str, Any]]:
     return results
 
 
-__all__ = ["run", "run_level"]
+# ------------------------------------------------------------------ before and after
+
+RESULTS = Path(__file__).resolve().parent / "results" / "ingest"
+ROOT = Path(__file__).resolve().parents[1]
+#: the two servers of a comparison, in the order each repeat runs them
+SIDES = ("ref", "current")
+#: per-run figures summarised for each side (median, min, max)
+FIGURES = ("uploads_per_s", "p99_ms", "p50_ms", "server_cpu_ms_per_upload")
+
+
+@contextlib.contextmanager
+def ref_tree(rev: str) -> Iterator[tuple[Path, str]]:
+    """A detached ``git worktree`` of ``rev`` (removed after), and its commit."""
+    commit = _git("rev-parse", "--short", f"{rev}^{{commit}}")
+    with tempfile.TemporaryDirectory(prefix="fedinspect-ingest-ref-") as tmp:
+        tree = Path(tmp) / "tree"
+        _git("worktree", "add", "--detach", str(tree), commit)
+        try:
+            yield tree, commit
+        finally:
+            _git("worktree", "remove", "--force", str(tree))
+
+
+def _git(*args: str) -> str:
+    out = subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def compare(
+    trees: dict[str, Path],
+    levels: Sequence[int],
+    repeats: int,
+    uploads: int,
+    rows: int,
+    run: Callable[..., dict[str, Any]] = run_level,
+) -> list[dict[str, Any]]:
+    """Each level ``repeats`` times, the sides alternating (ref, current, ref, ...), so
+    that a change of the machine's load hits both; one row per run."""
+    runs = []
+    for edges in levels:
+        for repeat in range(repeats):
+            for side in SIDES:
+                row = run(edges, uploads, rows, tree=trees[side])
+                runs.append({"side": side, "repeat": repeat, **row})
+    return runs
+
+
+def compare_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per level, each side's figures as median (min-max) over its runs."""
+    levels = sorted({r["edges"] for r in runs})
+    rows = []
+    for edges in levels:
+        row: dict[str, Any] = {"edges": edges}
+        for side in SIDES:
+            mine = [r for r in runs if r["edges"] == edges and r["side"] == side]
+            row[side] = {
+                **{f: summary([r[f] for r in mine if r[f] is not None], 1) for f in FIGURES},
+                "errors": sum(r["errors"] for r in mine),
+                "retries_429_503": sum(r["retries_429_503"] for r in mine),
+            }
+        rows.append(row)
+    return rows
+
+
+def markdown(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    lines = [
+        "# Ingest on one replica: before and after, same run",
+        "",
+        f"`{meta['command']}` on {meta['cpus']} CPU cores ({meta['machine']}), "
+        f"{meta['date']}; load average {meta['load_before']} before, {meta['load_after']} "
+        f"after (a shared machine). One server process on loopback, SQLite and the file "
+        f"blob store; each edge uploads {meta['uploads_per_edge']} batches of "
+        f"{meta['rows']} rows x 1280 float32 ({meta['upload_mb']} MB). `ref` is the "
+        f"server of {meta['ref']} (commit {meta['ref_commit']}), `current` that of commit "
+        f"{meta['current_commit']}; the client is the same. Each level ran "
+        f"{meta['repeats']} times per side, the sides alternating; figures are median "
+        "(min-max). p99 is the edge's view, 503 waits and retries included; CPU is the "
+        "server process's, all threads, per upload.",
+        "",
+        "| edges | uploads/s ref | uploads/s current | p99 ms ref | p99 ms current "
+        "| server CPU ms/upload ref | current | errors | 429/503 retried ref / current |",
+        "|---:|---|---|---|---|---|---|---:|---|",
+    ]
+    for r in results["levels"]:
+        a, b = r["ref"], r["current"]
+        lines.append(
+            f"| {r['edges']} | {fmt(a['uploads_per_s'])} | {fmt(b['uploads_per_s'])} "
+            f"| {fmt(a['p99_ms'])} | {fmt(b['p99_ms'])} "
+            f"| {fmt(a['server_cpu_ms_per_upload'])} | {fmt(b['server_cpu_ms_per_upload'])} "
+            f"| {a['errors'] + b['errors']} | {a['retries_429_503']} / {b['retries_429_503']} |"
+        )
+    notes = results.get("notes") or []
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.ingest",
+        description="Ingest on one replica, the server of another revision against this "
+        "tree's, in one run.",
+    )
+    parser.add_argument("--compare-ref", required=True, help="git revision of the `ref` server")
+    parser.add_argument("--edges", type=int, nargs="+", default=[10, 50, 200])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--uploads", type=int, default=5, help="uploads per edge")
+    parser.add_argument("--rows", type=int, default=300)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--note", action="append", default=[], help="a line under the table")
+    args = parser.parse_args(argv)
+    load_before = [round(v, 2) for v in os.getloadavg()]
+    with ref_tree(args.compare_ref) as (tree, ref_commit):
+        runs = compare(
+            {"ref": tree, "current": ROOT}, args.edges, args.repeats, args.uploads, args.rows
+        )
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    results = {
+        "meta": {
+            "section": "ingest",
+            "command": "python -m bench.ingest "
+            + " ".join(
+                [
+                    f"--compare-ref {args.compare_ref}",
+                    "--edges " + " ".join(map(str, args.edges)),
+                    f"--repeats {args.repeats} --uploads {args.uploads} --rows {args.rows}",
+                ]
+            ),
+            "ref": args.compare_ref,
+            "ref_commit": ref_commit,
+            "current_commit": _git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else ""),
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "date": time.strftime("%Y-%m-%d", time.gmtime()),
+            "load_before": load_before,
+            "load_after": [round(v, 2) for v in os.getloadavg()],
+            "uploads_per_edge": args.uploads,
+            "rows": args.rows,
+            "upload_mb": round(runs[0]["upload_bytes"] / 1e6, 2) if runs else None,
+            "repeats": args.repeats,
+        },
+        "levels": compare_rows(runs),
+        "raw_runs": runs,
+        "notes": args.note,
+    }
+    page = markdown(results)
+    write_results(args.out, results, page)
+    print(page)
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["compare", "compare_rows", "main", "markdown", "ref_tree", "run", "run_level"]
