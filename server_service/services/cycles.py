@@ -56,8 +56,16 @@ def decide(
     Train once the quorum has uploaded and no edge that joined is still missing; at
     the deadline, train with the quorum or fail without it.
     """
-    quorum = len(uploaded) >= min_edges
-    if quorum and set(joined) <= set(uploaded):
+    return decide_counts(len(uploaded), len(set(joined) - set(uploaded)), min_edges, deadline, now)
+
+
+def decide_counts(
+    uploaded: int, missing: int, min_edges: int, deadline: datetime, now: datetime
+) -> Decision:
+    """:func:`decide` from counts: ``uploaded`` edges, ``missing`` joined ones that have
+    not (what the database counts without sending every edge id)."""
+    quorum = uploaded >= min_edges
+    if quorum and missing == 0:
         return "train"
     if now >= deadline:
         return "train" if quorum else "fail"
@@ -239,24 +247,31 @@ def evaluate_cycle(rt: Runtime, cycle_id: int, now: datetime | None = None) -> D
         row = session.get(CycleRow, cycle_id)
         if row is None or row.state != CycleState.collecting.value:
             return "wait"
-        uploaded = session.scalars(
-            select(UploadRow.edge_id).where(UploadRow.cycle_id == cycle_id)
-        ).all()
-        joined = session.scalars(
-            select(CycleMemberRow.edge_id).where(CycleMemberRow.cycle_id == cycle_id)
-        ).all()
-        decision = decide(uploaded, joined, row.min_edges, row.deadline, now)
+        # Counted in the database: run after every upload, reading each edge id of the
+        # cycle twice cost milliseconds per upload at 200 edges, growing with the fleet.
+        uploaders = select(UploadRow.edge_id).where(UploadRow.cycle_id == cycle_id)
+        uploaded = session.scalar(select(func.count()).select_from(uploaders.subquery())) or 0
+        not_uploaded = CycleMemberRow.edge_id.not_in(uploaders)
+        missing = (
+            session.scalar(
+                select(func.count())
+                .select_from(CycleMemberRow)
+                .where(CycleMemberRow.cycle_id == cycle_id, not_uploaded)
+            )
+            or 0
+        )
+        decision = decide_counts(uploaded, missing, row.min_edges, row.deadline, now)
         if decision == "wait":
             return decision
         if decision == "fail":
-            reason = _fail_reason(len(uploaded), row.min_edges)
+            reason = _fail_reason(uploaded, row.min_edges)
             if cycle_state.move(
                 session, cycle_id, CycleState.failed, [CycleState.collecting], reason=reason
             ):
                 session.commit()
                 log_event("cycle.failed", cycle_id=cycle_id, reason=reason)
             return decision
-        trigger = "quorum" if set(joined) <= set(uploaded) else "deadline"
+        trigger = "quorum" if missing == 0 else "deadline"
     _claim_and_submit(rt, cycle_id, trigger)
     return decision
 
@@ -355,6 +370,7 @@ __all__ = [
     "check_cycles",
     "counts_by_state",
     "decide",
+    "decide_counts",
     "evaluate_cycle",
     "get_cycle",
     "get_row",

@@ -15,7 +15,7 @@ from server_service.services.cycle_state import (
     check_transition,
     sources_for,
 )
-from server_service.services.cycles import decide
+from server_service.services.cycles import decide, decide_counts
 
 S = CycleState
 
@@ -77,3 +77,6 @@ def test_decide(
     uploaded: list[str], joined: list[str], min_edges: int, deadline: datetime, expected: str
 ) -> None:
     assert decide(uploaded, joined, min_edges, deadline, NOW) == expected
+    # what evaluate_cycle asks, from the counts the database gives
+    missing = len(set(joined) - set(uploaded))
+    assert decide_counts(len(uploaded), missing, min_edges, deadline, NOW) == expected
