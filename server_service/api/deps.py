@@ -53,13 +53,21 @@ _bearer = HTTPBearer(
 )
 
 
+#: request state key under which :func:`get_caller` leaves the token it checked and its
+#: caller, so that the request guard does not look the same token up again
+_AUTHENTICATED = "fedinspect.authenticated"
+
+
 def get_caller(
+    request: Request,
     settings: SettingsDep,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Caller:
     token = credentials.credentials if credentials is not None else None
-    return auth.authenticate(session, settings, token)
+    caller = auth.authenticate(session, settings, token)
+    request.scope.setdefault("state", {})[_AUTHENTICATED] = (token, caller)
+    return caller
 
 
 EdgeOrAdminDep = Annotated[Caller, Depends(get_caller)]
@@ -76,7 +84,13 @@ async def authenticate_scope(scope: Any, token: str | None) -> str:
 
     if not token:
         raise AuthError(auth.MISSING_TOKEN)  # no database lookup for nothing
-    caller = await run_in_threadpool(lookup)
+    checked = scope.get("state", {}).get(_AUTHENTICATED)
+    if checked is not None and checked[0] == token:
+        # The route's own dependency authenticated this very token, before the body
+        # (FastAPI solves dependencies first): a second lookup per upload bought nothing.
+        caller: Caller = checked[1]
+    else:
+        caller = await run_in_threadpool(lookup)
     return "admin" if caller.role == "admin" else f"edge:{caller.edge_id}"
 
 

@@ -275,3 +275,31 @@ def test_a_fresh_server_runs_with_own_settings(data_dir: Path) -> None:
     # A second app on another DATA_DIR does not collide (own metrics registry).
     with running(make_settings(data_dir.parent / "other")) as c:
         assert c.get("/health").status_code == 200
+
+
+def test_an_upload_looks_its_token_up_once(
+    client: TestClient, cycle: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The route's dependency checks the token before the body; the request guard, which
+    must see the caller before it reads a byte, reuses that check instead of a second
+    database lookup. A wrong token is still refused before the body."""
+    from server_service.services import auth
+
+    lookups: list[str | None] = []
+    real = auth.authenticate
+
+    def counting(session: Any, settings: Settings, token: str | None) -> auth.Caller:
+        lookups.append(token)
+        return real(session, settings, token)
+
+    monkeypatch.setattr(auth, "authenticate", counting)
+    edge = cycle["_edge"]
+    resp = put_features(client, cycle["id"], edge, make_upload(cycle, edge.edge_id, rows=10))
+    assert resp.status_code == 201
+    assert len(lookups) == 1
+    refused = client.put(
+        f"/v1/cycles/{cycle['id']}/features",
+        content=make_upload(cycle, edge.edge_id, rows=10),
+        headers={"Authorization": "Bearer not-a-token", "Content-Type": "application/octet-stream"},
+    )
+    assert refused.status_code == 401
