@@ -25,9 +25,11 @@ import secrets
 import statistics
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ import torch
 
 from bench.stats import fmt, summary, write_results
 from fedinspect.launcher import HOST, ServiceProcess, build_settings, free_port
+from fl_core.blobstore import LocalBlobStore
 from fl_core.features import pack_features
 from fl_core.schemas import Cycle, FeatureSpec
 from fl_core.serialization import inspect_header
@@ -305,6 +308,94 @@ def run(quick: bool) -> list[dict[str, Any]]:
     return results
 
 
+# ------------------------------------------------------------------ what the machine allows
+
+
+async def echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """A bare ASGI app that reads a request's body and answers 201: what uvicorn on
+    loopback moves with nothing of FedInspect in the way."""
+    if scope["type"] != "http":
+        return
+    size = 0
+    while True:
+        message = await receive()
+        size += len(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    body = b'{"size": %d}' % size
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": 201, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _echo_load(url: str, edges: int, uploads: int, size: int) -> dict[str, Any]:
+    bodies = [os.urandom(size) for _ in range(8)]
+    latencies: list[float] = []
+
+    async def edge(i: int) -> None:
+        limits = httpx.Limits(max_connections=1)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=300) as client:
+            for j in range(uploads):
+                began = time.perf_counter()
+                resp = await client.put("/", content=bodies[(i + j) % len(bodies)])
+                resp.raise_for_status()
+                latencies.append(time.perf_counter() - began)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(edge(i) for i in range(edges)))
+    wall = time.perf_counter() - began
+    latencies.sort()
+    return {
+        "edges": edges,
+        "uploads_per_s": round(len(latencies) / wall, 1),
+        "mb_per_s": round(len(latencies) * size / 1e6 / wall, 1),
+        "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1),
+    }
+
+
+def loopback_ceiling(edges: int, uploads: int, size: int) -> dict[str, Any]:
+    """Uploads of ``size`` bytes per second through a bare uvicorn echo app (its own
+    process, as the server is) from the same kind of client."""
+    port = free_port()
+    code = (
+        "import uvicorn; from bench.ingest import echo_app; "
+        f"uvicorn.run(echo_app, host={HOST!r}, port={port}, log_level='warning')"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.put(f"http://{HOST}:{port}/", content=b"x", timeout=1).raise_for_status()
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("the echo server did not start") from None
+                time.sleep(0.1)
+        return asyncio.run(_echo_load(f"http://{HOST}:{port}", edges, uploads, size))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def disk_ceiling(size: int, blobs: int = 60, threads: int = 4) -> dict[str, Any]:
+    """Blobs of ``size`` bytes per second through the server's own blob store (each
+    written, fsynced, renamed, its folder fsynced), from ``threads`` threads as from
+    the server's upload slots, into a temporary folder beside the benchmark's."""
+    bodies = [os.urandom(size) for _ in range(blobs)]
+    with tempfile.TemporaryDirectory(prefix="fedinspect-ingest-disk-") as tmp:
+        store = LocalBlobStore(Path(tmp))
+        began = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(store.put, bodies))
+        wall = time.perf_counter() - began
+    return {
+        "threads": threads,
+        "blobs_per_s": round(blobs / wall, 1),
+        "mb_per_s": round(blobs * size / 1e6 / wall, 1),
+    }
+
+
 # ------------------------------------------------------------------ before and after
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ingest"
@@ -349,6 +440,12 @@ def compare(
             for side in SIDES:
                 row = run(edges, uploads, rows, tree=trees[side])
                 runs.append({"side": side, "repeat": repeat, **row})
+                print(
+                    f"{edges} edges, {side}: {row['uploads_per_s']} uploads/s, "
+                    f"p99 {row['p99_ms']} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
     return runs
 
 
@@ -397,6 +494,18 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {fmt(a['server_cpu_ms_per_upload'])} | {fmt(b['server_cpu_ms_per_upload'])} "
             f"| {a['errors'] + b['errors']} | {a['retries_429_503']} / {b['retries_429_503']} |"
         )
+    ceilings = results.get("ceilings") or {}
+    if ceilings:
+        echo, disk = ceilings["loopback"], ceilings["disk"]
+        lines += [
+            "",
+            f"What the machine allows, measured after the runs: a bare uvicorn app that only "
+            f"reads the body (its own process, the same client) took {echo['uploads_per_s']} "
+            f"uploads/s ({echo['mb_per_s']} MB/s) at {echo['edges']} edges, p99 "
+            f"{echo['p99_ms']} ms; the server's blob store wrote {disk['blobs_per_s']} "
+            f"fsynced blobs/s of that size ({disk['mb_per_s']} MB/s) from "
+            f"{disk['threads']} threads.",
+        ]
     notes = results.get("notes") or []
     if notes:
         lines += ["", *notes]
@@ -416,12 +525,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=300)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--note", action="append", default=[], help="a line under the table")
+    parser.add_argument(
+        "--no-ceilings",
+        action="store_true",
+        help="skip the loopback (bare uvicorn echo) and disk (fsynced blobs) ceilings",
+    )
     args = parser.parse_args(argv)
     load_before = [round(v, 2) for v in os.getloadavg()]
     with ref_tree(args.compare_ref) as (tree, ref_commit):
         runs = compare(
             {"ref": tree, "current": ROOT}, args.edges, args.repeats, args.uploads, args.rows
         )
+    size = runs[0]["upload_bytes"] if runs else 1_538_728
+    ceilings = (
+        {}
+        if args.no_ceilings
+        else {
+            "loopback": loopback_ceiling(max(args.edges), args.uploads, size),
+            "disk": disk_ceiling(size),
+        }
+    )
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
     results = {
         "meta": {
@@ -448,6 +571,7 @@ def main(argv: list[str] | None = None) -> None:
             "repeats": args.repeats,
         },
         "levels": compare_rows(runs),
+        "ceilings": ceilings,
         "raw_runs": runs,
         "notes": args.note,
     }
@@ -460,4 +584,15 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["compare", "compare_rows", "main", "markdown", "ref_tree", "run", "run_level"]
+__all__ = [
+    "compare",
+    "compare_rows",
+    "disk_ceiling",
+    "echo_app",
+    "loopback_ceiling",
+    "main",
+    "markdown",
+    "ref_tree",
+    "run",
+    "run_level",
+]

@@ -92,10 +92,16 @@ def test_the_comparison_page_is_a_section_of_the_benchmarks_page() -> None:
             "repeats": 1,
         },
         "levels": compare_rows(runs),
+        "ceilings": {
+            "loopback": {"edges": 200, "uploads_per_s": 127.2, "mb_per_s": 196.0, "p99_ms": 5349},
+            "disk": {"threads": 4, "blobs_per_s": 287.5, "mb_per_s": 442.4},
+        },
         "raw_runs": runs,
         "notes": ["what bounded it"],
     }
     page = markdown(results)
     assert "| 200 | 25 (25-25) | 50 (50-50) |" in page
+    assert "took 127.2 uploads/s (196.0 MB/s) at 200 edges" in page
+    assert "287.5 fsynced blobs/s" in page
     assert "what bounded it" in page
     assert docs._renderer(results) is markdown
