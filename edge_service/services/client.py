@@ -281,6 +281,20 @@ class ServerClient:
             self.on_transfer("download", len(response.content))
         return self._model(ModelManifest, response, "model manifest")
 
+    def download_update(self, version: int, sha256: str) -> bytes:
+        """The averaged update that made round model ``version`` from its parent;
+        IntegrityError unless its sha256 is ``sha256`` (the manifest's)."""
+        response = self.request("GET", f"/v1/models/{version}/update")
+        data = response.content
+        if self.on_transfer is not None:
+            self.on_transfer("download", len(data))
+        actual = sha256_bytes(data)
+        if actual != sha256:
+            raise IntegrityError(
+                f"the update of model {version} has sha256 {actual}, expected {sha256}"
+            )
+        return data
+
     def download_tensors(self, version: int, names: list[str]) -> bytes:
         """Only the named tensors of ``version`` (safetensors with the full metadata).
 
