@@ -68,8 +68,8 @@ RECIPES: dict[str, Recipe] = {
     "b15, 4 views, 4 epochs, fixed, blocks 1x": Recipe(
         train_from="b15", views=4, epochs=4, backbone_lr_scale=1.0, select="last"
     ),
-    "b13, 4 views, 6 epochs, fixed, blocks 1x": Recipe(
-        train_from="b13", views=4, epochs=6, backbone_lr_scale=1.0, select="last"
+    "b15, 4 views, 6 epochs, fixed, blocks 1x": Recipe(
+        train_from="b15", views=4, epochs=6, backbone_lr_scale=1.0, select="last"
     ),
 }
 
