@@ -68,6 +68,9 @@ RECIPES: dict[str, Recipe] = {
     "b15, 4 views, 4 epochs, fixed, blocks 1x": Recipe(
         train_from="b15", views=4, epochs=4, backbone_lr_scale=1.0, select="last"
     ),
+    "b15, 4 views, 6 epochs, fixed, blocks 1x": Recipe(
+        train_from="b15", views=4, epochs=6, backbone_lr_scale=1.0, select="last"
+    ),
 }
 
 

@@ -75,6 +75,16 @@ def _wire(w: dict[str, Any]) -> list[str]:
         f"without the delta a first cycle cost {d['without_delta_first_cycle']} bytes.",
         "",
     ]
+    if w.get("per_round_per_edge"):
+        r = w["per_round_per_edge"]
+        lines += [
+            f"a federated round, per edge ({r['train_from']} up and the head, "
+            f"{r['trained_parameters']:,} parameters in {r['trained_tensors']} tensors, "
+            f"{r['dtype']}): upload {r['upload']} bytes; download of the round's model "
+            f"{r['download_update']} bytes as the averaged update, against "
+            f"{r['download_changed_tensors']} as the changed tensors.",
+            "",
+        ]
     if w.get("measured_in_demo"):
         lines += [
             "measured in the demo (elpv, seed 0):",

@@ -29,6 +29,7 @@ RECIPES: dict[str, tuple[str, dict[str, str]]] = {
         "R = 2: b13 up, 1 local epoch, lr 3e-4, blocks at the full rate",
         {
             "ROUNDS": "2",
+            "ROUND_TRAIN_FROM": "b13",
             "ROUND_EPOCHS": "1",
             "ROUND_LR": "3e-4",
             "ROUND_BACKBONE_LR_SCALE": "1.0",
@@ -36,9 +37,10 @@ RECIPES: dict[str, tuple[str, dict[str, str]]] = {
     ),
     "r3-flower": (
         "R = 3: b13 up, 3 local epochs, lr 1e-3, blocks at 0.1x (Flower's best FedAvg "
-        "point; the ROUND_* defaults)",
+        "point; the other ROUND_* defaults)",
         {
             "ROUNDS": "3",
+            "ROUND_TRAIN_FROM": "b13",
             "ROUND_EPOCHS": "3",
             "ROUND_LR": "1e-3",
             "ROUND_BACKBONE_LR_SCALE": "0.1",

@@ -1,7 +1,7 @@
 """Settings of the edge agent: one pydantic-settings class, read from the environment.
 
 Every variable is ``FEDINSPECT_EDGE_<FIELD>`` (case-insensitive); each field carries a
-description because the README's settings table is generated from this class.
+description because the settings table (docs/settings.md) is generated from this class.
 ``create_app(settings)`` keeps them as ``app.state.settings``, which routes reach
 through ``SettingsDep``; :func:`get_settings` (cached) is only the default of
 ``create_app()``, as on the server.

@@ -130,7 +130,7 @@ def _efficientnet_lite0(pretrained: Pretrained) -> Backbone:
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
         spatial_cut="b10",
-        finetune_from="b13",
+        finetune_from="b15",
     )
     return Backbone(info=info, stages=stages, pretrained=path is not None)
 

@@ -10,7 +10,10 @@ trained from and its number of training images in the metadata. The server check
 of it (:func:`unpack_update`), averages the updates weighted by those numbers, adds the
 plan's Gaussian noise to the average when the plan asks for it (the DP-FedAvg pattern:
 each edge's contribution is bounded by the clip, the noise hides it), and registers the
-round's model (:func:`aggregate`, :func:`apply_update`).
+round's model (:func:`aggregate`, :func:`apply_update`). The average is rounded to the
+plan's dtype before it is added, and kept as a file of its own
+(:func:`pack_aggregate`): an edge holding the round's parent downloads that instead of
+the changed tensors and rebuilds the new weights to the bit (:func:`apply_aggregate`).
 
 Only parameters travel: batch-norm statistics stay frozen while fine-tuning
 (:func:`fl_core.training._train_mode`), so their update would always be zero.
@@ -27,9 +30,9 @@ import torch
 
 from fl_core import serialization
 from fl_core.data import ImageSet
-from fl_core.errors import InvalidInput
+from fl_core.errors import IntegrityError, InvalidInput
 from fl_core.features import SPEC_HASH_KEY
-from fl_core.model import SplitModel
+from fl_core.model import SplitModel, model_from_bytes, model_to_bytes
 from fl_core.schemas import RoundPlan
 from fl_core.training import (
     FinetuneConfig,
@@ -43,6 +46,7 @@ EDGE_KEY = "fedinspect.edge_id"
 ROUND_KEY = "fedinspect.round"
 BASE_KEY = "fedinspect.base_model_version"
 SAMPLES_KEY = "fedinspect.samples"
+PARENT_SHA_KEY = "fedinspect.parent_sha256"
 
 #: how far over the clip bound an update may be: the edge clips in float32, then
 #: rounds to float16, which can lengthen the vector by about 2**-11 relative
@@ -257,18 +261,47 @@ def apply_update(model: SplitModel, delta: Mapping[str, torch.Tensor]) -> None:
             params[name].add_(t.to(params[name].dtype))
 
 
+def pack_aggregate(
+    delta: Mapping[str, torch.Tensor], dtype: str, parent_sha256: str
+) -> tuple[dict[str, torch.Tensor], bytes]:
+    """A round's averaged update rounded to the wire ``dtype``: the tensors the server adds
+    to the parent, and the file edges download (the parent's sha256 in its metadata)."""
+    wire = {n: t.to(_WIRE_DTYPES[dtype]) for n, t in delta.items()}
+    return wire, serialization.dumps(wire, {PARENT_SHA_KEY: parent_sha256})
+
+
+def apply_aggregate(parent: bytes, data: bytes) -> bytes:
+    """The weights of a round's model, from its parent's and its averaged update: the
+    server's own arithmetic (:func:`apply_update` on the parent's model), so the bytes and
+    their sha256 are the server's. IntegrityError when the update is not for ``parent``
+    or does not fit its model."""
+    tensors, metadata = serialization.loads(data)
+    if metadata.get(PARENT_SHA_KEY) != serialization.sha256_bytes(parent):
+        raise IntegrityError("the averaged update was made for other weights than the ones held")
+    model = model_from_bytes(parent)
+    params = dict(model.named_parameters())
+    for name, t in tensors.items():
+        if name not in params or params[name].shape != t.shape:
+            raise IntegrityError(f"the averaged update's tensor {name!r} does not fit the model")
+    apply_update(model, tensors)
+    return model_to_bytes(model)
+
+
 __all__ = [
     "BASE_KEY",
     "EDGE_KEY",
     "NORM_TOLERANCE",
+    "PARENT_SHA_KEY",
     "ROUND_KEY",
     "SAMPLES_KEY",
     "Update",
     "aggregate",
+    "apply_aggregate",
     "apply_update",
     "clip",
     "global_norm",
     "make_update",
+    "pack_aggregate",
     "pack_update",
     "snapshot",
     "train_round",

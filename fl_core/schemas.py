@@ -280,6 +280,18 @@ class Cycle(BaseModel):
     )
 
 
+class AggregatedUpdate(BaseModel):
+    """The averaged update a federated round added to its model: the parent's weights plus
+    these tensors (``GET /v1/models/{version}/update``) are the version's weights, to the
+    bit, so an edge holding the parent downloads only this."""
+
+    parent: int = Field(description="the version the update was added to")
+    parent_sha256: str = Field(description="sha256 of the parent's weights")
+    sha256: str = Field(description="sha256 of the update file (safetensors)")
+    size: int = Field(description="bytes of the update file")
+    dtype: str = Field(description="the wire dtype of its tensors (the round plan's)")
+
+
 class TrainedFrom(BaseModel):
     cycle_id: int | None = None
     edges: list[str] = []
@@ -289,6 +301,9 @@ class TrainedFrom(BaseModel):
     round: int | None = Field(default=None, description="the federated round it aggregates")
     samples_per_edge: dict[str, int] = Field(
         default={}, description="a round's edges and the training images each trained on"
+    )
+    update: AggregatedUpdate | None = Field(
+        default=None, description="a round's averaged update, as added to the parent"
     )
 
 
@@ -316,6 +331,11 @@ class ModelManifest(BaseModel):
     tensors: dict[str, str] = Field(
         description="tensor name -> sha256 of its dtype, shape and bytes "
         "(fl_core.serialization.tensor_digests)"
+    )
+    update: AggregatedUpdate | None = Field(
+        default=None,
+        description="when the version is a federated round's aggregate: the update that "
+        "turns its parent into it, smaller than the changed tensors themselves",
     )
 
 
@@ -425,8 +445,9 @@ GateModel = Literal["candidate", "server_model", "previous"]
 """The models the edge's deploy gate weighs: the fine-tuned candidate, the server's model
 as received, and the previously deployed one."""
 
-WeightsDownload = Literal["cached", "delta", "full"]
-"""How an edge got a model's weights: from its cache, the changed tensors only, or whole."""
+WeightsDownload = Literal["cached", "update", "delta", "full"]
+"""How an edge got a model's weights: from its cache, as a round's averaged update to the
+version it holds, the changed tensors only, or whole."""
 
 
 class CycleJobMetrics(BaseModel):
@@ -650,6 +671,7 @@ class Evaluation(BaseModel):
 
 
 __all__ = [
+    "AggregatedUpdate",
     "ClassMetrics",
     "Cycle",
     "CycleJobMetrics",

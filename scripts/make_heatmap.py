@@ -4,7 +4,8 @@ Trains the default split model on part of elpv (stage 2 on pooled features, then
 short stage 3), takes defective cells from the held-out test split, and writes the
 original beside the edge's heat map (what ``POST /v1/predict?heatmap=true`` returns).
 
-    python scripts/make_heatmap.py --out docs/heatmap.png
+    python scripts/make_heatmap.py --out docs/heatmap.png \\
+        --dataset "elpv:type=mono:limit=300" --input-size 160
 """
 
 from __future__ import annotations

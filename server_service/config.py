@@ -167,7 +167,7 @@ class Settings(ServiceSettings):
     round_train_from: str | None = Field(
         default=None,
         description="First stage the rounds train (with all above it and the head); "
-        "default: the backbone's fine-tuning stage (b13 for efficientnet_lite0).",
+        "default: the backbone's fine-tuning stage (b15 for efficientnet_lite0).",
     )
     round_epochs: int = Field(
         default=3, ge=1, le=20, description="Local epochs over an edge's views per round."

@@ -261,18 +261,21 @@ class ServerClient:
     def get_model(self, version: int | str) -> ModelInfo:
         return self._model(ModelInfo, self.request("GET", f"/v1/models/{version}"), "model")
 
-    def download_weights(self, version: int, sha256: str) -> bytes:
-        """The weights of ``version``; IntegrityError unless their sha256 is ``sha256``."""
-        response = self.request("GET", f"/v1/models/{version}/weights")
-        data = response.content
+    def _download_checked(self, path: str, sha256: str, what: str) -> bytes:
+        """The bytes at ``path``; IntegrityError unless their sha256 is ``sha256``."""
+        data = self.request("GET", path).content
         if self.on_transfer is not None:
             self.on_transfer("download", len(data))
         actual = sha256_bytes(data)
         if actual != sha256:
-            raise IntegrityError(
-                f"weights of model {version} have sha256 {actual}, expected {sha256}: refusing them"
-            )
+            raise IntegrityError(f"{what} has sha256 {actual}, expected {sha256}: refusing it")
         return data
+
+    def download_weights(self, version: int, sha256: str) -> bytes:
+        """The weights of ``version``; IntegrityError unless their sha256 is ``sha256``."""
+        return self._download_checked(
+            f"/v1/models/{version}/weights", sha256, f"the weights file of model {version}"
+        )
 
     def get_manifest(self, version: int) -> ModelManifest:
         """Per-tensor digests of ``version``'s weights."""
@@ -280,6 +283,13 @@ class ServerClient:
         if self.on_transfer is not None:
             self.on_transfer("download", len(response.content))
         return self._model(ModelManifest, response, "model manifest")
+
+    def download_update(self, version: int, sha256: str) -> bytes:
+        """The averaged update that made round model ``version`` from its parent;
+        IntegrityError unless its sha256 is ``sha256`` (the manifest's)."""
+        return self._download_checked(
+            f"/v1/models/{version}/update", sha256, f"the averaged update of model {version}"
+        )
 
     def download_tensors(self, version: int, names: list[str]) -> bytes:
         """Only the named tensors of ``version`` (safetensors with the full metadata).

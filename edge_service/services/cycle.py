@@ -431,6 +431,11 @@ class CycleService:
         r = cycle.round
         started = time.perf_counter()
         ctx.begin("round", f"round {r}/{plan.rounds}: downloading model {version}")
+
+        def report(fraction: float, message: str) -> None:
+            """Progress within this round, as a share of all the cycle's rounds."""
+            ctx.update((r - 1 + fraction) / plan.rounds, message)
+
         info = self.client.get_model(version)
         fetched = fetch_base_weights(
             self.client, self.registry, info.version, info.sha256, backbone=info.backbone
@@ -457,7 +462,7 @@ class CycleService:
                 splits.train,
                 config,
                 frozen=frozen,
-                progress=lambda frac, msg: ctx.update(0.8 * frac, f"round {r}: {msg}"),
+                progress=lambda frac, msg: report(0.8 * frac, f"round {r}: {msg}"),
             )
             state.test = (
                 frozen_activations(model, splits.test, start, s.batch_size, frozen)
@@ -472,14 +477,14 @@ class CycleService:
         )
         names = update_names(model, plan.train_from)
         before = snapshot(model, names)
-        ctx.update(0.8, f"round {r}/{plan.rounds}: training from {plan.train_from}")
+        report(0.8, f"round {r}/{plan.rounds}: training from {plan.train_from}")
         finetune_activations(
             model,
             start,
             state.x,
             state.y,
             config=config,
-            progress=lambda frac, msg: ctx.update(0.8 + 0.15 * frac, f"round {r}: {msg}"),
+            progress=lambda frac, msg: report(0.8 + 0.15 * frac, f"round {r}: {msg}"),
         )
         delta, norm = make_update(model, before, plan)
         body = pack_update(
@@ -518,7 +523,7 @@ class CycleService:
             bytes=len(body),
             unchanged=ack.unchanged,
         )
-        ctx.update(1.0, f"round {r}/{plan.rounds}: update sent ({len(body)} bytes)")
+        report(1.0, f"round {r}/{plan.rounds}: update sent ({len(body)} bytes)")
 
     # ------------------------------------------------------------------ stage 3
 

@@ -59,8 +59,13 @@ class JobContext:
                 self._weight = self.plan[i][1]
                 self._step = i
                 break
-        else:  # not planned: report it without moving the bar
-            self._offset, self._weight = self.progress, 0.0
+        else:
+            if self._step >= 0 and self.plan[self._step][0] == stage:
+                # the planned step again (a cycle's next round): it keeps its share
+                self._offset = sum(w for _, w in self.plan[: self._step])
+                self._weight = self.plan[self._step][1]
+            else:  # not planned: report it without moving the bar
+                self._offset, self._weight = self.progress, 0.0
         self.stage = stage
         self._stage_started = time.perf_counter()
         self.update(0.0, message or stage)

@@ -1,7 +1,10 @@
 """Base model weights on the edge: from the blob store, as a delta, or in full.
 
 A cycle retrains the part above the cut only, so the next base model shares every
-tensor below the cut with the one the edge already holds. The edge then asks the
+tensor below the cut with the one the edge already holds. A federated round's model is
+its parent plus the round's averaged update: an edge holding the parent downloads that
+update (``GET /v1/models/{v}/update``, in the round's dtype, half the bytes of the changed
+float32 tensors) and rebuilds the weights with the server's own arithmetic. The edge then asks the
 server for the new version's per-tensor digests (``GET /v1/models/{v}/manifest``),
 fetches only the tensors it lacks (``POST /v1/models/{v}/weights/subset``), rebuilds
 the full safetensors file from its cached tensors and the fetched ones (the bytes are
@@ -27,7 +30,8 @@ from fedinspect.service import log_event
 from fl_core import serialization
 from fl_core.errors import FedInspectError, IntegrityError
 from fl_core.model import build_split_model, model_to_bytes
-from fl_core.schemas import WeightsDownload
+from fl_core.rounds import apply_aggregate
+from fl_core.schemas import ModelManifest, WeightsDownload
 
 log = logging.getLogger("edge_service.weights")
 
@@ -48,6 +52,35 @@ class FetchedWeights:
     total_tensors: int = 0
 
 
+def _from_update(
+    client: ServerClient, previous: bytes, manifest: ModelManifest, received: int
+) -> FetchedWeights | None:
+    """A round's model rebuilt from ``previous`` (its parent) and the round's averaged
+    update; None when ``previous`` is not the parent or the update does not rebuild the
+    announced weights (the caller then fetches the changed tensors)."""
+    update, version = manifest.update, manifest.version
+    if update is None or update.parent_sha256 != serialization.sha256_bytes(previous):
+        return None
+    try:
+        file = client.download_update(version, update.sha256)
+        received += len(file)
+        data = apply_aggregate(previous, file)
+        if serialization.sha256_bytes(data) != manifest.sha256:
+            raise IntegrityError(f"weights rebuilt from the update are not model {version}'s")
+    except FedInspectError as exc:
+        log_event(
+            log,
+            "weights.update_failed",
+            logging.WARNING,
+            model=version,
+            reason=exc.detail,
+            then="changed tensors",
+        )
+        return None
+    tensors = len(serialization.inspect_header(file)[0])
+    return FetchedWeights(data, received, "update", tensors, len(manifest.tensors))
+
+
 def _delta(
     client: ServerClient, previous: bytes, version: int, sha256: str
 ) -> FetchedWeights | None:
@@ -57,6 +90,10 @@ def _delta(
     received = len(manifest.model_dump_json())
     if manifest.sha256 != sha256:
         return None
+    if manifest.update is not None:
+        via_update = _from_update(client, previous, manifest, received)
+        if via_update is not None:
+            return via_update
     have = serialization.tensor_digests(previous)
     reuse = {n for n, d in manifest.tensors.items() if have.get(n) == d}
     if not reuse:  # nothing in common: the full file is smaller than a subset of it all

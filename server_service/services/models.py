@@ -23,6 +23,7 @@ from fl_core.model import (
     model_to_bytes,
 )
 from fl_core.schemas import (
+    AggregatedUpdate,
     EvalMetrics,
     FeatureSpec,
     ModelInfo,
@@ -32,6 +33,7 @@ from fl_core.schemas import (
     TrainedFrom,
 )
 from fl_core.training import finetune_start
+from server_service.config import Settings
 from server_service.db import ModelRow, Session, utcnow
 from server_service.logs import log_event
 from server_service.runtime import Runtime
@@ -226,10 +228,41 @@ def _digests(rt: Runtime, row: ModelRow) -> dict[str, str]:
     return digests
 
 
+def _update_of(row: ModelRow) -> AggregatedUpdate | None:
+    info = to_info(row)
+    return info.trained_from.update if info.trained_from is not None else None
+
+
 def manifest(rt: Runtime, row: ModelRow) -> ModelManifest:
-    """Per-tensor digests of a version's weights (what an edge needs to fetch a delta)."""
+    """Per-tensor digests of a version's weights (what an edge needs to fetch a delta)
+    and, for a round's model, its averaged update."""
     digests = _digests(rt, row)
-    return ModelManifest(version=row.version, sha256=row.sha256, tensors=dict(digests))
+    return ModelManifest(
+        version=row.version, sha256=row.sha256, tensors=dict(digests), update=_update_of(row)
+    )
+
+
+def update_bytes(rt: Runtime, row: ModelRow) -> bytes:
+    """The averaged update that made a round's model from its parent, its sha256 checked."""
+    update = _update_of(row)
+    if update is None:
+        raise NotFound(
+            f"model version {row.version} is not a federated round's aggregate, so it has "
+            "no averaged update: fetch the tensors its manifest lists instead"
+        )
+    try:
+        return rt.blobs.get(update.sha256)
+    except NotFound:
+        raise NotFound(
+            f"the averaged update of model version {row.version} is missing from the blob "
+            "store: fetch the tensors its manifest lists instead"
+        ) from None
+    except IntegrityError:
+        log_event("model.update_corrupt", logging.ERROR, version=row.version, sha256=update.sha256)
+        raise Unavailable(
+            f"the stored averaged update of model version {row.version} is corrupt (its "
+            "sha256 no longer matches): fetch the tensors its manifest lists instead"
+        ) from None
 
 
 def weights_subset(rt: Runtime, row: ModelRow, names: list[str]) -> bytes:
@@ -280,7 +313,11 @@ def spec_for(rt: Runtime, row: ModelRow) -> FeatureSpec:
 
 
 def _plan(rt: Runtime, model: SplitModel) -> RoundPlan:
-    s = rt.settings
+    return round_plan(rt.settings, model)
+
+
+def round_plan(s: Settings, model: SplitModel) -> RoundPlan:
+    """The ROUND_* settings as the round plan of a cycle on ``model``."""
     train_from = s.round_train_from or model.info.finetune_from
     finetune_start(model, train_from)  # InvalidInput for a stage the backbone lacks
     return RoundPlan(
@@ -331,8 +368,10 @@ __all__ = [
     "next_version",
     "plan_for",
     "register_version",
+    "round_plan",
     "spec_for",
     "to_info",
+    "update_bytes",
     "verified_weights_path",
     "weights_bytes",
     "weights_path",

@@ -28,10 +28,18 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError as DBOperationalError
 
-from fl_core.errors import Conflict, Forbidden
+from fl_core.errors import Conflict, Forbidden, IntegrityError, NotFound
 from fl_core.model import model_to_bytes
-from fl_core.rounds import Update, aggregate, apply_update, unpack_update, update_names
+from fl_core.rounds import (
+    Update,
+    aggregate,
+    apply_update,
+    pack_aggregate,
+    unpack_update,
+    update_names,
+)
 from fl_core.schemas import (
+    AggregatedUpdate,
     CycleState,
     FeatureSpec,
     RoundUpdateAck,
@@ -230,31 +238,62 @@ def evaluate_round(rt: Runtime, cycle_id: int, now: datetime | None = None) -> s
         decision = decide(updated, participants, quorum, row.round_deadline, now)
         round_number, last_version = row.round, row.round_model_version
         if decision == "fail":
-            reason = (
-                f"round {round_number}: its deadline passed with {len(updated)} update(s), "
-                f"{quorum} needed; the cycle ends with model {last_version}"
-            )
-            if cycle_state.move(
+            _end_early(
                 session,
                 cycle_id,
-                CycleState.done,
-                [CycleState.rounds],
-                at_round=round_number,
-                result_model_version=last_version,
-                reason=reason,
-            ):
-                session.commit()
-                log_event(
-                    "cycle.done", cycle_id=cycle_id, model_version=last_version, reason=reason
-                )
+                round_number,
+                last_version,
+                f"round {round_number}: its deadline passed with {len(updated)} update(s), "
+                f"{quorum} needed; the cycle ends with model {last_version}",
+            )
             return decision
     if decision == "train":
         aggregate_round(rt, cycle_id, round_number)
     return decision
 
 
-def _load_updates(rt: Runtime, rows: Sequence[RoundUpdateRow], **check: object) -> list[Update]:
-    return [unpack_update(rt.blobs.get(r.sha256), **check) for r in rows]  # type: ignore[arg-type]
+def _end_early(
+    session: Session, cycle_id: int, round_number: int, last_version: int, reason: str
+) -> None:
+    """End a cycle's rounds ``done`` with the last round's model and the reason."""
+    if cycle_state.move(
+        session,
+        cycle_id,
+        CycleState.done,
+        [CycleState.rounds],
+        at_round=round_number,
+        result_model_version=last_version,
+        reason=reason,
+    ):
+        session.commit()
+        log_event("cycle.done", cycle_id=cycle_id, model_version=last_version, reason=reason)
+
+
+def _load_updates(
+    rt: Runtime, rows: Sequence[RoundUpdateRow], **check: object
+) -> tuple[list[Update], list[RoundUpdateRow]]:
+    """The checked updates of ``rows``, and the rows they came from: an update whose blob
+    is gone from the store (or no longer hashes to its sha256) is left out, loudly, since
+    its edge, told it was stored, will not send it again. A store that cannot be reached
+    raises: the watcher retries the round on its next pass."""
+    updates, kept = [], []
+    for r in rows:
+        try:
+            data = rt.blobs.get(r.sha256)
+        except (NotFound, IntegrityError) as exc:
+            log_event(
+                "round.update_lost",
+                logging.ERROR,
+                cycle_id=r.cycle_id,
+                round=r.round,
+                edge_id=r.edge_id,
+                sha256=r.sha256,
+                error=str(exc),
+            )
+            continue
+        updates.append(unpack_update(data, **check))  # type: ignore[arg-type]
+        kept.append(r)
+    return updates, kept
 
 
 def aggregate_round(rt: Runtime, cycle_id: int, round_number: int) -> int | None:
@@ -282,8 +321,9 @@ def _aggregate(rt: Runtime, cycle_id: int, round_number: int) -> int | None:
         rows = updates_of(session, cycle_id, round_number)
         base = get_model(session, row.round_model_version)
         versions = round_versions(row)
+        quorum = max(1, min(row.min_edges, len(_participants(session, cycle_id))))
     model = load_model(rt, base)
-    updates = _load_updates(
+    updates, rows = _load_updates(
         rt,
         rows,
         expected=_expected_shapes(rt, base.version, plan.train_from),
@@ -293,14 +333,39 @@ def _aggregate(rt: Runtime, cycle_id: int, round_number: int) -> int | None:
         base_version=base.version,
         max_samples=rt.settings.max_upload_rows,
     )
-    apply_update(
-        model, aggregate(updates, plan, torch.Generator().manual_seed(secrets.randbits(63)))
-    )
+    if len(updates) < quorum:
+        with rt.sessions() as session:
+            _end_early(
+                session,
+                cycle_id,
+                round_number,
+                base.version,
+                f"round {round_number}: {len(updates)} of its stored updates could be read "
+                f"back from the blob store ({quorum} needed; the others' blobs are missing or "
+                f"corrupt); the cycle ends with model {base.version}",
+            )
+        return None
+    mean = aggregate(updates, plan, torch.Generator().manual_seed(secrets.randbits(63)))
+    # rounded to the wire dtype before it is added: edges holding the parent rebuild this
+    # model from the (smaller) update file, to the bit
+    wire, update_file = pack_aggregate(mean, plan.dtype, base.sha256)
+    apply_update(model, wire)
     weights = model_to_bytes(model)
     sha = rt.blobs.put(weights)
+    update = AggregatedUpdate(
+        parent=base.version,
+        parent_sha256=base.sha256,
+        sha256=rt.blobs.put(update_file),
+        size=len(update_file),
+        dtype=plan.dtype,
+    )
     samples = {r.edge_id: r.samples for r in rows}
     trained_from = TrainedFrom(
-        cycle_id=cycle_id, edges=sorted(samples), round=round_number, samples_per_edge=samples
+        cycle_id=cycle_id,
+        edges=sorted(samples),
+        round=round_number,
+        samples_per_edge=samples,
+        update=update,
     )
     last = round_number >= plan.rounds
     target = CycleState.done if last else CycleState.rounds
@@ -353,9 +418,9 @@ def check_rounds(rt: Runtime) -> None:
         except DBOperationalError:
             raise  # the database is down: the watcher says so once and retries
         except Exception:
-            # One round that cannot be aggregated (a stored update's blob lost, say)
-            # must not hold up the other cycles' rounds, nor the takeover of trainings
-            # that follows in the same pass; it is retried on the next one.
+            # One round that cannot be aggregated (its blob store unreachable, say) must
+            # not hold up the other cycles' rounds, nor the takeover of trainings that
+            # follows in the same pass; it is retried on the next one.
             log_event("round.evaluate_error", logging.ERROR, exc_info=True, cycle_id=cycle_id)
 
 

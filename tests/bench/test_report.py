@@ -95,6 +95,16 @@ def test_to_markdown_shows_wire_ingest_and_measured_bytes() -> None:
         "measured_in_demo": [
             {"name": "edge-1", "n_train": 100, "uploaded": 1, "downloaded": 2, "raw_images": 3}
         ],
+        "per_round_per_edge": {
+            "train_from": "b13",
+            "dtype": "float16",
+            "trained_tensors": 34,
+            "trained_parameters": 2_298_370,
+            "upload": 4_600_188,
+            "download_update": 4_630_587,
+            "download_changed_tensors": 9_227_239,
+            "changed_tensors": 34,
+        },
     }
     row = {
         "edges": 50,
@@ -115,6 +125,11 @@ def test_to_markdown_shows_wire_ingest_and_measured_bytes() -> None:
     assert "base 30000 as a delta from the local ImageNet weights" in md
     assert "5600000 without them" in md
     assert "| edge-1 | 100 | 1 | 2 | 3 |" in md
+    assert (
+        "a federated round, per edge (b13 up and the head, 2,298,370 parameters in 34 "
+        "tensors, float16): upload 4600188 bytes; download of the round's model 4630587 "
+        "bytes as the averaged update, against 9227239 as the changed tensors." in md
+    )
     assert "| 50 | 100 | 4096 | 77.7 | 0.3 | 12.0 | 99.0 | 0 | 3 | 321.0 |" in md
 
 

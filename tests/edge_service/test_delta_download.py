@@ -17,8 +17,9 @@ from edge_service.services.weights import LAST_BASE_KEY, FetchedWeights, fetch_b
 from fl_core import serialization
 from fl_core.blobstore import LocalBlobStore
 from fl_core.errors import RemoteError
-from fl_core.model import build_split_model, model_to_bytes
-from fl_core.schemas import ModelManifest
+from fl_core.model import build_split_model, model_from_bytes, model_to_bytes
+from fl_core.rounds import apply_update, pack_aggregate
+from fl_core.schemas import AggregatedUpdate, ModelManifest
 from tests.edge_service.conftest import AUTH, TestClient, make_settings, tiny_model, wait_job
 from tests.edge_service.test_cycle_server import SERVER_ADMIN, server  # noqa: F401  (fixture)
 
@@ -52,8 +53,16 @@ def test_a_cycle_downloads_the_base_in_full_then_only_the_changed_head(
 class _StubClient:
     """Serves version 2 of a tiny model; can lie about the subset or lack the routes."""
 
-    def __init__(self, v2: bytes, tamper: bool = False, has_delta: bool = True) -> None:
+    def __init__(
+        self,
+        v2: bytes,
+        tamper: bool = False,
+        has_delta: bool = True,
+        update: AggregatedUpdate | None = None,
+        update_file: bytes = b"",
+    ) -> None:
         self.v2, self.tamper, self.has_delta = v2, tamper, has_delta
+        self.update, self.update_file = update, update_file
         self.calls: list[str] = []
 
     def get_manifest(self, version: int) -> ModelManifest:
@@ -64,7 +73,12 @@ class _StubClient:
             version=version,
             sha256=serialization.sha256_bytes(self.v2),
             tensors=serialization.tensor_digests(self.v2),
+            update=self.update,
         )
+
+    def download_update(self, version: int, sha256: str) -> bytes:
+        self.calls.append("update")
+        return self.update_file
 
     def download_tensors(self, version: int, names: list[str]) -> bytes:
         self.calls.append(f"subset:{len(names)}")
@@ -164,3 +178,61 @@ def test_a_backbone_without_local_weights_downloads_the_first_base_in_full(
     client = _StubClient(v2)
     got = _fetch(client, registry, v2, backbone="tiny_cnn")
     assert got.how == "full" and got.data == v2 and client.calls == ["full"]
+
+
+def _round_versions(lie: bool = False) -> tuple[bytes, bytes, AggregatedUpdate, bytes]:
+    """Version 1 and the round's model 2 = 1 + an averaged update, as the server makes
+    them; with ``lie`` the update file announced is not the one that made version 2."""
+    v1 = model_to_bytes(tiny_model(0))
+    model = model_from_bytes(v1)
+    mean = {n: torch.full_like(p, 0.01) for n, p in model.head.named_parameters(prefix="head")}
+    wire, file = pack_aggregate(mean, "float16", serialization.sha256_bytes(v1))
+    apply_update(model, wire)
+    v2 = model_to_bytes(model)
+    if lie:
+        _, file = pack_aggregate(
+            {n: t * 2 for n, t in mean.items()}, "float16", serialization.sha256_bytes(v1)
+        )
+    update = AggregatedUpdate(
+        parent=1,
+        parent_sha256=serialization.sha256_bytes(v1),
+        sha256=serialization.sha256_bytes(file),
+        size=len(file),
+        dtype="float16",
+    )
+    return v1, v2, update, file
+
+
+def test_a_rounds_model_comes_as_its_averaged_update(registry: ModelRegistry) -> None:
+    v1, v2, update, file = _round_versions()
+    _hold(registry, v1)
+    client = _StubClient(v2, update=update, update_file=file)
+    got = _fetch(client, registry, v2)
+    assert got.how == "update" and got.data == v2
+    assert client.calls == ["manifest", "update"]
+    names = list(serialization.inspect_header(file)[0])
+    assert got.fetched_tensors == len(names) < got.total_tensors
+    changed = serialization.subset(v2, names)  # what the delta would have fetched
+    assert len(file) < got.downloaded < len(file) + 4000  # the update and the manifest
+    assert len(file) < 0.6 * len(changed)
+
+
+def test_an_update_that_does_not_rebuild_the_weights_falls_back_to_the_tensors(
+    registry: ModelRegistry,
+) -> None:
+    v1, v2, update, file = _round_versions(lie=True)
+    _hold(registry, v1)
+    client = _StubClient(v2, update=update, update_file=file)
+    got = _fetch(client, registry, v2)
+    assert got.how == "delta" and got.data == v2
+    assert client.calls[:2] == ["manifest", "update"] and client.calls[2].startswith("subset")
+
+
+def test_an_update_of_weights_the_edge_does_not_hold_is_not_fetched(
+    registry: ModelRegistry,
+) -> None:
+    _, v2, update, file = _round_versions()
+    _hold(registry, model_to_bytes(tiny_model(1)))  # another parent
+    client = _StubClient(v2, update=update, update_file=file)
+    got = _fetch(client, registry, v2)
+    assert got.data == v2 and "update" not in client.calls

@@ -101,6 +101,36 @@ def test_runner_progress_is_monotone_and_persisted(tmp_path: Path) -> None:
     store.close()
 
 
+def test_rounds_advance_the_bar_across_the_waits_between_them(tmp_path: Path) -> None:
+    """A cycle's rounds share one planned step: each round re-enters it after the
+    (unplanned) wait for the others, and the bar keeps moving."""
+    store = EdgeStore.open(tmp_path / "edge.db")
+    runner = JobRunner(store)
+    seen: list[float] = []
+
+    def work(ctx: JobContext) -> CycleJobResult:
+        ctx.begin("wait")
+        ctx.update(1.0, "head trained")
+        for r in (1, 2):
+            ctx.begin("round")
+            ctx.update((r - 0.5) / 2, f"round {r}: training")
+            ctx.update(r / 2, f"round {r}: update sent")
+            seen.append(store.get_job(ctx.job_id).progress)
+            ctx.begin("wait")  # for the other edges' updates
+            ctx.update(0.9, "waiting")
+            seen.append(store.get_job(ctx.job_id).progress)
+        ctx.begin("finetune")
+        ctx.update(0.5, "fine-tuning")
+        seen.append(store.get_job(ctx.job_id).progress)
+        return cycle_job_result()
+
+    job = runner.submit(JobKind.cycle, work, [("wait", 1.0), ("round", 2.0), ("finetune", 1.0)])
+    assert runner.wait_idle(10)
+    assert store.get_job(job.id).state == JobState.done
+    assert seen == pytest.approx([0.5, 0.5, 0.75, 0.75, 0.875])
+    store.close()
+
+
 def test_runner_allows_one_job_at_a_time_and_records_errors(tmp_path: Path) -> None:
     store = EdgeStore.open(tmp_path / "edge.db")
     runner = JobRunner(store)

@@ -80,7 +80,7 @@ def test_quick_run_writes_results_in_range(tmp_path: Path) -> None:
     assert data["server_default_privacy"]["mode"] == "stats"
     assert "| mode |" in (out / "results.md").read_text()
     updates = data["updates"]
-    assert (updates["train_from"], updates["clip_norm"], updates["dtype"]) == ("b13", 10, "float16")
+    assert (updates["train_from"], updates["clip_norm"], updates["dtype"]) == ("b15", 10, "float16")
     assert updates["norm_before_clip"] > 0 and updates["members"] > 0
     assert [r["noise_multiplier"] for r in updates["rows"]][:2] == [0, 0.001]
     for r in updates["rows"]:

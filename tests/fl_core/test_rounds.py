@@ -11,9 +11,15 @@ import pytest
 import torch
 
 from fl_core import serialization
-from fl_core.errors import InvalidInput
+from fl_core.errors import IntegrityError, InvalidInput
 from fl_core.features import SPEC_HASH_KEY
-from fl_core.model import HeadConfig, SplitModel, build_split_model
+from fl_core.model import (
+    HeadConfig,
+    SplitModel,
+    build_split_model,
+    model_from_bytes,
+    model_to_bytes,
+)
 from fl_core.rounds import (
     BASE_KEY,
     EDGE_KEY,
@@ -21,10 +27,12 @@ from fl_core.rounds import (
     SAMPLES_KEY,
     Update,
     aggregate,
+    apply_aggregate,
     apply_update,
     clip,
     global_norm,
     make_update,
+    pack_aggregate,
     pack_update,
     snapshot,
     unpack_update,
@@ -357,3 +365,42 @@ def test_apply_update_adds_to_the_parameters(model: SplitModel) -> None:
     for name in before:
         if name not in delta:
             assert torch.equal(after[name], before[name]), name
+
+
+def test_an_edge_rebuilds_the_servers_weights_from_the_averaged_update(
+    model: SplitModel,
+) -> None:
+    plan = _plan()
+    parent = model_to_bytes(model)
+    mean = aggregate([Update(_delta(_shapes(model, plan), 0.7), 10, 0.7)], plan)
+    wire, file = pack_aggregate(mean, "float16", serialization.sha256_bytes(parent))
+    assert all(t.dtype == torch.float16 for t in wire.values())
+    # the server: its copy of the parent plus the rounded mean
+    server = model_from_bytes(parent)
+    apply_update(server, wire)
+    rebuilt = apply_aggregate(parent, file)
+    assert rebuilt == model_to_bytes(server)
+    assert rebuilt != parent
+    # half the bytes of the float32 tensors it changes
+    changed = serialization.subset(rebuilt, list(wire))
+    assert len(file) < 0.6 * len(changed)
+
+
+def test_an_averaged_update_for_other_weights_or_another_model_is_refused(
+    model: SplitModel,
+) -> None:
+    plan = _plan()
+    parent = model_to_bytes(model)
+    mean = aggregate([Update(_delta(_shapes(model, plan), 0.7), 10, 0.7)], plan)
+    _, for_other = pack_aggregate(mean, "float16", "0" * 64)
+    with pytest.raises(IntegrityError, match="other weights"):
+        apply_aggregate(parent, for_other)
+    wrong = {"head.4.bias": torch.zeros(5)}
+    _, misfit = pack_aggregate(wrong, "float16", serialization.sha256_bytes(parent))
+    with pytest.raises(IntegrityError, match=r"'head\.4\.bias' does not fit"):
+        apply_aggregate(parent, misfit)
+    _, unknown = pack_aggregate(
+        {"nope": torch.zeros(2)}, "float16", serialization.sha256_bytes(parent)
+    )
+    with pytest.raises(IntegrityError, match="'nope' does not fit"):
+        apply_aggregate(parent, unknown)

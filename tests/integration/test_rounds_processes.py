@@ -323,6 +323,8 @@ def test_server_killed_mid_round_finishes_the_cycle(
         assert [x["round"] for x in result["rounds"]] == [1, 2], (edge.name, result["rounds"])
         assert [x["model_version"] for x in result["rounds"]] == versions[:2]
         assert result["model_version"] == versions[-1]
+        # round 2's model and the result are their parents plus the averaged update
+        assert result["downloads"][-2:] == ["update", "update"], (edge.name, result)
     _report(
         capsys,
         "server killed mid-round",

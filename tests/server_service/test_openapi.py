@@ -37,6 +37,7 @@ def test_every_route_is_documented(client: TestClient) -> None:
         ("GET", "/v1/models/{version}"),
         ("GET", "/v1/models/{version}/weights"),
         ("GET", "/v1/models/{version}/manifest"),
+        ("GET", "/v1/models/{version}/update"),
         ("POST", "/v1/models/{version}/weights/subset"),
         ("PUT", "/v1/models/{version}/evaluation"),
         ("GET", "/v1/evaluations"),

@@ -16,8 +16,9 @@ import pytest
 import torch
 from sqlalchemy import update
 
+from fl_core import serialization
 from fl_core.model import SplitModel, model_from_bytes
-from fl_core.rounds import clip, pack_update, update_names
+from fl_core.rounds import apply_aggregate, clip, pack_update, update_names
 from fl_core.schemas import RoundPlan
 from server_service import leases
 from server_service.config import Settings
@@ -136,7 +137,8 @@ def _check_aggregated(
     version: int,
     sent: list[tuple[dict[str, torch.Tensor], int]],
 ) -> None:
-    """Model ``version`` is model ``base_version`` plus the sample-weighted mean."""
+    """Model ``version`` is model ``base_version`` plus the sample-weighted mean (in
+    float16)."""
     base, new = _model(client, base_version), _model(client, version)
     total = sum(samples for _, samples in sent)
     before, after = base.state_dict(), new.state_dict()
@@ -144,9 +146,39 @@ def _check_aggregated(
     for name in before:
         if name in moved:
             mean = sum(_as_sent(d)[name] * (s / total) for d, s in sent)
-            torch.testing.assert_close(after[name], before[name] + mean, rtol=0, atol=1e-6)
+            # the mean is rounded to float16 before it is added
+            torch.testing.assert_close(after[name] - before[name], mean, rtol=2**-10, atol=1e-6)
         else:
             assert torch.equal(after[name], before[name]), name
+
+
+def _check_update_file(client: TestClient, parent: int, version: int) -> None:
+    """Model ``version``'s averaged update, as edges download it, turns ``parent``'s
+    weights into ``version``'s to the bit, in half the bytes of the changed tensors."""
+    info = client.get(f"/v1/models/{version}", headers=ADMIN).json()
+    manifest = client.get(f"/v1/models/{version}/manifest", headers=ADMIN).json()
+    update = manifest["update"]
+    assert update == info["trained_from"]["update"]
+    parent_weights = client.get(f"/v1/models/{parent}/weights", headers=ADMIN).content
+    weights = client.get(f"/v1/models/{version}/weights", headers=ADMIN).content
+    assert update["parent"] == parent
+    assert update["parent_sha256"] == serialization.sha256_bytes(parent_weights)
+    assert update["dtype"] == "float16"
+    resp = client.get(f"/v1/models/{version}/update", headers=ADMIN)
+    assert resp.status_code == 200
+    assert resp.headers["content-type"] == "application/octet-stream"
+    assert serialization.sha256_bytes(resp.content) == update["sha256"]
+    assert len(resp.content) == update["size"]
+    assert apply_aggregate(parent_weights, resp.content) == weights
+    changed = [
+        n
+        for n, d in manifest["tensors"].items()
+        if serialization.tensor_digests(parent_weights)[n] != d
+    ]
+    subset = client.post(
+        f"/v1/models/{version}/weights/subset", headers=ADMIN, json={"names": changed}
+    ).content
+    assert len(resp.content) < 0.6 * len(subset)
 
 
 @pytest.fixture
@@ -228,6 +260,7 @@ def test_two_rounds_average_the_updates_into_new_versions(rounds_settings: Setti
         assert info["trained_from"]["samples_per_edge"] == {a.edge_id: 30, b.edge_id: 10}
         assert sorted(info["trained_from"]["edges"]) == sorted([a.edge_id, b.edge_id])
         assert client.get("/v1/models/latest", headers=ADMIN).json()["version"] == 3
+        _check_update_file(client, 2, 3)
 
         # round 1 is over: its stored update still answers 200, another one is refused
         late = _put(client, cid, 1, a, _pack(cycle, a, delta_a, samples=30))
@@ -249,6 +282,12 @@ def test_two_rounds_average_the_updates_into_new_versions(rounds_settings: Setti
         assert done["round_versions"] == [2, 3, 4]
         assert done["reason"] is None
         _check_aggregated(client, 3, 4, [(delta_a2, 5), (delta_b2, 15)])
+        _check_update_file(client, 3, 4)
+        # the head's model was trained, not aggregated: it has no update to offer
+        head_update = client.get("/v1/models/2/update", headers=ADMIN)
+        assert head_update.status_code == 404
+        assert "not a federated round's aggregate" in head_update.json()["detail"]
+        assert client.get("/v1/models/2/manifest", headers=ADMIN).json()["update"] is None
         assert client.get("/v1/models/4", headers=ADMIN).json()["parent"] == 3
         after_done = _put(client, cid, 2, a, _pack(after_1, a, delta_b2, samples=5))
         assert after_done.status_code == 409
@@ -412,6 +451,42 @@ def test_the_deadline_without_the_quorum_ends_the_cycle_with_the_last_model(
             "round 1: its deadline passed with 0 update(s), 2 needed; the cycle ends with model 2"
         )
         assert [m["version"] for m in client.get("/v1/models", headers=ADMIN).json()] == [1, 2]
+
+
+def _lose_blob(client: TestClient, sha256: str) -> None:
+    """The store loses an acknowledged update's bytes (a disk fault, an operator)."""
+    rt = client.app.state.runtime  # type: ignore[attr-defined]
+    rt.blobs.local_path(sha256).unlink()
+
+
+@pytest.mark.parametrize("min_edges", [1, 2])
+def test_an_update_whose_blob_is_lost_is_left_out_or_ends_the_rounds(
+    data_dir: Path, min_edges: int
+) -> None:
+    with running(_settings(data_dir, min_edges=min_edges)) as client:
+        cycle, (a, b) = _to_rounds(client)
+        cid = cycle["id"]
+        plan = RoundPlan.model_validate(cycle["plan"])
+        head = _model(client, 2)
+        delta_a, delta_b = _delta(head, plan, seed=1), _delta(head, plan, seed=2)
+        ack = _put(client, cid, 1, a, _pack(cycle, a, delta_a, samples=8))
+        assert ack.status_code == 201
+        _lose_blob(client, ack.json()["sha256"])
+        assert _put(client, cid, 1, b, _pack(cycle, b, delta_b, samples=6)).status_code == 201
+        if min_edges == 1:  # b's update alone is a quorum: the round goes on without a's
+            nxt = _wait_round(client, cid, 2)
+            assert nxt["state"] == "rounds" and nxt["round_model_version"] == 3
+            _check_aggregated(client, 2, 3, [(delta_b, 6)])
+            info = client.get("/v1/models/3", headers=ADMIN).json()
+            assert info["trained_from"]["samples_per_edge"] == {b.edge_id: 6}
+        else:  # not a quorum: the rounds end with the head's model, saying why
+            done = wait_for_state(client, cid, {"done", "failed", "cancelled"}, timeout_s=20)
+            assert done["state"] == "done" and done["result_model_version"] == 2
+            assert done["reason"] == (
+                "round 1: 1 of its stored updates could be read back from the blob store "
+                "(2 needed; the others' blobs are missing or corrupt); the cycle ends with "
+                "model 2"
+            )
 
 
 def test_the_deadline_of_a_later_round_keeps_the_earlier_rounds(data_dir: Path) -> None:

@@ -114,6 +114,28 @@ def get_manifest(
     return models.manifest(rt, models.get_model(session, version))
 
 
+@router.get(
+    "/{version}/update",
+    summary="A federated round's averaged update (safetensors in the round's dtype): its "
+    "parent's weights plus these tensors are this version's weights, to the bit",
+    response_class=Response,
+    response_model=None,
+    responses={
+        200: {
+            "content": {_SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}},
+            "description": "safetensors bytes; the manifest's `update` gives their sha256 "
+            "and the parent they apply to",
+        },
+        **error_responses(404, 422, base=AUTH_ERRORS),
+    },
+)
+def get_update(
+    version: ModelVersion, rt: RuntimeDep, session: SessionDep, _caller: EdgeOrAdminDep
+) -> Response:
+    row = models.get_model(session, version)
+    return Response(models.update_bytes(rt, row), media_type=_SAFETENSORS)
+
+
 @router.post(
     "/{version}/weights/subset",
     summary="Some tensors of a model version's weights (safetensors, with the full "
