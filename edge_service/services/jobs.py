@@ -53,19 +53,16 @@ class JobContext:
     def begin(self, stage: str, message: str | None = None) -> None:
         """Enter the next planned step named ``stage``."""
         self._close_stage()
-        for i in range(self._step + 1, len(self.plan)):
-            if self.plan[i][0] == stage:
-                self._offset = sum(w for _, w in self.plan[:i])
-                self._weight = self.plan[i][1]
-                self._step = i
-                break
-        else:
-            if self._step >= 0 and self.plan[self._step][0] == stage:
-                # the planned step again (a cycle's next round): it keeps its share
-                self._offset = sum(w for _, w in self.plan[: self._step])
-                self._weight = self.plan[self._step][1]
-            else:  # not planned: report it without moving the bar
-                self._offset, self._weight = self.progress, 0.0
+        ahead = (i for i in range(self._step + 1, len(self.plan)) if self.plan[i][0] == stage)
+        step = next(ahead, None)
+        if step is None and self._step >= 0 and self.plan[self._step][0] == stage:
+            step = self._step  # the planned step again (a cycle's next round): its share
+        if step is not None:
+            self._offset = sum(w for _, w in self.plan[:step])
+            self._weight = self.plan[step][1]
+            self._step = step
+        else:  # not planned: report it without moving the bar
+            self._offset, self._weight = self.progress, 0.0
         self.stage = stage
         self._stage_started = time.perf_counter()
         self.update(0.0, message or stage)
