@@ -221,6 +221,12 @@ def store_update(
     return _ack(stored, unchanged=False, replaced=replaced), not replaced
 
 
+def _quorum(min_edges: int, participants: Sequence[str]) -> int:
+    """The updates a round needs: at most the edges the head was trained on (an operator
+    may have trained it with fewer than ``min_edges``)."""
+    return min(min_edges, len(participants))
+
+
 def evaluate_round(rt: Runtime, cycle_id: int, now: datetime | None = None) -> str:
     """Apply the quorum rule to a cycle's running round: aggregate it, end the cycle
     at a deadline without the quorum, or wait. Returns the decision."""
@@ -232,9 +238,7 @@ def evaluate_round(rt: Runtime, cycle_id: int, now: datetime | None = None) -> s
         assert row.round_deadline is not None and row.round_model_version is not None
         updated = [u.edge_id for u in updates_of(session, cycle_id, row.round)]
         participants = _participants(session, cycle_id)
-        # the quorum of a round is at most the edges the head was trained on (an operator
-        # may have trained it with fewer than min_edges)
-        quorum = min(row.min_edges, len(participants))
+        quorum = _quorum(row.min_edges, participants)
         decision = decide(updated, participants, quorum, row.round_deadline, now)
         round_number, last_version = row.round, row.round_model_version
         if decision == "fail":
@@ -321,7 +325,8 @@ def _aggregate(rt: Runtime, cycle_id: int, round_number: int) -> int | None:
         rows = updates_of(session, cycle_id, round_number)
         base = get_model(session, row.round_model_version)
         versions = round_versions(row)
-        quorum = max(1, min(row.min_edges, len(_participants(session, cycle_id))))
+        # at least one update to average
+        quorum = max(1, _quorum(row.min_edges, _participants(session, cycle_id)))
     model = load_model(rt, base)
     updates, rows = _load_updates(
         rt,
