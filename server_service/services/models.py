@@ -287,7 +287,7 @@ def _build_spec_and_plan(rt: Runtime, row: ModelRow) -> None:
     model = load_model(rt, row)
     spec = make_spec(model, row.version, row.sha256, rt.settings.privacy)
     try:
-        plan: RoundPlan | None = _plan(rt, model)
+        plan: RoundPlan | None = round_plan(rt.settings, model)
     except InvalidInput:
         plan = None
     with rt.lock:
@@ -310,10 +310,6 @@ def spec_for(rt: Runtime, row: ModelRow) -> FeatureSpec:
             _build_spec_and_plan(rt, row)
     with rt.lock:
         return rt.specs[key]
-
-
-def _plan(rt: Runtime, model: SplitModel) -> RoundPlan:
-    return round_plan(rt.settings, model)
 
 
 def round_plan(s: Settings, model: SplitModel) -> RoundPlan:
@@ -354,7 +350,8 @@ def plan_for(rt: Runtime, row: ModelRow) -> RoundPlan:
             cached = rt.plans.get(key)
         if cached is not None:
             return cached
-        return _plan(rt, load_model(rt, row))  # raises the InvalidInput that left it out
+        # raises the InvalidInput that left it out
+        return round_plan(rt.settings, load_model(rt, row))
 
 
 __all__ = [

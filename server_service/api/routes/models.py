@@ -19,6 +19,8 @@ from server_service.services import models
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 _SAFETENSORS = "application/octet-stream"
+#: the OpenAPI content of a safetensors answer
+_BINARY = {_SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}}
 
 
 @router.get(
@@ -66,7 +68,7 @@ def _etag_matches(header: str | None, etag: str) -> bool:
     response_model=None,
     responses={
         200: {
-            "content": {_SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}},
+            "content": _BINARY,
             "description": "safetensors bytes",
         },
         304: {"description": "If-None-Match matched: the caller has these weights"},
@@ -122,7 +124,7 @@ def get_manifest(
     response_model=None,
     responses={
         200: {
-            "content": {_SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}},
+            "content": _BINARY,
             "description": "safetensors bytes; the manifest's `update` gives their sha256 "
             "and the parent they apply to",
         },
@@ -144,7 +146,7 @@ def get_update(
     response_model=None,
     responses={
         200: {
-            "content": {_SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}},
+            "content": _BINARY,
             "description": "safetensors bytes holding exactly the named tensors",
         },
         # 400: a body that is not JSON at all (FastAPI's own answer)
