@@ -24,9 +24,9 @@ from edge_service.services.weights import pretrained_reference
 from fl_core import serialization
 from fl_core.data import batches, load_elpv
 from fl_core.features import extract_features, make_spec
-from fl_core.model import SplitModel, build_split_model, model_from_bytes, model_to_bytes
+from fl_core.model import SplitModel, build_split_model, model_to_bytes
 from fl_core.privacy import pack_upload
-from fl_core.rounds import apply_update, pack_aggregate, pack_update, update_names
+from fl_core.rounds import apply_aggregate, pack_aggregate, pack_update, update_names
 from fl_core.schemas import (
     AggregatedUpdate,
     FeatureDType,
@@ -68,10 +68,9 @@ def _round_bytes(model: SplitModel, parent: bytes) -> dict[str, Any]:
         base_version=2,
         samples=100,
     )
-    wire, file = pack_aggregate(delta, plan.dtype, serialization.sha256_bytes(parent))
-    child = model_from_bytes(parent)
-    apply_update(child, wire)
-    new = model_to_bytes(child)
+    parent_sha = serialization.sha256_bytes(parent)
+    _, file = pack_aggregate(delta, plan.dtype, parent_sha)
+    new = apply_aggregate(parent, file)  # the edge's rebuild, the server's arithmetic
     changed, n_changed = _delta_bytes(parent, new)
     manifest = ModelManifest(
         version=3,
@@ -79,7 +78,7 @@ def _round_bytes(model: SplitModel, parent: bytes) -> dict[str, Any]:
         tensors=serialization.tensor_digests(new),
         update=AggregatedUpdate(
             parent=2,
-            parent_sha256=serialization.sha256_bytes(parent),
+            parent_sha256=parent_sha,
             sha256=serialization.sha256_bytes(file),
             size=len(file),
             dtype=plan.dtype,
