@@ -29,9 +29,25 @@ def run_demos(dataset: str, quick: bool, seeds: list[int]) -> list[dict[str, Any
     return [run_demo(DemoOptions(edges=3, quick=quick, dataset=dataset, seed=s)) for s in seeds]
 
 
-def _acc(row: dict[str, Any], key: str) -> float | None:
+def _acc(row: dict[str, Any], key: str, metric: str = "accuracy") -> float | None:
     value = row.get(key)
-    return None if value is None else float(value["accuracy"])
+    if value is None or value.get(metric) is None:  # runs from before a metric was kept
+        return None
+    return float(value[metric])
+
+
+#: what the accuracy table's ``scores`` give beside the accuracy, where the runs keep it
+OTHER_METRICS = ("balanced_accuracy", "macro_f1")
+
+
+def _edge_means(runs: list[dict[str, Any]], key: str, metric: str) -> list[float]:
+    """Per run, the mean of ``metric`` over its edges (runs missing it on an edge: left out)."""
+    means = []
+    for r in runs:
+        values = [_acc(e, key, metric) for e in r["edges"]]
+        if values and all(v is not None for v in values):
+            means.append(statistics.fmean(v for v in values if v is not None))
+    return means
 
 
 def accuracy_table(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -48,6 +64,22 @@ def accuracy_table(runs: list[dict[str, Any]]) -> dict[str, Any]:
         key: summary([statistics.fmean(_acc(e, key) or 0.0 for e in r["edges"]) for r in runs], 4)
         for key in keys
     }
+    majority = [
+        statistics.fmean(float(e["majority"]) for e in r["edges"])
+        for r in runs
+        if all(e.get("majority") is not None for e in r["edges"])
+    ]
+    if majority:  # always answering the edge's most frequent class
+        mean["majority"] = summary(majority, 4)
+    # balanced accuracy and macro F1 of the edges' mean, and of the centralized reference
+    scores: dict[str, dict[str, Any]] = {}
+    for metric in OTHER_METRICS:
+        row = {key: summary(means, 4) for key in keys if (means := _edge_means(runs, key, metric))}
+        central = [v for r in runs if (v := _acc(r, "centralized", metric)) is not None]
+        if central:
+            row["centralized"] = summary(central, 4)
+        if row:
+            scores[metric] = row
     return {
         "seeds": [r["seed"] for r in runs],
         # how the local-only and centralized references were trained, and at which commit
@@ -58,6 +90,7 @@ def accuracy_table(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "edges": edges,
         "mean": mean,
         "centralized": summary([r["centralized"]["accuracy"] for r in runs], 4),
+        "scores": scores,
     }
 
 

@@ -29,7 +29,13 @@ WAIT_S = 1000.0  # idle time an edge spends waiting for the others: never comput
 
 
 def fake_scores(acc: float | None) -> dict[str, float] | None:
-    return None if acc is None else {"accuracy": acc, "macro_f1": round(acc - 0.05, 4)}
+    if acc is None:
+        return None
+    return {
+        "accuracy": acc,
+        "balanced_accuracy": round(acc - 0.1, 4),
+        "macro_f1": round(acc - 0.05, 4),
+    }
 
 
 def fake_edge(
@@ -44,6 +50,7 @@ def fake_edge(
         "base": fake_scores(0.5),
         "server_model": fake_scores(server_model),
         "federated": fake_scores(FEDERATED[seed][i]),
+        "majority": 0.6 + 0.2 * i,  # always answering the edge's most frequent class
         "deployed": True,
         "decision": "deploy",
         "bytes": {

@@ -42,7 +42,36 @@ def test_accuracy_table_mean_is_median_over_seeds_of_the_edge_mean() -> None:
     # local-only per-seed means 0.45, 0.3, 0.45
     assert mean["local_only"]["median"] == pytest.approx(0.45)
     assert mean["local_only"]["min"] == pytest.approx(0.3)
-    assert set(mean) == {"local_only", "base", "server_model", "federated"}
+    assert set(mean) == {"local_only", "base", "server_model", "federated", "majority"}
+    assert mean["majority"]["median"] == pytest.approx(0.7)  # edges 0.6 and 0.8
+
+
+def test_accuracy_table_gives_balanced_accuracy_and_macro_f1_of_the_edge_mean() -> None:
+    scores = demo_runs.accuracy_table(fake_runs())["scores"]
+    # the same per-seed means as the accuracy's, shifted by the synthetic offsets
+    assert scores["balanced_accuracy"]["federated"]["median"] == pytest.approx(0.4)
+    assert scores["macro_f1"]["federated"]["median"] == pytest.approx(0.45)
+    assert scores["macro_f1"]["local_only"]["min"] == pytest.approx(0.25)
+    assert scores["balanced_accuracy"]["centralized"] == {
+        "median": 0.8,
+        "min": 0.75,
+        "max": 0.85,
+        "runs": 3,
+    }
+
+
+def test_accuracy_table_of_runs_without_the_other_scores_has_none() -> None:
+    runs = fake_runs()
+    for r in runs:  # as stored before the demo kept balanced accuracy and macro F1
+        for e in r["edges"]:
+            for key in ("local_only", "base", "server_model", "federated"):
+                e[key] = {"accuracy": e[key]["accuracy"]}
+            del e["majority"]
+        r["centralized"] = {"accuracy": r["centralized"]["accuracy"]}
+    t = demo_runs.accuracy_table(runs)
+    assert t["scores"] == {}
+    assert "majority" not in t["mean"]
+    assert t["mean"]["federated"]["median"] == pytest.approx(0.5)
 
 
 def test_accuracy_table_per_edge_skips_seeds_without_a_score() -> None:

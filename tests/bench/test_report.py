@@ -286,3 +286,19 @@ def test_to_markdown_shows_the_grid_points_of_an_unfinished_flower_seed() -> Non
     assert (
         "(local epochs, lr) 3:0.001: mean test accuracy 70.0% at round 2 of 6, chosen on test" in md
     )
+
+
+def test_to_markdown_names_the_blocks_flower_trained() -> None:
+    fl = fake_flower_runs()
+    for run in fl:
+        run["flower"]["trained_from"] = "b15"
+    md = _flower_markdown(fl)
+    assert any(line.startswith("| Flower FedAvg, b15+ and head |") for line in md.splitlines())
+    assert "b11+" not in md
+
+
+def test_to_markdown_shows_majority_balanced_accuracy_and_macro_f1_beside_accuracy() -> None:
+    md = to_markdown(fake_header(accuracy={"elpv": demo_runs.accuracy_table(fake_runs())}))
+    assert "always answering each edge's most frequent class (mean): 70.0 (70.0-70.0)" in md
+    assert "| balanced accuracy | 35.0 (20.0-35.0) | 45.0 (45.0-45.0) | 40.0 (30.0-80.0) | " in md
+    assert "| macro F1 | 40.0 (25.0-40.0) |" in md
