@@ -1,10 +1,10 @@
-"""bench/results/*/results.json -> docs/benchmarks.md.
+"""bench/results/*/results.json -> docs/benchmarks.md and the README's results block.
 
-``python -m bench.docs`` writes the page; ``python -m bench.docs --check`` exits 1 when
-the committed page differs from what the results give (a test runs it), so the page
-cannot drift from the data. The page is the hand-written reading in
-``bench/results/reading.md`` followed by every results directory, rendered by the same
-code that writes its ``results.md``.
+``python -m bench.docs`` writes both; ``python -m bench.docs --check`` exits 1 when either
+committed file differs from what the results give (a test runs it), so neither can
+drift from the data. The page is the hand-written reading in ``bench/results/reading.md``
+followed by every results directory, rendered by the same code that writes its
+``results.md``; the README's block is :mod:`bench.readme`'s summary of the full bench.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import recipe, report, stage2
+from bench import readme, recipe, report, stage2
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PAGE = ROOT / "docs" / "benchmarks.md"
+README = ROOT / "README.md"
 #: directories shown first, in this order; any other follows alphabetically
 ORDER = (
     "full",
@@ -111,20 +112,30 @@ def render_page(results_dir: Path | None = None) -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
+def render_readme(text: str, results_dir: Path | None = None) -> str:
+    """``text`` (the README) with its results block made from the full bench's results."""
+    path = (results_dir or RESULTS) / "full" / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    return readme.replace(text, readme.block(results))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.docs", description=__doc__)
     parser.add_argument(
-        "--check", action="store_true", help="exit 1 if docs/benchmarks.md is out of date"
+        "--check",
+        action="store_true",
+        help="exit 1 if docs/benchmarks.md or the README's results are out of date",
     )
     args = parser.parse_args(argv)
-    page = render_page()
+    wanted = {PAGE: render_page(), README: render_readme(README.read_text())}
     if args.check:
-        if not PAGE.exists() or PAGE.read_text() != page:
-            print(f"{PAGE} is out of date: run `python -m bench.docs`", file=sys.stderr)
-            return 1
-        return 0
-    PAGE.write_text(page)
-    print(f"wrote {PAGE}")
+        stale = [p for p, text in wanted.items() if not p.exists() or p.read_text() != text]
+        for path in stale:
+            print(f"{path} is out of date: run `python -m bench.docs`", file=sys.stderr)
+        return 1 if stale else 0
+    for path, text in wanted.items():
+        path.write_text(text)
+        print(f"wrote {path}")
     return 0
 
 

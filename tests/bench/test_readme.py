@@ -1,0 +1,86 @@
+"""The README's results block: medians of the full bench, rewritten by ``bench.docs``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench import demo_runs, docs, flower, readme
+from tests.bench.synthetic import fake_flower_runs, fake_header, fake_runs
+
+
+def _results(with_flower: bool = True) -> dict:
+    runs = fake_runs()
+    for r in runs:
+        r["bench_commit"] = "abc1234"
+    fl = fake_flower_runs()
+    extra = (
+        {
+            "flower": flower.summarize(fl, "flower"),
+            "flower_head": flower.summarize(fl, "flower_head"),
+        }
+        if with_flower
+        else {}
+    )
+    return fake_header(
+        accuracy={"elpv": demo_runs.accuracy_table(runs)},
+        ours=demo_runs.ours_for_flower(runs),
+        cycle=demo_runs.cycle_stages(runs) | {"full_s": {"median": 20.0}},
+        **extra,
+    )
+
+
+def test_the_block_leads_with_the_medians_of_every_reference() -> None:
+    text = readme.block(_results())
+    assert text.startswith(readme.BEGIN) and text.endswith(readme.END)
+    assert "median (min-max) over seeds 0, 1, 2" in text
+    assert "the defaults of commit abc1234" in text
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if "|" in line}
+    fed = rows["federated: one cycle, the model each edge deployed"]
+    assert fed.split(" | ")[1:] == ["50.0 (40.0-90.0)", "40.0 (30.0-80.0)", "45.0 (35.0-85.0) |"]
+    assert (
+        "| 90.0 (85.0-95.0) |"
+        in rows["centralized: every training image in one place, same recipe"]
+    )
+    assert "| 70.0 (70.0-70.0) |" in rows["always the edge's most frequent class"]
+    assert "takes 20 s (median)" in text
+    assert "its round chosen on validation: 70.0 (60.0-80.0)" in text
+
+
+def test_without_flower_runs_the_block_says_so() -> None:
+    text = readme.block(_results(with_flower=False))
+    assert "Flower's FedAvg has not been run against these runs yet." in text
+
+
+def test_without_a_full_bench_the_block_gives_the_command() -> None:
+    assert "python -m bench --out bench/results/full" in readme.block({})
+
+
+def test_replace_keeps_the_rest_of_the_readme_and_needs_the_markers() -> None:
+    page = f"# Title\n\nintro\n\n{readme.BEGIN}\nold numbers\n{readme.END}\n\n## Next\n"
+    out = readme.replace(page, readme.block({}))
+    assert out.startswith("# Title\n\nintro\n\n" + readme.BEGIN)
+    assert out.endswith(readme.END + "\n\n## Next\n")
+    assert "old numbers" not in out
+    with pytest.raises(ValueError, match="no results block"):
+        readme.replace("# no block here\n", readme.block({}))
+
+
+def test_a_changed_full_result_makes_the_readme_check_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = tmp_path / "results"
+    shutil.copytree(docs.RESULTS, results)
+    path = results / "full" / "results.json"
+    data = json.loads(path.read_text())
+    data["accuracy"]["elpv"]["centralized"] = {"median": 0.9876, "min": 0.9, "max": 0.99}
+    path.write_text(json.dumps(data))
+
+    assert "98.8 (90.0-99.0)" in docs.render_readme(docs.README.read_text(), results)
+    monkeypatch.setattr(docs, "RESULTS", results)
+    monkeypatch.setattr(docs, "PAGE", tmp_path / "benchmarks.md")
+    (tmp_path / "benchmarks.md").write_text(docs.render_page(results))
+    assert docs.main(["--check"]) == 1
