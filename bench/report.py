@@ -8,7 +8,7 @@ from bench import limit
 from bench.stats import fmt
 
 
-def _pct(s: dict[str, Any] | None) -> str:
+def pct(s: dict[str, Any] | None) -> str:
     if not s or s.get("median") is None:
         return "-"
     return f"{100 * s['median']:.1f} ({100 * s['min']:.1f}-{100 * s['max']:.1f})"
@@ -141,22 +141,22 @@ def _accuracy(acc: dict[str, Any]) -> list[str]:
         ]
         for e in t["edges"]:
             lines.append(
-                f"| {e['name']} | {_pct(e['local_only'])} | {_pct(e['base'])} | "
-                f"{_pct(e['server_model'])} | {_pct(e['federated'])} |"
+                f"| {e['name']} | {pct(e['local_only'])} | {pct(e['base'])} | "
+                f"{pct(e['server_model'])} | {pct(e['federated'])} |"
             )
         m = t["mean"]
         lines += [
-            f"| **mean** | {_pct(m['local_only'])} | {_pct(m['base'])} | "
-            f"{_pct(m['server_model'])} | {_pct(m['federated'])} |",
+            f"| **mean** | {pct(m['local_only'])} | {pct(m['base'])} | "
+            f"{pct(m['server_model'])} | {pct(m['federated'])} |",
             "",
-            f"centralized upper bound: {_pct(t['centralized'])}; references trained "
+            f"centralized upper bound: {pct(t['centralized'])}; references trained "
             f"{', '.join(t.get('references') or ['full'])}"
             + (f"; runs at commits {', '.join(t['commits'])}" if t.get("commits") else ""),
             "",
         ]
         if m.get("majority"):
             lines += [
-                f"always answering each edge's most frequent class (mean): {_pct(m['majority'])}",
+                f"always answering each edge's most frequent class (mean): {pct(m['majority'])}",
                 "",
             ]
         lines += _scores(t.get("scores") or {})
@@ -174,9 +174,9 @@ def _scores(scores: dict[str, Any]) -> list[str]:
     ]
     for metric, row in scores.items():
         lines.append(
-            f"| {names.get(metric, metric)} | {_pct(row.get('local_only'))} | "
-            f"{_pct(row.get('server_model'))} | {_pct(row.get('federated'))} | "
-            f"{_pct(row.get('centralized'))} |"
+            f"| {names.get(metric, metric)} | {pct(row.get('local_only'))} | "
+            f"{pct(row.get('server_model'))} | {pct(row.get('federated'))} | "
+            f"{pct(row.get('centralized'))} |"
         )
     return [*lines, ""]
 
@@ -190,8 +190,8 @@ def _flower(block: dict[str, Any], title: str) -> list[str]:
     ]
     o = block["ours"]
     lines.append(
-        f"| ours (1 cycle) | {_pct(o['accuracy']['mean'])} | "
-        + ", ".join(_pct(a) for a in o["accuracy"]["per_edge"])
+        f"| ours (1 cycle) | {pct(o['accuracy']['mean'])} | "
+        + ", ".join(pct(a) for a in o["accuracy"]["per_edge"])
         + f" | 1 | {_mb(o['bytes'])} | {fmt(o['seconds']['edge_compute'])} | {fmt(o['seconds']['wall'])} |"
     )
     for key, label in (
@@ -203,8 +203,8 @@ def _flower(block: dict[str, Any], title: str) -> list[str]:
             continue
         label = label.format(f.get("trained_from") or "b11")  # b11: before it was kept
         lines.append(
-            f"| {label} | {_pct(f['accuracy']['mean'])} | "
-            + ", ".join(_pct(a) for a in f["accuracy"]["per_edge"])
+            f"| {label} | {pct(f['accuracy']['mean'])} | "
+            + ", ".join(pct(a) for a in f["accuracy"]["per_edge"])
             + f" | {fmt(f['rounds'])} | {_mb(f['bytes'])} | {fmt(f['seconds']['edge_compute'])} | "
             f"{fmt(f['seconds']['wall'])} |"
         )
@@ -258,15 +258,15 @@ def _flower_scores(key: str, f: dict[str, Any]) -> list[str]:
     if f.get("balanced_accuracy"):
         lines.append(
             f"{key}: chosen on {f['selection']}; at that round, test balanced accuracy "
-            f"{_pct(f['balanced_accuracy']['mean'])}, macro F1 "
-            f"{_pct(f['macro_f1']['mean'])}, validation accuracy "
-            f"{_pct(f['val_accuracy']['mean'])}"
+            f"{pct(f['balanced_accuracy']['mean'])}, macro F1 "
+            f"{pct(f['macro_f1']['mean'])}, validation accuracy "
+            f"{pct(f['val_accuracy']['mean'])}"
         )
     if f.get("test_selected"):
         t = f["test_selected"]
         lines.append(
             f"{key}, test-selected for reference only (favours Flower): mean acc "
-            f"{_pct(t['accuracy']['mean'])} at rounds {t['rounds']}, (local epochs, lr) "
+            f"{pct(t['accuracy']['mean'])} at rounds {t['rounds']}, (local epochs, lr) "
             f"{t['choice']}"
         )
     return lines
