@@ -67,3 +67,18 @@ def test_upload_body_is_octet_stream(client: TestClient) -> None:
 def test_latest_is_declared_before_version(client: TestClient) -> None:
     paths = list(client.get("/openapi.json").json()["paths"])
     assert paths.index("/v1/models/latest") < paths.index("/v1/models/{version}")
+
+
+def test_routes_that_read_stored_weights_document_the_corrupt_answer(client: TestClient) -> None:
+    ops = _operations(client)
+    for key in (
+        ("GET", "/v1/models/{version}/weights"),
+        ("GET", "/v1/models/{version}/manifest"),
+        ("GET", "/v1/models/{version}/update"),
+        ("POST", "/v1/models/{version}/weights/subset"),
+    ):
+        answer = ops[key]["responses"]["503"]
+        assert "corrupt" in answer["description"], key
+        assert answer["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorResponse"
+        }

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 
 from fedinspect.service import error_responses
-from fl_core.schemas import ModelInfo, ModelManifest, TensorSubset
+from fl_core.schemas import ErrorResponse, ModelInfo, ModelManifest, TensorSubset
 from server_service.api.deps import (
     AUTH_ERRORS,
     EdgeOrAdminDep,
@@ -21,6 +21,13 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 _SAFETENSORS = "application/octet-stream"
 #: the OpenAPI content of a safetensors answer
 _BINARY = {_SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}}
+#: routes that read stored bytes answer 503 when those no longer hash to their sha256
+_CORRUPT = {
+    503: {
+        "model": ErrorResponse,
+        "description": "the stored bytes are corrupt (their sha256 no longer matches)",
+    }
+}
 
 
 @router.get(
@@ -73,6 +80,7 @@ def _etag_matches(header: str | None, etag: str) -> bool:
         },
         304: {"description": "If-None-Match matched: the caller has these weights"},
         **error_responses(404, 422, base=AUTH_ERRORS),
+        **_CORRUPT,
     },
 )
 def get_weights(
@@ -108,7 +116,7 @@ def get_weights(
     "/{version}/manifest",
     summary="Per-tensor sha256s of a model version's weights (to fetch only what changed)",
     response_model=ModelManifest,
-    responses=error_responses(404, 422, base=AUTH_ERRORS),
+    responses={**error_responses(404, 422, base=AUTH_ERRORS), **_CORRUPT},
 )
 def get_manifest(
     version: ModelVersion, rt: RuntimeDep, session: SessionDep, _caller: EdgeOrAdminDep
@@ -129,6 +137,7 @@ def get_manifest(
             "and the parent they apply to",
         },
         **error_responses(404, 422, base=AUTH_ERRORS),
+        **_CORRUPT,
     },
 )
 def get_update(
@@ -151,6 +160,7 @@ def get_update(
         },
         # 400: a body that is not JSON at all (FastAPI's own answer)
         **error_responses(400, 404, 413, 422, base=AUTH_ERRORS),
+        **_CORRUPT,
     },
 )
 def get_weights_subset(
