@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 
-from fedinspect.service import error_responses
+from fedinspect.service import Responses, error_responses
 from fl_core.schemas import ErrorResponse, ModelInfo, ModelManifest, TensorSubset
 from server_service.api.deps import (
     AUTH_ERRORS,
@@ -22,7 +22,7 @@ _SAFETENSORS = "application/octet-stream"
 #: the OpenAPI content of a safetensors answer
 _BINARY = {_SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}}
 #: routes that read stored bytes answer 503 when those no longer hash to their sha256
-_CORRUPT = {
+_CORRUPT: Responses = {
     503: {
         "model": ErrorResponse,
         "description": "the stored bytes are corrupt (their sha256 no longer matches)",
