@@ -71,6 +71,9 @@ def accuracy_table(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ]
     if majority:  # always answering the edge's most frequent class
         mean["majority"] = summary(majority, 4)
+    candidate = _edge_means(runs, "candidate", "accuracy")
+    if len(candidate) == len(runs):  # the fine-tuned model, deployed or not
+        mean["candidate"] = summary(candidate, 4)
     # balanced accuracy and macro F1 of the edges' mean, and of the centralized reference
     scores: dict[str, dict[str, Any]] = {}
     for metric in OTHER_METRICS:

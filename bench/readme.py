@@ -41,6 +41,10 @@ def _elpv(t: dict[str, Any]) -> list[str]:
     for label, key in rows:
         acc = t["centralized"] if key == "centralized" else mean.get(key)
         lines.append(f"| {label} | {pct(acc)} | {pct(balanced.get(key))} | {pct(f1.get(key))} |")
+    if mean.get("candidate"):
+        lines.append(
+            f"| each edge's fine-tuned model, deployed or not | {pct(mean['candidate'])} | - | - |"
+        )
     if mean.get("majority"):
         lines.append(f"| always the edge's most frequent class | {pct(mean['majority'])} | - | - |")
     return [*lines, ""]

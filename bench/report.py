@@ -159,6 +159,12 @@ def _accuracy(acc: dict[str, Any]) -> list[str]:
                 f"always answering each edge's most frequent class (mean): {pct(m['majority'])}",
                 "",
             ]
+        if m.get("candidate"):
+            lines += [
+                "each edge's fine-tuned model, whether its gate deployed it or not (mean): "
+                f"{pct(m['candidate'])}",
+                "",
+            ]
         lines += _scores(t.get("scores") or {})
     return lines
 

@@ -670,6 +670,12 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                 "server_model": _scores(r.metrics.server_model),
                 "federated": _scores(federated),
                 "federated_model": federated_model,
+                # the fine-tuned model on the test split, deployed or not (reporting only),
+                # and what the gate chose on: each weighed model's validation scores
+                "candidate": _scores(r.metrics.candidate),
+                "gate_validation": {
+                    name: _scores(m) for name, m in (r.metrics.validation or {}).items()
+                },
                 # always answering the edge's most frequent training class, on its test
                 "majority": r.majority.test_accuracy if r.majority else None,
                 "deployed": r.deployed,

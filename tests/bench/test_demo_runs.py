@@ -60,6 +60,22 @@ def test_accuracy_table_gives_balanced_accuracy_and_macro_f1_of_the_edge_mean() 
     }
 
 
+def test_accuracy_table_gives_the_fine_tuned_model_where_every_run_kept_it() -> None:
+    runs = fake_runs()
+    assert "candidate" not in demo_runs.accuracy_table(runs)["mean"]
+    for r in runs:
+        for i, e in enumerate(r["edges"]):
+            e["candidate"] = {"accuracy": 0.6 + 0.1 * i + 0.01 * r["seed"]}
+    assert demo_runs.accuracy_table(runs)["mean"]["candidate"] == {
+        "median": 0.66,
+        "min": 0.65,
+        "max": 0.67,
+        "runs": 3,
+    }
+    del runs[1]["edges"][0]["candidate"]  # one run from before it was kept: no figure
+    assert "candidate" not in demo_runs.accuracy_table(runs)["mean"]
+
+
 def test_accuracy_table_of_runs_without_the_other_scores_has_none() -> None:
     runs = fake_runs()
     for r in runs:  # as stored before the demo kept balanced accuracy and macro F1

@@ -84,3 +84,13 @@ def test_a_changed_full_result_makes_the_readme_check_fail(
     monkeypatch.setattr(docs, "PAGE", tmp_path / "benchmarks.md")
     (tmp_path / "benchmarks.md").write_text(docs.render_page(results))
     assert docs.main(["--check"]) == 1
+
+
+def test_the_fine_tuned_model_gets_a_row_where_the_runs_kept_it() -> None:
+    runs = fake_runs()
+    for r in runs:
+        for e in r["edges"]:
+            e["candidate"] = {"accuracy": 0.8}
+    text = readme.block(fake_header(accuracy={"elpv": demo_runs.accuracy_table(runs)}))
+    assert "| each edge's fine-tuned model, deployed or not | 80.0 (80.0-80.0) |" in text
+    assert "deployed or not" not in readme.block(_results())

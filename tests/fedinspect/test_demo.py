@@ -237,6 +237,10 @@ def test_interrupted_references_keep_the_cycles_results(
     assert saved["references"] == "pending" and saved["centralized"] is None
     assert [e["federated"]["accuracy"] for e in saved["edges"]] == [0.75, 0.75]
     assert [e["federated_model"] for e in saved["edges"]] == ["server_model", "server_model"]
+    # the fine-tuned model the gate passed over, on the test split, and what it chose on
+    assert [e["candidate"]["accuracy"] for e in saved["edges"]] == [0.7, 0.7]
+    assert saved["edges"][0]["gate_validation"]["server_model"]["accuracy"] == 0.8
+    assert saved["edges"][0]["gate_validation"]["candidate"]["accuracy"] == 0.7
     assert [e["majority"] for e in saved["edges"]] == [0.5, 0.5]  # the edge's own figure
     assert [e["local_only"] for e in saved["edges"]] == [None, None]
     assert saved["edges"][0]["finetune"] == {"epochs_run": 3, "best_epoch": 2}
