@@ -46,6 +46,11 @@ RECIPES: dict[str, tuple[str, dict[str, str]]] = {
             "ROUND_BACKBONE_LR_SCALE": "0.1",
         },
     ),
+    "r3": (
+        "R = 3 at the ROUND_* defaults: the edges' fine-tuning stage up (b15 for "
+        "efficientnet_lite0), 3 local epochs, lr 1e-3, blocks at 0.1x",
+        {"ROUNDS": "3"},
+    ),
     "r3-head": (
         "R = 3: the head only, 1 local epoch, lr 1e-3",
         {"ROUNDS": "3", "ROUND_TRAIN_FROM": "upper", "ROUND_EPOCHS": "1", "ROUND_LR": "1e-3"},
@@ -90,6 +95,10 @@ def one_run(recipe: str, seed: int, input_size: int) -> dict[str, Any]:
             for m in ("accuracy", "balanced_accuracy", "macro_f1")
         },
         "server_model": round(_mean(rows, "server_model", "accuracy"), 4),
+        # each edge's fine-tuned model on its test split, whether its gate deployed it or not
+        "candidate": round(_mean(rows, "candidate", "accuracy"), 4)
+        if all(r.get("candidate") for r in rows)
+        else None,
         "per_edge": [r["federated"]["accuracy"] for r in rows],
         "rounds": per_round,
         "bytes": res["bytes"],
