@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 
-from fedinspect.service import Responses, error_responses
-from fl_core.schemas import ErrorResponse, ModelInfo, ModelManifest, TensorSubset
+from fedinspect.service import BUSY_RESPONSES, Responses, error_responses
+from fl_core.schemas import ModelInfo, ModelManifest, TensorSubset
 from server_service.api.deps import (
     AUTH_ERRORS,
     EdgeOrAdminDep,
@@ -21,11 +21,12 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 _SAFETENSORS = "application/octet-stream"
 #: the OpenAPI content of a safetensors answer
 _BINARY = {_SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}}
-#: routes that read stored bytes answer 503 when those no longer hash to their sha256
+#: routes that read stored bytes also answer 503 when those no longer hash to their sha256
 _CORRUPT: Responses = {
-    503: {
-        "model": ErrorResponse,
-        "description": "the stored bytes are corrupt (their sha256 no longer matches)",
+    503: BUSY_RESPONSES[503]
+    | {
+        "description": BUSY_RESPONSES[503]["description"]
+        + "; or the stored bytes are corrupt (their sha256 no longer matches)"
     }
 }
 
