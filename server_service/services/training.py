@@ -24,7 +24,7 @@ from fl_core.privacy import Upload, training_rows, unpack_upload, upload_rows
 from fl_core.schemas import CycleState, EvalMetrics, FeatureSpec, TrainedFrom
 from fl_core.training import TrainReport, train_upper
 from server_service import leases
-from server_service.db import CycleRow, Session, UploadRow, utcnow
+from server_service.db import CycleRow, EdgeRow, Session, UploadRow, utcnow
 from server_service.logs import log_event
 from server_service.runtime import Runtime
 from server_service.services import cycle_state
@@ -166,8 +166,13 @@ def train_cycle(rt: Runtime, cycle_id: int) -> None:
         if row is None or row.state != CycleState.training.value:
             return
         spec = FeatureSpec.model_validate_json(row.spec_json)
+        # in the order of the edges' names, which operators choose, not of their ids,
+        # which have a random part: the same uploads and seed give the same model
         uploads = session.scalars(
-            select(UploadRow).where(UploadRow.cycle_id == cycle_id).order_by(UploadRow.edge_id)
+            select(UploadRow)
+            .outerjoin(EdgeRow, EdgeRow.id == UploadRow.edge_id)
+            .where(UploadRow.cycle_id == cycle_id)
+            .order_by(EdgeRow.name, UploadRow.edge_id)
         ).all()
         base = get_model(session, row.base_model_version)
     if not uploads:

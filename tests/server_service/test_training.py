@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from sqlalchemy.exc import OperationalError
 
 from fl_core.schemas import CycleState
@@ -284,3 +285,30 @@ def test_a_training_failure_that_cannot_be_written_is_written_by_the_watcher(
         "training failed: the server's data dir is full (no space left on device)"
     )
     assert runtime.unrecorded_failures == {}
+
+
+def test_the_same_uploads_train_the_same_model_whatever_the_edges_ids(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seed reproduces: the server takes the uploads in the order of the edges' names,
+    not of their ids (whose random part would reorder the training rows)."""
+    from fl_core import serialization
+    from server_service.services import edges
+
+    trained = []
+    for run, ids in enumerate((["000000000000", "ffffffffffff"], ["ffffffffffff", "000000000000"])):
+        suffixes = iter(ids)
+        monkeypatch.setattr(edges.secrets, "token_hex", lambda _n, s=suffixes: next(s))
+        with running(make_settings(tmp_path / f"server-{run}", min_edges=2)) as client:
+            a, b = (_register(client, n) for n in ("line-a", "line-b"))
+            assert [a.edge_id, b.edge_id] == [f"edge-{i}" for i in ids]
+            cycle = client.post("/v1/cycles", headers=a.headers).json()
+            put_features(client, cycle["id"], b, make_upload(cycle, b.edge_id, rows=8, seed=2))
+            put_features(client, cycle["id"], a, make_upload(cycle, a.edge_id, rows=12, seed=1))
+            done = wait_for_state(client, cycle["id"], {"done", "failed"})
+            assert done["state"] == "done", done["reason"]
+            weights = client.get("/v1/models/2/weights", headers=ADMIN).content
+            trained.append(serialization.loads(weights)[0])
+    first, second = trained
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
