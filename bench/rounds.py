@@ -180,8 +180,8 @@ def run(
             runs = old["runs"]
     results: dict[str, Any] = {}
     command = (
-        f"python -m bench.rounds --seeds {' '.join(map(str, seeds))} --input-size {input_size}"
-        + (" --resume" if resume else "")
+        f"python -m bench.rounds --out {out} --seeds {' '.join(map(str, seeds))} "
+        f"--recipes {' '.join(recipes)} --input-size {input_size}" + (" --resume" if resume else "")
     )
     for seed in seeds:
         for recipe in recipes:
