@@ -26,6 +26,7 @@ README = ROOT / "README.md"
 ORDER = (
     "full",
     "rounds",
+    "rounds-300",
     "recipe",
     "stage2",
     "scaleout",
