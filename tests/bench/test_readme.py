@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
-
 import pytest
 
-from bench import demo_runs, docs, flower, readme
+from bench import demo_runs, flower, readme
 from tests.bench.synthetic import fake_flower_runs, fake_header, fake_runs
 
 
@@ -67,23 +63,6 @@ def test_replace_keeps_the_rest_of_the_readme_and_needs_the_markers() -> None:
     assert "old numbers" not in out
     with pytest.raises(ValueError, match="no results block"):
         readme.replace("# no block here\n", readme.block({}))
-
-
-def test_a_changed_full_result_makes_the_readme_check_fail(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    results = tmp_path / "results"
-    shutil.copytree(docs.RESULTS, results)
-    path = results / "full" / "results.json"
-    data = json.loads(path.read_text())
-    data["accuracy"]["elpv"]["centralized"] = {"median": 0.9876, "min": 0.9, "max": 0.99}
-    path.write_text(json.dumps(data))
-
-    assert "98.8 (90.0-99.0)" in docs.render_readme(docs.README.read_text(), results)
-    monkeypatch.setattr(docs, "RESULTS", results)
-    monkeypatch.setattr(docs, "PAGE", tmp_path / "benchmarks.md")
-    (tmp_path / "benchmarks.md").write_text(docs.render_page(results))
-    assert docs.main(["--check"]) == 1
 
 
 def test_the_fine_tuned_model_gets_a_row_where_the_runs_kept_it() -> None:
