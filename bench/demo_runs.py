@@ -144,7 +144,8 @@ def ours_for_flower(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "wall": summary([o["wall"] for o in each], 1),
             "edge_compute": summary(compute, 1),
         },
-        "rounds": 1,
+        # federated fine-tuning rounds of each run's cycle (0: the one-shot cycle)
+        "rounds": summary([float(r["cycle"].get("rounds") or 0) for r in runs], 0),
         "seeds": [r["seed"] for r in runs],
     }
 

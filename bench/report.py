@@ -187,6 +187,11 @@ def _scores(scores: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _our_rounds(rounds: dict[str, Any] | int) -> str:
+    """Our cycle's federated rounds (runs from before rounds were kept: one cycle, 0)."""
+    return fmt(rounds) if isinstance(rounds, dict) else "0"
+
+
 def _flower(block: dict[str, Any], title: str) -> list[str]:
     lines = [
         f"## 6. Against Flower ({title})",
@@ -198,7 +203,7 @@ def _flower(block: dict[str, Any], title: str) -> list[str]:
     lines.append(
         f"| ours (1 cycle) | {pct(o['accuracy']['mean'])} | "
         + ", ".join(pct(a) for a in o["accuracy"]["per_edge"])
-        + f" | 1 | {_mb(o['bytes'])} | {fmt(o['seconds']['edge_compute'])} | {fmt(o['seconds']['wall'])} |"
+        + f" | {_our_rounds(o['rounds'])} | {_mb(o['bytes'])} | {fmt(o['seconds']['edge_compute'])} | {fmt(o['seconds']['wall'])} |"
     )
     for key, label in (
         ("flower", "Flower FedAvg, {}+ and head"),

@@ -158,11 +158,12 @@ class Settings(ServiceSettings):
     )
     train_seed: int = Field(default=0, description="Seed of server-side training.")
     rounds: int = Field(
-        default=0,
+        default=3,
         ge=0,
         le=50,
         description="Federated fine-tuning rounds a cycle runs after the head (R): each "
-        "edge trains the top stages on its images and sends their update; 0: one-shot.",
+        "edge trains the top stages on its images and sends their update; 0: one-shot "
+        "(fewer bytes, about half the cycle's time, lower accuracy: docs/benchmarks.md).",
     )
     round_train_from: str | None = Field(
         default=None,

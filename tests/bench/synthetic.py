@@ -25,6 +25,8 @@ LOCAL_ONLY = ((0.6, 0.3), (0.4, 0.2), (0.5, 0.4))
 CENTRALIZED = (0.95, 0.85, 0.9)
 CYCLE_S = (30.0, 12.0, 20.0)
 TOTAL_S = (100.0, 80.0, 90.0)
+#: federated rounds of each seed's cycle (the last seed's cycle ran one-shot)
+ROUNDS = (3, 3, 0)
 WAIT_S = 1000.0  # idle time an edge spends waiting for the others: never compute
 
 
@@ -86,7 +88,12 @@ def fake_run(seed: int, edges: list[dict[str, Any]] | None = None) -> dict[str, 
         "mean_federated_accuracy": round(
             sum(r["federated"]["accuracy"] for r in rows) / len(rows), 4
         ),
-        "cycle": {"id": f"c{seed}", "model_version": 2, "seconds": CYCLE_S[seed]},
+        "cycle": {
+            "id": f"c{seed}",
+            "model_version": 2,
+            "seconds": CYCLE_S[seed],
+            "rounds": ROUNDS[seed],
+        },
         "bytes": {
             k: sum(r["bytes"][k] for r in rows) for k in ("uploaded", "downloaded", "raw_images")
         },
