@@ -22,8 +22,12 @@ from tests.factories import make_image_folder
 SERVER_ADMIN = {"Authorization": "Bearer server-admin-token-0123456789"}
 
 
-def _server_settings(tmp_path: Path, class_names: list[str]) -> ServerSettings:
+def _server_settings(
+    tmp_path: Path, class_names: list[str], rounds: int | None = 0
+) -> ServerSettings:
+    """A tiny server; one-shot cycles unless ``rounds`` says otherwise (None: the default)."""
     return ServerSettings(
+        **({} if rounds is None else {"rounds": rounds}),
         admin_token=SecretStr("server-admin-token-0123456789"),
         data_dir=tmp_path / "server",
         backbone="tiny_cnn",
@@ -52,7 +56,21 @@ def _register(server: TestClient, name: str) -> dict[str, str]:
     return reg
 
 
-def test_whole_cycle_in_process(server: TestClient, tmp_path: Path, image_folder: Path) -> None:
+@pytest.fixture
+def default_server(tmp_path: Path) -> Iterator[TestClient]:
+    """The tiny server with the default federated rounds."""
+    with TestClient(create_server_app(_server_settings(tmp_path, CLASSES, None))) as client:
+        yield client
+
+
+def test_whole_cycle_in_process(
+    default_server: TestClient, tmp_path: Path, image_folder: Path
+) -> None:
+    """A cycle at the default rounds: the head, then each round's model, then the edge
+    fine-tunes the last one and deploys it."""
+    server = default_server
+    last = 2 + ServerSettings.model_fields["rounds"].default  # the head is version 2
+    assert last > 2  # rounds are on by default
     reg = _register(server, "edge-1")
     settings = make_settings(
         tmp_path / "edge",
@@ -67,10 +85,11 @@ def test_whole_cycle_in_process(server: TestClient, tmp_path: Path, image_folder
         done = wait_job(edge, job.json()["id"], timeout=120)
         assert done["state"] == "done", done["error"]
         result = done["result"]
-        assert result["model_version"] == 2 and result["deployed"] is True
+        assert result["model_version"] == last and result["deployed"] is True
 
         cycle = server.get(f"/v1/cycles/{result['cycle_id']}", headers=SERVER_ADMIN).json()
-        assert cycle["state"] == "done" and cycle["result_model_version"] == 2
+        assert cycle["state"] == "done" and cycle["result_model_version"] == last
+        assert cycle["round"] == last - 2
         assert [u["edge_id"] for u in cycle["uploads"]] == [reg["edge_id"]]
         assert cycle["uploads"][0]["rows"] == result["n_train"]
 
@@ -84,7 +103,7 @@ def test_whole_cycle_in_process(server: TestClient, tmp_path: Path, image_folder
         )
         assert predicted.status_code == 200, predicted.text
         body = predicted.json()
-        assert body["model_id"] == result["deployed_model_id"] and body["model_version"] == 2
+        assert body["model_id"] == result["deployed_model_id"] and body["model_version"] == last
         assert body["predictions"][0]["label"] in CLASSES
         assert body["predictions"][0]["heatmap_png_base64"]
 

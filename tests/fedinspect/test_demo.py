@@ -17,6 +17,7 @@ from fedinspect.demo import DemoOptions, plan_demo, run_demo, served_metrics
 from fedinspect.launcher import child_env, settings_from_env
 from fedinspect.report import NOT_DEPLOYED, format_table, write_report
 from fl_core.data import load_dataset_spec
+from server_service.config import Settings as ServerSettings
 from tests.factories import cycle_job_result, eval_metrics, make_image_folder
 
 pytest.importorskip("elpv_dataset")
@@ -165,9 +166,17 @@ def test_quick_demo_end_to_end(tmp_path: Path) -> None:
             assert 0.0 <= edge[model]["macro_f1"] <= 1.0
         assert edge["n_train"] > 0 and edge["n_test"] > 0
     assert set(results["centralized"]) >= {"accuracy", "macro_f1"}
-    assert results["cycle"]["model_version"] == 2 and results["cycle"]["seconds"] > 0
+    # the default cycle: the head (version 2), then one version per federated round
+    rounds = ServerSettings.model_fields["rounds"].default
+    assert results["cycle"]["rounds"] == rounds > 0
+    assert results["cycle"]["model_version"] == 2 + rounds and results["cycle"]["seconds"] > 0
+    assert all(len(edge["rounds"]) == rounds for edge in results["edges"])
+    assert f"federated rounds: {rounds};" in done.stdout
     wire = results["bytes"]
-    assert 0 < wire["uploaded"] < wire["raw_images"]
+    # the features sent are smaller than the images; the rounds' updates come on top
+    sent_in_rounds = sum(rr["bytes_uploaded"] for edge in results["edges"] for rr in edge["rounds"])
+    assert 0 < sent_in_rounds < wire["uploaded"]
+    assert wire["uploaded"] - sent_in_rounds < wire["raw_images"]
     assert wire["downloaded"] > 0
     assert "centralized upper bound" in done.stdout
     # the logs folder the first line pointed to is still there to read

@@ -24,7 +24,7 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
-    """Settings of a tiny, fast server (tiny_cnn at 32 px, two training epochs)."""
+    """Settings of a tiny, fast server (tiny_cnn at 32 px, two training epochs, no rounds)."""
     values: dict[str, Any] = {
         "admin_token": ADMIN_TOKEN,
         "data_dir": data_dir,
@@ -37,6 +37,8 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
         "cycle_deadline_s": 60.0,
         "deadline_check_interval_s": 0.05,
         "min_edges": 1,
+        # a cycle ends at the head (one-shot): the rounds' tests ask for rounds
+        "rounds": 0,
         # rows on the wire (the default mode sends statistics; test_privacy_modes covers
         # it), without the pooled mode's noise: it is sized for efficientnet's pooled
         # rows and would drown the signal of these tests' random 32-wide rows
