@@ -20,14 +20,27 @@ def _commits(table: dict[str, Any]) -> str:
     return f"commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}" if commits else ""
 
 
-def _elpv(t: dict[str, Any]) -> list[str]:
+def _rounds(ours: dict[str, Any] | None) -> int:
+    """The federated rounds of our runs' cycles (runs from before rounds were kept: 0)."""
+    rounds = (ours or {}).get("rounds")
+    return int(rounds["median"]) if isinstance(rounds, dict) else 0
+
+
+def _cycle(rounds: int) -> str:
+    return f"one cycle of {rounds} federated rounds" if rounds else "a one-shot cycle"
+
+
+def _elpv(t: dict[str, Any], rounds: int) -> list[str]:
     mean, scores = t["mean"], t.get("scores") or {}
     balanced, f1 = scores.get("balanced_accuracy") or {}, scores.get("macro_f1") or {}
     rows = [
-        ("federated: one cycle, the model each edge deployed", "federated"),
+        (f"federated: {_cycle(rounds)}, the model each edge deployed", "federated"),
         ("local-only: each edge alone, same recipe", "local_only"),
         ("centralized: every training image in one place, same recipe", "centralized"),
-        ("the server's stage-2 model", "server_model"),
+        (
+            "the server's model after the last round" if rounds else "the server's stage-2 model",
+            "server_model",
+        ),
     ]
     lines = [
         f"elpv, all of it over {len(t['edges'])} non-iid edges at {t['input_size']} px, "
@@ -74,9 +87,11 @@ def _neu_det(r: dict[str, Any]) -> str:
     t = (r.get("accuracy") or {}).get("neu-det")
     if not t:
         return ""
+    rounds = _rounds((r.get("neu_det_flower") or {}).get("ours"))
     return (
         f" NEU-DET (six classes of steel-surface defects, {t['input_size']} px): federated "
-        f"{pct(t['mean']['federated'])}, centralized {pct(t['centralized'])} ({_commits(t)})."
+        f"({_cycle(rounds)}) {pct(t['mean']['federated'])}, centralized "
+        f"{pct(t['centralized'])} ({_commits(t)})."
     )
 
 
@@ -85,7 +100,7 @@ def block(results: dict[str, Any]) -> str:
     elpv = (results.get("accuracy") or {}).get("elpv")
     lines = [BEGIN]
     if elpv:
-        lines += _elpv(elpv)
+        lines += _elpv(elpv, _rounds(results.get("ours")))
         lines += [_flower(results) + _neu_det(results), ""]
     else:
         lines += ["No full bench has run yet: `python -m bench --out bench/results/full`.", ""]

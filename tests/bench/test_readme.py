@@ -35,7 +35,8 @@ def test_the_block_leads_with_the_medians_of_every_reference() -> None:
     assert "median (min-max) over seeds 0, 1, 2" in text
     assert "the defaults of commit abc1234" in text
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if "|" in line}
-    fed = rows["federated: one cycle, the model each edge deployed"]
+    # the runs' cycles had 3, 3 and 0 rounds
+    fed = rows["federated: one cycle of 3 federated rounds, the model each edge deployed"]
     assert fed.split(" | ")[1:] == ["50.0 (40.0-90.0)", "40.0 (30.0-80.0)", "45.0 (35.0-85.0) |"]
     assert (
         "| 90.0 (85.0-95.0) |"
@@ -44,6 +45,18 @@ def test_the_block_leads_with_the_medians_of_every_reference() -> None:
     assert "| 70.0 (70.0-70.0) |" in rows["always the edge's most frequent class"]
     assert "takes 20 s (median)" in text
     assert "its round chosen on validation: 70.0 (60.0-80.0)" in text
+
+
+@pytest.mark.parametrize("rounds", [{"median": 0, "min": 0, "max": 0, "runs": 3}, 1])
+def test_one_shot_runs_are_labelled_so(rounds: object) -> None:
+    """Runs without rounds (1: from before the bench kept them) show a one-shot cycle and
+    the server's stage-2 model."""
+    results = _results()
+    results["ours"]["rounds"] = rounds
+    rows = [line.split(" | ")[0].strip("| ") for line in readme.block(results).splitlines()]
+    assert "federated: a one-shot cycle, the model each edge deployed" in rows
+    assert "the server's stage-2 model" in rows
+    assert "the server's model after the last round" not in rows
 
 
 def test_without_flower_runs_the_block_says_so() -> None:
