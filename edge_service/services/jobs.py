@@ -26,7 +26,16 @@ log = logging.getLogger("edge_service.jobs")
 #: twice (a cycle downloads the base model, then the new one).
 Plan = Sequence[tuple[str, float]]
 
-STAGE_KEYS = ("request", "download", "extract", "upload", "wait", "finetune", "evaluate")
+STAGE_KEYS = (
+    "request",
+    "download",
+    "extract",
+    "upload",
+    "wait",
+    "round",
+    "finetune",
+    "evaluate",
+)
 
 
 class JobInterrupted(Exception):

@@ -86,6 +86,8 @@ def test_whole_cycle_in_process(
         assert done["state"] == "done", done["error"]
         result = done["result"]
         assert result["model_version"] == last and result["deployed"] is True
+        # the rounds' local training is timed as a stage of its own
+        assert result["stage_seconds"]["round"] > 0
 
         cycle = server.get(f"/v1/cycles/{result['cycle_id']}", headers=SERVER_ADMIN).json()
         assert cycle["state"] == "done" and cycle["result_model_version"] == last
