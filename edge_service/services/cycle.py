@@ -123,8 +123,9 @@ def waiting_message(cycle: Cycle, now: datetime) -> str:
         return (
             f"{head}: round {cycle.round}/{n} has {len(cycle.round_updates)}/"
             f"{len(cycle.uploads)} updates; it is aggregated when every edge has sent its "
-            f"update, or at its deadline (in {_duration(max(0.0, left))}) with "
-            f"{cycle.min_edges}"
+            f"update, or at its deadline {at} (in {_duration(max(0.0, left))}) if "
+            f"{cycle.min_edges} have (MIN_EDGES); otherwise the cycle ends with the last "
+            "round's model"
         )
     uploads = f"{len(cycle.uploads)}/{cycle.min_edges} uploads"
     left = (deadline - now).total_seconds()

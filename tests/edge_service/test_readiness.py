@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from edge_service.services.cycle import waiting_message
-from fl_core.schemas import Cycle, CycleState, UploadInfo
+from fl_core.schemas import Cycle, CycleState, RoundPlan, UploadInfo
 from tests.edge_service.conftest import AUTH, EdgeFactory, TestClient, wait_job
 from tests.edge_service.fakes import FakeServer
 
@@ -101,6 +101,18 @@ def test_a_waiting_job_says_what_it_waits_for_and_until_when() -> None:
     assert "its deadline 2026-01-02 09:59:55 UTC passed 5s ago" in late
     training = waiting_message(_cycle(CycleState.training, 2, now), now)
     assert training == "waiting for cycle 3 (training): the server is training on 2 uploads"
+    in_rounds = _cycle(CycleState.rounds, 2, now + timedelta(seconds=900)).model_copy(
+        update={
+            "round": 1,
+            "round_deadline": now + timedelta(seconds=90),
+            "plan": RoundPlan.model_construct(rounds=3),
+        }
+    )
+    assert waiting_message(in_rounds, now) == (
+        "waiting for cycle 3 (rounds): round 1/3 has 0/2 updates; it is aggregated when "
+        "every edge has sent its update, or at its deadline 2026-01-02 10:01:30 UTC (in "
+        "1m 30s) if 2 have (MIN_EDGES); otherwise the cycle ends with the last round's model"
+    )
 
 
 def test_the_edge_page_is_served_offline(edge: TestClient) -> None:
