@@ -29,7 +29,7 @@ RESULT_KEYS = {
     "decision",
     "local_model_id",
 }
-STAGES = {"request", "download", "extract", "upload", "wait", "finetune", "evaluate"}
+STAGES = {"request", "download", "extract", "upload", "wait", "round", "finetune", "evaluate"}
 
 
 def test_cycle_job_runs_every_stage_and_deploys(edge: TestClient, fake_server: FakeServer) -> None:
@@ -43,6 +43,7 @@ def test_cycle_job_runs_every_stage_and_deploys(edge: TestClient, fake_server: F
     result = done["result"]
     assert set(result) >= RESULT_KEYS
     assert set(result["stage_seconds"]) == STAGES
+    assert result["stage_seconds"]["round"] == 0  # the fake server's cycle has no rounds
     assert result["cycle_id"] == 7 and result["model_version"] == 2
     assert result["n_train"] + result["n_val"] + result["n_test"] == 40
     assert result["bytes_uploaded"] == len(fake_server.uploads[0]) > 0
