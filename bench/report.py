@@ -187,9 +187,11 @@ def _scores(scores: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def _our_rounds(rounds: dict[str, Any] | int) -> str:
-    """Our cycle's federated rounds (runs from before rounds were kept: one cycle, 0)."""
-    return fmt(rounds) if isinstance(rounds, dict) else "0"
+def our_rounds(ours: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The summary of our cycles' federated rounds; None where the results predate it
+    (they kept a constant 1 for one cycle, and those cycles had no rounds)."""
+    rounds = (ours or {}).get("rounds")
+    return rounds if isinstance(rounds, dict) else None
 
 
 def _flower(block: dict[str, Any], title: str) -> list[str]:
@@ -200,10 +202,11 @@ def _flower(block: dict[str, Any], title: str) -> list[str]:
         "|---|---:|---|---:|---:|---:|---:|",
     ]
     o = block["ours"]
+    rounds = our_rounds(o)
     lines.append(
         f"| ours (1 cycle) | {pct(o['accuracy']['mean'])} | "
         + ", ".join(pct(a) for a in o["accuracy"]["per_edge"])
-        + f" | {_our_rounds(o['rounds'])} | {_mb(o['bytes'])} | {fmt(o['seconds']['edge_compute'])} | {fmt(o['seconds']['wall'])} |"
+        + f" | {fmt(rounds) if rounds else '0'} | {_mb(o['bytes'])} | {fmt(o['seconds']['edge_compute'])} | {fmt(o['seconds']['wall'])} |"
     )
     for key, label in (
         ("flower", "Flower FedAvg, {}+ and head"),

@@ -22,12 +22,14 @@ from tests.factories import make_image_folder
 SERVER_ADMIN = {"Authorization": "Bearer server-admin-token-0123456789"}
 
 
-def _server_settings(
-    tmp_path: Path, class_names: list[str], rounds: int | None = 0
-) -> ServerSettings:
-    """A tiny server; one-shot cycles unless ``rounds`` says otherwise (None: the default)."""
+#: federated rounds of a cycle at the server's default settings
+DEFAULT_ROUNDS = ServerSettings.model_fields["rounds"].default
+
+
+def _server_settings(tmp_path: Path, class_names: list[str], rounds: int = 0) -> ServerSettings:
+    """A tiny server; one-shot cycles unless ``rounds`` says otherwise."""
     return ServerSettings(
-        **({} if rounds is None else {"rounds": rounds}),
+        rounds=rounds,
         admin_token=SecretStr("server-admin-token-0123456789"),
         data_dir=tmp_path / "server",
         backbone="tiny_cnn",
@@ -59,7 +61,8 @@ def _register(server: TestClient, name: str) -> dict[str, str]:
 @pytest.fixture
 def default_server(tmp_path: Path) -> Iterator[TestClient]:
     """The tiny server with the default federated rounds."""
-    with TestClient(create_server_app(_server_settings(tmp_path, CLASSES, None))) as client:
+    settings = _server_settings(tmp_path, CLASSES, DEFAULT_ROUNDS)
+    with TestClient(create_server_app(settings)) as client:
         yield client
 
 
@@ -69,7 +72,7 @@ def test_whole_cycle_in_process(
     """A cycle at the default rounds: the head, then each round's model, then the edge
     fine-tunes the last one and deploys it."""
     server = default_server
-    last = 2 + ServerSettings.model_fields["rounds"].default  # the head is version 2
+    last = 2 + DEFAULT_ROUNDS  # the head is version 2
     assert last > 2  # rounds are on by default
     reg = _register(server, "edge-1")
     settings = make_settings(
