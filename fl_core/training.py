@@ -381,11 +381,15 @@ def finetune(
     config: FinetuneConfig | None = None,
     progress: Progress | None = None,
     frozen: LowerRunner | None = None,
+    cached: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> TrainReport:
     """Fine-tune ``model`` on images, in place, from stage ``config.train_from`` up.
 
     ``frozen``, when given, runs the frozen stages below it for the activation cache: a
     runner of this ``model`` that stops before ``finetune_start(model, train_from)``.
+    ``cached``, when given, is that cache already made (:func:`train_activations` of
+    ``train`` with the same stage and views, by a model with the same frozen stages):
+    the training views are then not run again.
     """
     cfg = config or FinetuneConfig()
     if len(train) < 2:
@@ -393,7 +397,14 @@ def finetune(
     start = finetune_start(model, cfg.train_from)
     _set_seed(cfg.seed)  # the augmented views draw from torch's global generator
     views = cfg.views if cfg.augment else 1
-    total = views * len(train) + (len(val) if val and cfg.select == "val_loss" else 0)
+    if cached is not None and len(cached[1]) != views * len(train):
+        raise ValueError(
+            f"the cached activations hold {len(cached[1])} rows, not {views} views of "
+            f"{len(train)} images"
+        )
+    total = (0 if cached else views * len(train)) + (
+        len(val) if val and cfg.select == "val_loss" else 0
+    )
     seen = 0
 
     def on_images(n: int) -> None:
@@ -402,7 +413,7 @@ def finetune(
         if progress is not None:
             progress(0.5 * seen / total, f"caching activations {seen}/{total}")
 
-    x_tr, y_tr = _activations(
+    x_tr, y_tr = cached or _activations(
         model, train, start, views, cfg.augment, cfg.batch_size, cfg.seed, on_images, frozen
     )
     x_va = y_va = None
@@ -411,9 +422,11 @@ def finetune(
             model, val, start, 1, False, cfg.batch_size, cfg.seed, on_images, frozen
         )
 
+    caching_share = 0.5 if total else 0.0  # of the progress bar, for caching
+
     def on_epoch(frac: float, msg: str) -> None:
         if progress is not None:
-            progress(0.5 + 0.5 * frac, msg)
+            progress(caching_share + (1 - caching_share) * frac, msg)
 
     return finetune_activations(model, start, x_tr, y_tr, x_va, y_va, cfg, on_epoch)
 

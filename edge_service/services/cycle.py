@@ -232,13 +232,27 @@ def finetune_config(s: Settings) -> FinetuneConfig:
 
 @dataclass
 class _RoundState:
-    """What a cycle job keeps between its federated rounds: the training views' and test
-    split's activations below the first trained stage."""
+    """What a cycle job keeps between its federated rounds, and hands to stage 3: the
+    training views' and test split's activations below the first trained stage, and
+    what made them (the digest of the frozen stages, the number of views)."""
 
     start: int = -1
     x: torch.Tensor | None = None
     y: torch.Tensor | None = None
     test: FrozenActivations | None = None
+    digest: str = ""
+    views: int = 0
+
+    def train_views(
+        self, model: SplitModel, start: int, views: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The cached training views, if ``model``'s stages below ``start`` made them with
+        ``views`` views; else None."""
+        if self.x is None or self.y is None or (self.start, self.views) != (start, views):
+            return None
+        if model.stages_digest(start) != self.digest:
+            return None
+        return self.x, self.y
 
 
 class CycleService:
@@ -267,8 +281,7 @@ class CycleService:
             self._round(ctx, current, result, rounds)
             current = self._wait(ctx, current)
         assert current.result_model_version is not None
-        del rounds  # the cached activations
-        self._stage3(ctx, current.result_model_version, result)
+        self._stage3(ctx, current.result_model_version, result, rounds)
         return result
 
     def run_extract(self, ctx: JobContext) -> CycleJobResult:
@@ -470,6 +483,8 @@ class CycleService:
                 if len(splits.test)
                 else None
             )
+            state.digest = model.stages_digest(start)
+            state.views = config.views if config.augment else 1
         assert state.x is not None and state.y is not None
         test = (
             evaluate_activations(model, state.test, s.batch_size)
@@ -528,7 +543,15 @@ class CycleService:
 
     # ------------------------------------------------------------------ stage 3
 
-    def _stage3(self, ctx: JobContext, version: int | None, result: CycleJobResult) -> None:
+    def _stage3(
+        self,
+        ctx: JobContext,
+        version: int | None,
+        result: CycleJobResult,
+        rounds: _RoundState | None = None,
+    ) -> None:
+        """Download the model, fine-tune it, gate and deploy. ``rounds``: the activations
+        the cycle's rounds cached, used where this model's frozen stages made them."""
         s = self.settings
         splits = self.data.splits()
         ctx.begin("download", f"downloading model {version or 'latest'}")
@@ -560,7 +583,17 @@ class CycleService:
         # the frozen stages, run by the extraction backend, once per image: every model
         # with the same frozen weights is scored from these activations
         frozen = frozen_runner(model, s.finetune_train_from, s.extract_backend)
-        test_acts = frozen_activations(model, splits.test, start, s.batch_size, frozen)
+        config = finetune_config(s)
+        cached = (
+            rounds.train_views(model, start, config.views if config.augment else 1)
+            if rounds is not None
+            else None
+        )
+        kept = rounds.test if rounds is not None else None
+        if kept is not None and kept.start == start and kept.fits(model):
+            test_acts = kept
+        else:
+            test_acts = frozen_activations(model, splits.test, start, s.batch_size, frozen)
         scored = splits.val if len(splits.val) else splits.train
         scored_acts = frozen_activations(model, scored, start, s.batch_size, frozen)
         server_metrics = evaluate_activations(model, test_acts, s.batch_size)
@@ -576,7 +609,6 @@ class CycleService:
         ctx.update(1.0, f"server model test accuracy {server_metrics.accuracy:.4f}")
 
         ctx.begin("finetune", "fine-tuning")
-        config = finetune_config(s)
         report = finetune(
             model,
             splits.train,
@@ -584,7 +616,11 @@ class CycleService:
             config,
             progress=lambda frac, msg: ctx.update(frac, f"fine-tuning: {msg}"),
             frozen=frozen,
+            cached=cached,
         )
+        del cached
+        if rounds is not None:
+            rounds.x = rounds.y = None  # the training views' activations: no longer needed
         result.finetune = FinetuneSummary(
             epochs_run=report.epochs_run, best_epoch=report.best_epoch
         )

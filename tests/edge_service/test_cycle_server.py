@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from PIL import Image
 from pydantic import SecretStr
 
 from edge_service.main import create_app
+from fl_core import training
 from server_service.config import Settings as ServerSettings
 from server_service.main import create_app as create_server_app
 from tests.edge_service.conftest import AUTH, CLASSES, TestClient, make_settings, wait_job
@@ -67,11 +69,22 @@ def default_server(tmp_path: Path) -> Iterator[TestClient]:
 
 
 def test_whole_cycle_in_process(
-    default_server: TestClient, tmp_path: Path, image_folder: Path
+    default_server: TestClient,
+    tmp_path: Path,
+    image_folder: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A cycle at the default rounds: the head, then each round's model, then the edge
     fine-tunes the last one and deploys it."""
     server = default_server
+    made = []  # the frozen stages' passes: (images, views)
+    make_activations = training._activations
+
+    def counted(model: Any, images: Any, end: int, views: int, *args: Any, **kw: Any) -> Any:
+        made.append((len(images), views))
+        return make_activations(model, images, end, views, *args, **kw)
+
+    monkeypatch.setattr(training, "_activations", counted)
     last = 2 + DEFAULT_ROUNDS  # the head is version 2
     assert last > 2  # rounds are on by default
     reg = _register(server, "edge-1")
@@ -81,6 +94,8 @@ def test_whole_cycle_in_process(
         token=SecretStr(reg["token"]),
         edge_id=reg["edge_id"],
         finetune_epochs=3,
+        finetune_views=2,
+        finetune_augment=True,
     )
     with TestClient(create_app(settings, server)) as edge:
         job = edge.post("/v1/jobs/cycle", headers=AUTH)
@@ -91,6 +106,10 @@ def test_whole_cycle_in_process(
         assert result["model_version"] == last and result["deployed"] is True
         # the rounds' local training is timed as a stage of its own
         assert result["stage_seconds"]["round"] > 0
+        # the training views ran the frozen stages once, in the first round: the other
+        # rounds and the fine-tuning after them trained on that cache
+        views = settings.finetune_views
+        assert views > 1 and made.count((result["n_train"], views)) == 1
 
         cycle = server.get(f"/v1/cycles/{result['cycle_id']}", headers=SERVER_ADMIN).json()
         assert cycle["state"] == "done" and cycle["result_model_version"] == last

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from fl_core.training import (
     finetune,
     finetune_start,
     frozen_activations,
+    train_activations,
     train_upper,
 )
 from tests.factories import make_image_folder
@@ -137,6 +139,26 @@ def test_finetune_runs_its_frozen_stages_on_the_given_runner(tmp_path: Path) -> 
     finetune(twin, parts.train, None, cfg)
     for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4, msg=name)
+
+
+def test_finetune_on_cached_views_trains_as_if_it_had_made_them(tmp_path: Path) -> None:
+    """Stage 3 after rounds reuses the rounds' cache: the same model comes out, and the
+    frozen stages see no training image."""
+    parts, model = _tiny_task(tmp_path)
+    twin = copy.deepcopy(model)
+    cfg = FinetuneConfig(epochs=3, lr=1e-2, views=4, select="val_loss", seed=0)
+    _, x, y = train_activations(model, parts.train, cfg)
+    seen = {"n": 0}
+    model.stages[0].register_forward_pre_hook(
+        lambda _m, i: seen.__setitem__("n", seen["n"] + i[0].shape[0])
+    )
+    finetune(model, parts.train, parts.val, cfg, cached=(x, y))
+    assert seen["n"] == len(parts.val)  # only the validation split ran the frozen stages
+    finetune(twin, parts.train, parts.val, cfg)
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    with pytest.raises(ValueError, match="not 2 views of"):
+        finetune(model, parts.train, None, replace(cfg, views=2), cached=(x, y))
 
 
 def test_finetune_refuses_a_runner_that_stops_elsewhere(tmp_path: Path) -> None:
