@@ -13,12 +13,17 @@ from fedinspect.demo import DemoOptions, plan_demo
 
 
 @pytest.mark.parametrize("recipe", list(rounds.RECIPES))
-def test_each_recipe_is_a_setting_the_server_takes(recipe: str) -> None:
+def test_each_recipe_is_a_setting_the_services_take(recipe: str) -> None:
     _, values = rounds.RECIPES[recipe]
-    plan = plan_demo(DemoOptions(edges=3, settings={"server": dict(values)}))
+    plan = plan_demo(DemoOptions(edges=3, settings=rounds.demo_settings(recipe)))
     plan.check_settings()  # raises SettingError on an unknown key or a refused value
     settings = plan.server_settings("a-token-of-the-right-length-0123", Path("/tmp/x"), 1)
     assert settings.rounds == int(values["ROUNDS"])
+    edge = plan.placeholder_edge_settings(0)
+    for key, value in rounds.EDGE_SETTINGS.get(recipe, {}).items():
+        assert str(getattr(edge, key.lower())) == value
+        # the references train with the edges' recipe
+        assert str(getattr(plan.finetune, key.removeprefix("FINETUNE_").lower())) == value
 
 
 def _fake_demo(accuracies: list[float], rounds_seen: int) -> dict[str, Any]:
