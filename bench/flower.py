@@ -205,12 +205,50 @@ def _state_name(name: str, seed: int, stage: str, key: str) -> str:
     return f"{name}-seed{seed}-{stage}-{key.replace(':', '-lr')}.safetensors"
 
 
+#: what a seed's Flower result depends on in the demo's plan, besides the fine-tuning
+#: recipe: the data each client holds and the model (not our cycle's settings)
+PLAN_FIELDS = (
+    "edge_specs",
+    "class_names",
+    "input_size",
+    "backbone",
+    "cut",
+    "head_hidden",
+    "val_fraction",
+    "test_fraction",
+    "batch_size",
+)
+
+
+def seed_plan(quick: bool, dataset: str, seed: int) -> DemoPlan:
+    """The demo's plan that Flower runs on for ``seed``: the partitions and splits of
+    our demo run on that seed, and the recipe our edges ship with."""
+    return plan_demo(DemoOptions(edges=3, quick=quick, dataset=dataset, seed=seed))
+
+
+def plan_tag(plan: DemoPlan) -> str:
+    """The plan's data and model (:data:`PLAN_FIELDS`) as a string: a Flower result
+    made under another tag answers another question."""
+    return json.dumps({k: getattr(plan, k) for k in PLAN_FIELDS}, sort_keys=True)
+
+
 def recipe_tag(plan: DemoPlan, start_stage: str | None) -> str:
     """What a finished grid point or a point in progress was trained with, besides its
-    (local epochs, lr): the blocks and the plan's fine-tuning recipe. A point stored
-    under another tag (an earlier recipe) is trained again."""
+    (local epochs, lr): the blocks, the plan's fine-tuning recipe, its data and model
+    (:func:`plan_tag`). A point stored under another tag is trained again."""
     recipe = asdict(replace(plan.finetune, seed=0, epochs=0, lr=0.0))
-    return json.dumps({"trained_from": start_stage or "head", **recipe}, sort_keys=True)
+    return json.dumps(
+        {"trained_from": start_stage or "head", **recipe, "plan": plan_tag(plan)}, sort_keys=True
+    )
+
+
+def refresh_reach(runs: list[dict[str, Any]], target: float) -> None:
+    """Each stored configuration's first round whose mean test accuracy reached
+    ``target`` (our median), for when our runs changed after Flower's."""
+    for run in runs:
+        for key in CONFIGURATIONS:
+            point = run[key]
+            point["rounds_to_reach_ours"] = first_round_at(point["history_mean"], target)
 
 
 def _save_progress(path: Path, prog: _Progress, tag: str = "") -> None:
@@ -542,7 +580,7 @@ def run(
     an interrupted seed resumes from the last point it finished, and ``scratch`` keeps
     the point in progress after every round."""
     done = {} if done is None else done
-    plan = plan_demo(DemoOptions(edges=3, quick=quick, dataset=dataset, seed=seed))
+    plan = seed_plan(quick, dataset, seed)
     # the blocks our edges fine-tune: the recipe's first stage, else the backbone's default
     finetune_from = (
         plan.finetune.train_from or build_backbone(plan.backbone, False).info.finetune_from
@@ -576,6 +614,7 @@ def run(
         "loop; local training fl_core.training.finetune_activations",
         "seed": seed,
         "grid_searched": not grids,
+        "plan": plan_tag(plan),
     }
 
 
@@ -682,11 +721,14 @@ __all__ = [
     "choose_point",
     "exchanged_keys",
     "first_round_at",
+    "plan_tag",
     "point_key",
     "point_result",
+    "refresh_reach",
     "rounds",
     "run",
     "same_seed",
+    "seed_plan",
     "select_round",
     "summarize",
     "winners",

@@ -100,9 +100,37 @@ def _forget_flower(results: dict[str, Any], label: str) -> None:
         holder.pop(key, None)
 
 
-def _forget_demos(results: dict[str, Any], label: str) -> None:
+def _flower_dataset(label: str) -> str:
+    """The dataset Flower and the demos run for ``label``."""
+    return "elpv" if label == "elpv" else str(demo_runs.NEU_DET)
+
+
+def _ours_change(results: dict[str, Any], label: str, quick: bool) -> None:
+    """Our runs of one dataset are about to change: Flower's comparison with them goes
+    (it is made again from the new runs), and so do Flower's runs made on another plan
+    than today's. Flower's runs on today's plan stay: they depend on the partitions and
+    the fine-tuning recipe (:func:`bench.flower.recipe_tag`), not on our cycle's
+    settings, and a seed of them takes hours."""
+    (results.get("errors") or {}).pop(f"flower {label}", None)
+    holder = results if label == "elpv" else (results.get("neu_det_flower") or {})
+    for key in FLOWER_KEYS:
+        holder.pop(key, None)
+    stored = results.get("flower_runs") or {}
+    ds = _flower_dataset(label)
+    kept = [
+        r
+        for r in stored.get(label) or []
+        if r.get("plan") == flower.plan_tag(flower.seed_plan(quick, ds, r["seed"]))
+    ]
+    if kept:
+        stored[label] = kept
+    else:
+        stored.pop(label, None)
+
+
+def _forget_demos(results: dict[str, Any], label: str, quick: bool) -> None:
     """Drop one dataset's demo runs and everything computed from them."""
-    _forget_flower(results, label)
+    _ours_change(results, label, quick)
     (results.get("errors") or {}).pop(f"demo {label}", None)
     (results.get("demo_runs") or {}).pop(label, None)
     (results.get("accuracy") or {}).pop(label, None)
@@ -111,21 +139,28 @@ def _forget_demos(results: dict[str, Any], label: str) -> None:
         results.pop("cycle", None)
         (results.get("errors") or {}).pop("demo elpv quick (cycle time)", None)
     else:
-        results.pop("neu_det_flower", None)
+        (results.get("neu_det_flower") or {}).pop("ours", None)
 
 
-def _forget(results: dict[str, Any], name: str, datasets: list[str], resume: bool = False) -> None:
+def _forget(
+    results: dict[str, Any],
+    name: str,
+    datasets: list[str],
+    resume: bool = False,
+    quick: bool = False,
+) -> None:
     """Drop a section's old results and errors before it runs again.
 
     Demos and Flower: the chosen datasets' runs, unless ``resume`` keeps them (seeds
-    already run are then skipped); old and new runs never mix otherwise.
+    already run are then skipped); old and new runs never mix otherwise. Flower's runs
+    outlive a rerun of our demos where their plan is today's (:func:`_ours_change`).
     """
     (results.get("errors") or {}).pop(name, None)
     for label in datasets:
         if name == "flower" and not resume:
             _forget_flower(results, label)
         elif name == "demos" and not resume:
-            _forget_demos(results, label)
+            _forget_demos(results, label, quick)
 
 
 def run_bench(
@@ -176,7 +211,7 @@ def run_bench(
             rerun["seeds"] = seeds
         results.setdefault("reruns", []).append(rerun)
         for name in only:
-            _forget(results, name, chosen, resume)
+            _forget(results, name, chosen, resume, quick)
     else:
         results = {
             "mode": "quick" if quick else "full",
@@ -287,7 +322,7 @@ def _demos(
         runs = stored.setdefault(label, [])
         if _missing(runs, seeds):
             # new runs change our numbers: Flower's old comparison with them is stale
-            _forget_flower(results, label)
+            _ours_change(results, label, quick)
             (results.get("errors") or {}).pop(f"demo {label}", None)
 
         def one(seed: int, ds: str = ds) -> dict[str, Any]:
@@ -298,6 +333,11 @@ def _demos(
             _aggregate(label, runs, results)
 
         _run_seeds(f"demo {label}", results, save, runs, seeds, one, aggregate)
+        kept = (results.get("flower_runs") or {}).get(label)
+        ours = _flower_block(results, label).get("ours")
+        if kept and ours:  # Flower's runs that outlived ours, beside the new ones
+            flower.refresh_reach(kept, ours["accuracy"]["mean"]["median"])
+            _aggregate_flower(label, kept, results)
     cycle: dict[str, Any] = dict(results.get("cycle") or {})
     elpv = stored.get("elpv")
     if elpv:
@@ -380,7 +420,7 @@ def _flowers(
             )
             continue
         target = ours["accuracy"]["mean"]["median"]
-        ds = "elpv" if label == "elpv" else str(demo_runs.NEU_DET)
+        ds = _flower_dataset(label)
         seeds = ours.get("seeds") or results["accuracy"][label]["seeds"]
         runs = stored.setdefault(label, [])
 

@@ -263,6 +263,37 @@ def test_new_runs_of_ours_drop_the_stale_flower_comparison(
 
 
 @pytest.mark.usefixtures("no_heavy_work")
+def test_flower_runs_on_todays_plan_outlive_a_rerun_of_our_demos(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seed of Flower takes hours and does not depend on our cycle's settings: a rerun
+    of our demos keeps Flower's runs made on today's plan, compares them with the new
+    runs, and drops the ones made on another plan."""
+    results_dir_with_header(tmp_path, monkeypatch)
+    asked = recording_demos(monkeypatch)
+    bench_run.run_bench(True, tmp_path, only=["demos"], seeds=3)
+    monkeypatch.setattr(flower, "seed_plan", lambda quick, ds, seed: f"plan of seed {seed}")
+    monkeypatch.setattr(flower, "plan_tag", lambda plan: plan)
+    runs = fake_flower_runs()
+    for run, plan in zip(runs, ["plan of seed 0", "plan of seed 1", "an older plan"], strict=True):
+        run["plan"] = plan
+    fl = {r["seed"]: r for r in runs}
+    monkeypatch.setattr(flower, "run", lambda quick, ds, seed, target, *_: fl[seed])
+    before = bench_run.run_bench(True, tmp_path, only=["flower"])
+    assert before["flower"]["rounds_to_reach_ours"] == [2, None, 5]
+    monkeypatch.setattr(flower, "run", None)  # calling it would fail the test
+
+    again = bench_run.run_bench(True, tmp_path, only=["demos"], seeds=3)
+
+    assert asked == [("elpv", s) for s in (0, 1, 2)] * 2  # ours ran again, not resumed
+    assert [r["seed"] for r in again["flower_runs"]["elpv"]] == [0, 1]
+    assert again["flower"]["accuracy"]["mean"]["runs"] == 2
+    assert [row["seed"] for row in again["same_seed"]] == [0, 1]
+    # reached again against our new median (0.5): each one's first round, 0.8 and 0.6
+    assert again["flower"]["rounds_to_reach_ours"] == [1, 1]
+
+
+@pytest.mark.usefixtures("no_heavy_work")
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
