@@ -234,12 +234,12 @@ def plan_tag(plan: DemoPlan) -> str:
 
 def recipe_tag(plan: DemoPlan, start_stage: str | None) -> str:
     """What a finished grid point or a point in progress was trained with, besides its
-    (local epochs, lr): the blocks, the plan's fine-tuning recipe, its data and model
-    (:func:`plan_tag`). A point stored under another tag is trained again."""
+    (local epochs, lr): the blocks and the plan's fine-tuning recipe. A point stored
+    under another tag (an earlier recipe) is trained again. (Points are kept per
+    dataset and seed, until their seed is done; a finished seed's run carries its
+    :func:`plan_tag`.)"""
     recipe = asdict(replace(plan.finetune, seed=0, epochs=0, lr=0.0))
-    return json.dumps(
-        {"trained_from": start_stage or "head", **recipe, "plan": plan_tag(plan)}, sort_keys=True
-    )
+    return json.dumps({"trained_from": start_stage or "head", **recipe}, sort_keys=True)
 
 
 def refresh_reach(runs: list[dict[str, Any]], target: float) -> None:

@@ -110,7 +110,8 @@ def _ours_change(results: dict[str, Any], label: str, quick: bool) -> None:
     (it is made again from the new runs), and so do Flower's runs made on another plan
     than today's. Flower's runs on today's plan stay: they depend on the partitions and
     the fine-tuning recipe (:func:`bench.flower.recipe_tag`), not on our cycle's
-    settings, and a seed of them takes hours."""
+    settings, and a seed of them takes hours. Grid points of a seed in progress stay
+    too (they are keyed by the recipe alone)."""
     (results.get("errors") or {}).pop(f"flower {label}", None)
     holder = results if label == "elpv" else (results.get("neu_det_flower") or {})
     for key in FLOWER_KEYS:
