@@ -60,6 +60,11 @@ RECIPES: dict[str, tuple[str, dict[str, str]]] = {
         "of r3's training; the references fine-tune for 1 epoch too)",
         {"ROUNDS": "3", "ROUND_EPOCHS": "1"},
     ),
+    "r4e1": (
+        "R = 4 of 1 local epoch, the blocks at the head's rate (Flower's first grid point "
+        "on elpv at 300 px); the edges' fine-tuning as shipped",
+        {"ROUNDS": "4", "ROUND_EPOCHS": "1", "ROUND_BACKBONE_LR_SCALE": "1.0"},
+    ),
 }
 
 #: edge settings a recipe changes (the rest are the demo's)
