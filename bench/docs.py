@@ -27,6 +27,7 @@ ORDER = (
     "full",
     "rounds",
     "rounds-300",
+    "rounds-fast",
     "recipe",
     "stage2",
     "scaleout",
