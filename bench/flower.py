@@ -443,7 +443,7 @@ def _fedavg(
         plan.class_names, plan.backbone, plan.cut, plan.input_size, HeadConfig(plan.head_hidden)
     )
     start = finetune_start(model, start_stage or "upper")  # None: the head alone
-    views = plan.finetune.views if start_stage is not None and plan.finetune.augment else 1
+    views = plan.finetune.cached_views if start_stage is not None else 1
     keys = exchanged_keys(model, start)
     initial = _get(model, keys)
     tag = recipe_tag(plan, start_stage)

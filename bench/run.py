@@ -90,14 +90,19 @@ FLOWER_KEYS = ("flower", "flower_head", "same_seed", "engine")
 FLOWER_SCRATCH = "flower_running"
 
 
-def _forget_flower(results: dict[str, Any], label: str) -> None:
-    """Drop one dataset's Flower results and errors: they compare with our old numbers."""
+def _forget_comparison(results: dict[str, Any], label: str) -> None:
+    """Drop one dataset's Flower summaries and error: they compare with our numbers."""
     (results.get("errors") or {}).pop(f"flower {label}", None)
-    (results.get("flower_runs") or {}).pop(label, None)
-    (results.get("flower_partial") or {}).pop(label, None)
     holder = results if label == "elpv" else (results.get("neu_det_flower") or {})
     for key in FLOWER_KEYS:
         holder.pop(key, None)
+
+
+def _forget_flower(results: dict[str, Any], label: str) -> None:
+    """Drop one dataset's Flower results and errors: they compare with our old numbers."""
+    _forget_comparison(results, label)
+    (results.get("flower_runs") or {}).pop(label, None)
+    (results.get("flower_partial") or {}).pop(label, None)
 
 
 def _flower_dataset(label: str) -> str:
@@ -112,10 +117,7 @@ def _ours_change(results: dict[str, Any], label: str, quick: bool) -> None:
     the fine-tuning recipe (:func:`bench.flower.recipe_tag`), not on our cycle's
     settings, and a seed of them takes hours. Grid points of a seed in progress stay
     too (they are keyed by the recipe alone)."""
-    (results.get("errors") or {}).pop(f"flower {label}", None)
-    holder = results if label == "elpv" else (results.get("neu_det_flower") or {})
-    for key in FLOWER_KEYS:
-        holder.pop(key, None)
+    _forget_comparison(results, label)
     stored = results.get("flower_runs") or {}
     ds = _flower_dataset(label)
     kept = [

@@ -78,6 +78,11 @@ class FinetuneConfig:
     #: included, stopping after ``patience`` epochs without one)
     select: Literal["last", "val_loss"] = "last"
 
+    @property
+    def cached_views(self) -> int:
+        """Views of each training image that are cached and trained on."""
+        return self.views if self.augment else 1
+
 
 @dataclass
 class TrainReport:
@@ -396,7 +401,7 @@ def finetune(
         raise InvalidInput("fine-tuning needs at least two training images")
     start = finetune_start(model, cfg.train_from)
     _set_seed(cfg.seed)  # the augmented views draw from torch's global generator
-    views = cfg.views if cfg.augment else 1
+    views = cfg.cached_views
     if cached is not None and len(cached[1]) != views * len(train):
         raise ValueError(
             f"the cached activations hold {len(cached[1])} rows, not {views} views of "
@@ -446,7 +451,7 @@ def train_activations(
         raise InvalidInput("fine-tuning needs at least two training images")
     start = finetune_start(model, config.train_from)
     _set_seed(config.seed)
-    views = config.views if config.augment else 1
+    views = config.cached_views
     total = views * len(train)
     seen = 0
 

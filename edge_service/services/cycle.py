@@ -233,26 +233,19 @@ def finetune_config(s: Settings) -> FinetuneConfig:
 @dataclass
 class _RoundState:
     """What a cycle job keeps between its federated rounds, and hands to stage 3: the
-    training views' and test split's activations below the first trained stage, and
-    what made them (the digest of the frozen stages, the number of views)."""
+    activations below the first trained stage of the training views (``views`` per
+    image) and of the test split."""
 
-    start: int = -1
-    x: torch.Tensor | None = None
-    y: torch.Tensor | None = None
-    test: FrozenActivations | None = None
-    digest: str = ""
+    train: FrozenActivations | None = None
     views: int = 0
+    test: FrozenActivations | None = None
 
-    def train_views(
-        self, model: SplitModel, start: int, views: int
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The cached training views, if ``model``'s stages below ``start`` made them with
-        ``views`` views; else None."""
-        if self.x is None or self.y is None or (self.start, self.views) != (start, views):
-            return None
-        if model.stages_digest(start) != self.digest:
-            return None
-        return self.x, self.y
+
+def _reusable(
+    acts: FrozenActivations | None, model: SplitModel, start: int
+) -> FrozenActivations | None:
+    """``acts`` if ``model``'s frozen stages made them at stage ``start``, else None."""
+    return acts if acts is not None and acts.start == start and acts.fits(model) else None
 
 
 class CycleService:
@@ -467,25 +460,24 @@ class CycleService:
             seed=s.split_seed + r,
         )
         start = finetune_start(model, plan.train_from)
-        if state.start != start or state.x is None:
+        if state.train is None or state.train.start != start:
             # the stages below `start` are the same in every round of a cycle: their
             # activations of the training views (and of the test split) are made once
             frozen = frozen_runner(model, plan.train_from, s.extract_backend)
-            state.start, state.x, state.y = train_activations(
+            _, x, y = train_activations(
                 model,
                 splits.train,
                 config,
                 frozen=frozen,
                 progress=lambda frac, msg: report(0.8 * frac, f"round {r}: {msg}"),
             )
+            state.train = FrozenActivations(x, y, start, model.stages_digest(start))
+            state.views = config.cached_views
             state.test = (
                 frozen_activations(model, splits.test, start, s.batch_size, frozen)
                 if len(splits.test)
                 else None
             )
-            state.digest = model.stages_digest(start)
-            state.views = config.views if config.augment else 1
-        assert state.x is not None and state.y is not None
         test = (
             evaluate_activations(model, state.test, s.batch_size)
             if state.test is not None
@@ -497,8 +489,8 @@ class CycleService:
         finetune_activations(
             model,
             start,
-            state.x,
-            state.y,
+            state.train.x,
+            state.train.labels,
             config=config,
             progress=lambda frac, msg: report(0.8 + 0.15 * frac, f"round {r}: {msg}"),
         )
@@ -584,16 +576,13 @@ class CycleService:
         # with the same frozen weights is scored from these activations
         frozen = frozen_runner(model, s.finetune_train_from, s.extract_backend)
         config = finetune_config(s)
-        cached = (
-            rounds.train_views(model, start, config.views if config.augment else 1)
-            if rounds is not None
-            else None
+        rounds = rounds or _RoundState()
+        train_acts = (
+            _reusable(rounds.train, model, start) if rounds.views == config.cached_views else None
         )
-        kept = rounds.test if rounds is not None else None
-        if kept is not None and kept.start == start and kept.fits(model):
-            test_acts = kept
-        else:
-            test_acts = frozen_activations(model, splits.test, start, s.batch_size, frozen)
+        test_acts = _reusable(rounds.test, model, start) or frozen_activations(
+            model, splits.test, start, s.batch_size, frozen
+        )
         scored = splits.val if len(splits.val) else splits.train
         scored_acts = frozen_activations(model, scored, start, s.batch_size, frozen)
         server_metrics = evaluate_activations(model, test_acts, s.batch_size)
@@ -616,11 +605,10 @@ class CycleService:
             config,
             progress=lambda frac, msg: ctx.update(frac, f"fine-tuning: {msg}"),
             frozen=frozen,
-            cached=cached,
+            cached=None if train_acts is None else (train_acts.x, train_acts.labels),
         )
-        del cached
-        if rounds is not None:
-            rounds.x = rounds.y = None  # the training views' activations: no longer needed
+        del train_acts
+        rounds.train = None  # the training views' activations: no longer needed
         result.finetune = FinetuneSummary(
             epochs_run=report.epochs_run, best_epoch=report.best_epoch
         )
