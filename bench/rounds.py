@@ -65,10 +65,19 @@ RECIPES: dict[str, tuple[str, dict[str, str]]] = {
         "on elpv at 300 px); the edges' fine-tuning as shipped",
         {"ROUNDS": "4", "ROUND_EPOCHS": "1", "ROUND_BACKBONE_LR_SCALE": "1.0"},
     ),
+    "r3-last": (
+        "R = 3 at the ROUND_* defaults, then no fine-tuning: each edge's gate weighs the "
+        "model it trained in the last round against the server's final model "
+        "(AFTER_ROUNDS=last_round)",
+        {"ROUNDS": "3"},
+    ),
 }
 
 #: edge settings a recipe changes (the rest are the demo's)
-EDGE_SETTINGS: dict[str, dict[str, str]] = {"r3e1-ft1": {"FINETUNE_EPOCHS": "1"}}
+EDGE_SETTINGS: dict[str, dict[str, str]] = {
+    "r3e1-ft1": {"FINETUNE_EPOCHS": "1"},
+    "r3-last": {"AFTER_ROUNDS": "last_round"},
+}
 
 
 def demo_settings(recipe: str) -> dict[str, dict[str, str]]:

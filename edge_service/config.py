@@ -153,6 +153,14 @@ class Settings(ServiceSettings):
         "split then only serves the deploy gate) or 'val_loss' (the lowest validation "
         "loss, stopping after 3 epochs without a better one).",
     )
+    after_rounds: Literal["finetune", "last_round"] = Field(
+        default="finetune",
+        description="The model an edge offers its deploy gate, beside the server's final "
+        "model, after a cycle with federated rounds: 'finetune' fine-tunes the final model "
+        "on the local training split (FINETUNE_*); 'last_round' offers the model it trained "
+        "locally in the last round (ROUND_* recipe, from the last round's model), with no "
+        "further training. A cycle without rounds always fine-tunes.",
+    )
     deploy_min_delta: float = Field(
         default=0.0,
         ge=0,

@@ -239,6 +239,10 @@ class _RoundState:
     train: FrozenActivations | None = None
     views: int = 0
     test: FrozenActivations | None = None
+    #: the model this edge trained in the last round, kept when AFTER_ROUNDS is
+    #: 'last_round': stage 3 offers it to the gate instead of fine-tuning again
+    last_local: SplitModel | None = None
+    last_epochs: int = 0
 
 
 def _reusable(
@@ -495,6 +499,8 @@ class CycleService:
             progress=lambda frac, msg: report(0.8 + 0.15 * frac, f"round {r}: {msg}"),
         )
         delta, norm = make_update(model, before, plan)
+        if r == plan.rounds and s.after_rounds == "last_round":
+            state.last_local, state.last_epochs = model, plan.epochs
         body = pack_update(
             delta,
             plan,
@@ -598,20 +604,29 @@ class CycleService:
         ctx.update(1.0, f"server model test accuracy {server_metrics.accuracy:.4f}")
 
         ctx.begin("finetune", "fine-tuning")
-        report = finetune(
-            model,
-            splits.train,
-            splits.val if len(splits.val) else None,
-            config,
-            progress=lambda frac, msg: ctx.update(frac, f"fine-tuning: {msg}"),
-            frozen=frozen,
-            cached=None if train_acts is None else (train_acts.x, train_acts.labels),
-        )
+        if rounds.last_local is not None:
+            # AFTER_ROUNDS=last_round: the model trained here in the last round stands
+            # as the fine-tuned candidate
+            model, rounds.last_local = rounds.last_local, None
+            result.finetune = FinetuneSummary(
+                epochs_run=rounds.last_epochs, best_epoch=rounds.last_epochs
+            )
+            ctx.update(1.0, "the model trained in the last round is the candidate")
+        else:
+            report = finetune(
+                model,
+                splits.train,
+                splits.val if len(splits.val) else None,
+                config,
+                progress=lambda frac, msg: ctx.update(frac, f"fine-tuning: {msg}"),
+                frozen=frozen,
+                cached=None if train_acts is None else (train_acts.x, train_acts.labels),
+            )
+            result.finetune = FinetuneSummary(
+                epochs_run=report.epochs_run, best_epoch=report.best_epoch
+            )
         del train_acts
         rounds.train = None  # the training views' activations: no longer needed
-        result.finetune = FinetuneSummary(
-            epochs_run=report.epochs_run, best_epoch=report.best_epoch
-        )
 
         ctx.begin("evaluate", "choosing the model to deploy")
         outcome = self.gate_and_register(

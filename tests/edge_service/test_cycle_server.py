@@ -138,6 +138,54 @@ def test_whole_cycle_in_process(
         assert again["result"]["metrics"]["previous"] is not None
 
 
+def test_after_rounds_the_last_rounds_model_can_stand_as_the_candidate(
+    default_server: TestClient,
+    tmp_path: Path,
+    image_folder: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """AFTER_ROUNDS=last_round: stage 3 trains nothing; the gate weighs the model this
+    edge trained in the last round against the server's final model, and one of them
+    serves."""
+    from edge_service.services import cycle as cycle_module
+
+    def no_finetune(*args: Any, **kw: Any) -> Any:
+        raise AssertionError("stage 3 fine-tuned after the rounds")
+
+    trained = []  # each local training: the model it trained
+    local_training = cycle_module.finetune_activations
+
+    def counted(model: Any, *args: Any, **kw: Any) -> Any:
+        trained.append(model)
+        return local_training(model, *args, **kw)
+
+    monkeypatch.setattr(cycle_module, "finetune", no_finetune)
+    monkeypatch.setattr(cycle_module, "finetune_activations", counted)
+    server = default_server
+    round_epochs = ServerSettings.model_fields["round_epochs"].default
+    reg = _register(server, "edge-1")
+    settings = make_settings(
+        tmp_path / "edge",
+        image_folder,
+        token=SecretStr(reg["token"]),
+        edge_id=reg["edge_id"],
+        after_rounds="last_round",
+    )
+    with TestClient(create_app(settings, server)) as edge:
+        done = wait_job(edge, edge.post("/v1/jobs/cycle", headers=AUTH).json()["id"], 120)
+        assert done["state"] == "done", done["error"]
+        result = done["result"]
+        assert result["model_version"] == 2 + DEFAULT_ROUNDS
+        assert len(trained) == DEFAULT_ROUNDS  # the rounds' training, and nothing after
+        assert result["finetune"] == {"epochs_run": round_epochs, "best_epoch": round_epochs}
+        assert result["metrics"]["candidate"] is not None
+        assert result["metrics"]["server_model"] is not None
+        models = {m["id"]: m for m in edge.get("/v1/models", headers=AUTH).json()}
+        served = result["deployed_model_id"]
+        assert (served == result["local_model_id"]) == (result["chosen"] == "candidate")
+        assert models[served]["active"] and models[served]["base_version"] == 2 + DEFAULT_ROUNDS
+
+
 def test_an_edge_with_some_of_the_classes_in_another_order(tmp_path: Path) -> None:
     """Label skew against the real server: the edge's folders, listed alphabetically,
     are two of the server's three classes, in another order; the server trains on the
