@@ -22,8 +22,8 @@ def test_each_recipe_is_a_setting_the_services_take(recipe: str) -> None:
     edge = plan.placeholder_edge_settings(0)
     for key, value in rounds.EDGE_SETTINGS.get(recipe, {}).items():
         assert str(getattr(edge, key.lower())) == value
-        # the references train with the edges' recipe
-        assert str(getattr(plan.finetune, key.removeprefix("FINETUNE_").lower())) == value
+        if key.startswith("FINETUNE_"):  # the references train with the edges' recipe
+            assert str(getattr(plan.finetune, key.removeprefix("FINETUNE_").lower())) == value
 
 
 def _fake_demo(accuracies: list[float], rounds_seen: int) -> dict[str, Any]:
