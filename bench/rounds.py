@@ -71,6 +71,10 @@ RECIPES: dict[str, tuple[str, dict[str, str]]] = {
         "(AFTER_ROUNDS=last_round)",
         {"ROUNDS": "3"},
     ),
+    "r3-int8": (
+        "R = 3 at the ROUND_* defaults, updates both ways in int8 (ROUND_DTYPE=int8)",
+        {"ROUNDS": "3", "ROUND_DTYPE": "int8"},
+    ),
 }
 
 #: edge settings a recipe changes (the rest are the demo's)

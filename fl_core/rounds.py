@@ -17,6 +17,11 @@ the changed tensors and rebuilds the new weights to the bit (:func:`apply_aggreg
 
 Only parameters travel: batch-norm statistics stay frozen while fine-tuning
 (:func:`fl_core.training._train_mode`), so their update would always be zero.
+
+The ``int8`` dtype halves float16's bytes: each tensor travels as int8 codes with one
+float32 scale per output row (per tensor for a vector) under ``<name>#scale``, the codes
+stochastically rounded, so the decoded update is the true one plus zero-mean noise of at
+most one step per value (:func:`encode`, :func:`decode`).
 """
 
 from __future__ import annotations
@@ -53,7 +58,68 @@ PARENT_SHA_KEY = "fedinspect.parent_sha256"
 NORM_TOLERANCE = 1e-2
 
 _WIRE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-_HEADER_DTYPES = {"float16": "F16", "float32": "F32"}
+_HEADER_DTYPES = {"float16": "F16", "float32": "F32", "int8": "I8"}
+
+#: the name of an int8 tensor's scales on the wire: ``<name>#scale``
+SCALE_SUFFIX = "#scale"
+_INT8_MAX = 127
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a matrix with one row per output channel (one row for a vector)."""
+    return t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(1, -1)
+
+
+def _quantize(
+    t: torch.Tensor, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes of ``t`` and their per-row float32 scales, stochastically rounded
+    (unbiased: the decoded value's expectation is ``t``)."""
+    rows = _rows(t.detach().to(torch.float32))
+    scale = rows.abs().amax(dim=1) / _INT8_MAX
+    steps = rows / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
+    noise = torch.rand(steps.shape, generator=generator)
+    codes = torch.floor(steps + noise).clamp_(-_INT8_MAX, _INT8_MAX)
+    return codes.to(torch.int8).reshape(t.shape), scale
+
+
+def _dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (_rows(codes).to(torch.float32) * scale[:, None]).reshape(codes.shape)
+
+
+def encode(
+    delta: Mapping[str, torch.Tensor], dtype: str, generator: torch.Generator | None = None
+) -> dict[str, torch.Tensor]:
+    """``delta`` as its tensors travel in ``dtype``: float16 or float32 as they are, or
+    int8 codes beside their ``<name>#scale`` (``generator`` draws the rounding)."""
+    if dtype != "int8":
+        return {n: t.to(_WIRE_DTYPES[dtype]) for n, t in delta.items()}
+    out: dict[str, torch.Tensor] = {}
+    for name, t in delta.items():
+        out[name], out[name + SCALE_SUFFIX] = _quantize(t, generator)
+    return out
+
+
+def decode(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The float32 update that :func:`encode`'s tensors stand for (int8 codes decoded
+    with their scales), in the order the values came."""
+    return {
+        name: _dequantize(t, tensors[name + SCALE_SUFFIX])
+        if name + SCALE_SUFFIX in tensors
+        else t.to(torch.float32)
+        for name, t in tensors.items()
+        if not name.endswith(SCALE_SUFFIX)
+    }
+
+
+def wire_shapes(expected: Mapping[str, Sequence[int]], dtype: str) -> dict[str, list[int]]:
+    """Every tensor an update in ``dtype`` carries, with its shape: ``expected`` (a
+    round's trained tensors), and in int8 the scales of each, one per row."""
+    out = {n: list(shape) for n, shape in expected.items()}
+    if dtype == "int8":
+        for n, shape in expected.items():
+            out[n + SCALE_SUFFIX] = [int(shape[0]) if len(shape) >= 2 else 1]
+    return out
 
 
 def update_names(model: SplitModel, train_from: str | None) -> list[str]:
@@ -135,11 +201,12 @@ def pack_update(
     round_number: int,
     base_version: int,
     samples: int,
+    generator: torch.Generator | None = None,
 ) -> bytes:
-    """An update as it travels: the plan's dtype, the round's identity in the metadata."""
-    dtype = _WIRE_DTYPES[plan.dtype]
+    """An update as it travels: the plan's dtype (:func:`encode`), the round's identity
+    in the metadata."""
     return serialization.dumps(
-        {n: t.to(dtype) for n, t in delta.items()},
+        encode(delta, plan.dtype, generator),
         {
             SPEC_HASH_KEY: spec_hash,
             EDGE_KEY: edge_id,
@@ -195,8 +262,9 @@ def unpack_update(
         raise InvalidInput(f"metadata {SAMPLES_KEY} must be an integer") from None
     if not 1 <= samples <= max_samples:
         raise InvalidInput(f"{SAMPLES_KEY} must be between 1 and {max_samples}")
-    missing = sorted(set(expected) - set(header))
-    extra = sorted(set(header) - set(expected))
+    wire = wire_shapes(expected, plan.dtype)
+    missing = sorted(set(wire) - set(header))
+    extra = sorted(set(header) - set(wire))
     if missing or extra:
         what = []
         if missing:
@@ -206,21 +274,25 @@ def unpack_update(
         raise InvalidInput(
             "the update must carry exactly the tensors the round trains: " + ", ".join(what)
         )
-    want_dtype = _HEADER_DTYPES[plan.dtype]
     for name, info in header.items():
-        if info["dtype"] != want_dtype:
-            raise InvalidInput(f"tensor {name!r} is {info['dtype']}; the round sends {plan.dtype}")
-        if list(info["shape"]) != list(expected[name]):  # type: ignore[call-overload]
+        scales = name.endswith(SCALE_SUFFIX)
+        want = "F32" if scales else _HEADER_DTYPES[plan.dtype]
+        if info["dtype"] != want:
+            sends = "its scales are float32" if scales else f"the round sends {plan.dtype}"
+            raise InvalidInput(f"tensor {name!r} is {info['dtype']}; {sends}")
+        if list(info["shape"]) != wire[name]:  # type: ignore[call-overload]
             raise InvalidInput(
-                f"tensor {name!r} has shape {info['shape']}; the model's is {list(expected[name])}"
+                f"tensor {name!r} has shape {info['shape']}; the model's is {wire[name]}"
             )
     tensors, _ = serialization.loads(data)
-    out = {}
-    for name in expected:  # in the model's order: seeded noise lands on the same tensors
-        t = tensors[name]
-        if not bool(torch.isfinite(t).all()):
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise InvalidInput(f"tensor {name!r} holds NaN or Inf")
-        out[name] = t.to(torch.float32)
+        if name.endswith(SCALE_SUFFIX) and bool((t < 0).any()):
+            raise InvalidInput(f"tensor {name!r} holds a negative scale")
+    decoded = decode(tensors)
+    # in the model's order: seeded noise lands on the same tensors
+    out = {name: decoded[name] for name in expected}
     norm = global_norm(out)
     if norm > plan.clip_norm * (1 + NORM_TOLERANCE):
         raise InvalidInput(
@@ -262,12 +334,17 @@ def apply_update(model: SplitModel, delta: Mapping[str, torch.Tensor]) -> None:
 
 
 def pack_aggregate(
-    delta: Mapping[str, torch.Tensor], dtype: str, parent_sha256: str
+    delta: Mapping[str, torch.Tensor],
+    dtype: str,
+    parent_sha256: str,
+    generator: torch.Generator | None = None,
 ) -> tuple[dict[str, torch.Tensor], bytes]:
     """A round's averaged update rounded to the wire ``dtype``: the tensors the server adds
-    to the parent, and the file edges download (the parent's sha256 in its metadata)."""
-    wire = {n: t.to(_WIRE_DTYPES[dtype]) for n, t in delta.items()}
-    return wire, serialization.dumps(wire, {PARENT_SHA_KEY: parent_sha256})
+    to the parent (decoded, as :func:`apply_aggregate` decodes them), and the file edges
+    download (the parent's sha256 in its metadata)."""
+    wire = encode(delta, dtype, generator)
+    added = decode(wire) if dtype == "int8" else wire
+    return added, serialization.dumps(wire, {PARENT_SHA_KEY: parent_sha256})
 
 
 def apply_aggregate(parent: bytes, data: bytes) -> bytes:
@@ -275,9 +352,18 @@ def apply_aggregate(parent: bytes, data: bytes) -> bytes:
     server's own arithmetic (:func:`apply_update` on the parent's model), so the bytes and
     their sha256 are the server's. IntegrityError when the update is not for ``parent``
     or does not fit its model."""
-    tensors, metadata = serialization.loads(data)
+    wire, metadata = serialization.loads(data)
     if metadata.get(PARENT_SHA_KEY) != serialization.sha256_bytes(parent):
         raise IntegrityError("the averaged update was made for other weights than the ones held")
+    if any(n.endswith(SCALE_SUFFIX) for n in wire):
+        try:
+            tensors = decode(wire)
+        except (KeyError, RuntimeError, IndexError):
+            raise IntegrityError(
+                "the averaged update's int8 tensors do not fit their scales"
+            ) from None
+    else:
+        tensors = wire
     model = model_from_bytes(parent)
     params = dict(model.named_parameters())
     for name, t in tensors.items():
@@ -294,11 +380,14 @@ __all__ = [
     "PARENT_SHA_KEY",
     "ROUND_KEY",
     "SAMPLES_KEY",
+    "SCALE_SUFFIX",
     "Update",
     "aggregate",
     "apply_aggregate",
     "apply_update",
     "clip",
+    "decode",
+    "encode",
     "global_norm",
     "make_update",
     "pack_aggregate",
@@ -307,4 +396,5 @@ __all__ = [
     "train_round",
     "unpack_update",
     "update_names",
+    "wire_shapes",
 ]

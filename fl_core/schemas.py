@@ -217,7 +217,10 @@ class RoundPlan(BaseModel):
         description="Gaussian noise added by the server to the averaged update: standard "
         "deviation noise_multiplier x clip_norm x the largest edge weight (0: none)",
     )
-    dtype: Literal["float16", "float32"] = Field(description="dtype of an update on the wire")
+    dtype: Literal["float16", "float32", "int8"] = Field(
+        description="dtype of an update on the wire (int8: per-row scaled, stochastically "
+        "rounded codes)"
+    )
     deadline_s: float = Field(gt=0, description="seconds each round waits for the quorum")
 
 

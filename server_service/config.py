@@ -200,8 +200,11 @@ class Settings(ServiceSettings):
         description="Gaussian noise on the averaged update, in units of the clip bound "
         "times the largest edge weight (DP-FedAvg); 0: none.",
     )
-    round_dtype: Literal["float16", "float32"] = Field(
-        default="float16", description="dtype of a round's update on the wire."
+    round_dtype: Literal["float16", "float32", "int8"] = Field(
+        default="float16",
+        description="dtype of a round's updates on the wire, both ways: 'int8' sends half "
+        "float16's bytes (one float32 scale per output row, stochastic rounding: zero-mean "
+        "noise of at most one step per value).",
     )
     round_deadline_s: float = Field(
         default=600.0,

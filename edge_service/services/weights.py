@@ -30,7 +30,7 @@ from fedinspect.service import log_event
 from fl_core import serialization
 from fl_core.errors import FedInspectError, IntegrityError
 from fl_core.model import build_split_model, model_to_bytes
-from fl_core.rounds import apply_aggregate
+from fl_core.rounds import SCALE_SUFFIX, apply_aggregate
 from fl_core.schemas import ModelManifest, WeightsDownload
 
 log = logging.getLogger("edge_service.weights")
@@ -77,7 +77,7 @@ def _from_update(
             then="changed tensors",
         )
         return None
-    tensors = len(serialization.inspect_header(file)[0])
+    tensors = sum(not n.endswith(SCALE_SUFFIX) for n in serialization.inspect_header(file)[0])
     return FetchedWeights(data, received, "update", tensors, len(manifest.tensors))
 
 

@@ -350,10 +350,11 @@ def _aggregate(rt: Runtime, cycle_id: int, round_number: int) -> int | None:
                 f"corrupt); the cycle ends with model {base.version}",
             )
         return None
-    mean = aggregate(updates, plan, torch.Generator().manual_seed(secrets.randbits(63)))
+    generator = torch.Generator().manual_seed(secrets.randbits(63))
+    mean = aggregate(updates, plan, generator)
     # rounded to the wire dtype before it is added: edges holding the parent rebuild this
     # model from the (smaller) update file, to the bit
-    wire, update_file = pack_aggregate(mean, plan.dtype, base.sha256)
+    wire, update_file = pack_aggregate(mean, plan.dtype, base.sha256, generator)
     apply_update(model, wire)
     weights = model_to_bytes(model)
     sha = rt.blobs.put(weights)

@@ -28,9 +28,12 @@ SERVER_ADMIN = {"Authorization": "Bearer server-admin-token-0123456789"}
 DEFAULT_ROUNDS = ServerSettings.model_fields["rounds"].default
 
 
-def _server_settings(tmp_path: Path, class_names: list[str], rounds: int = 0) -> ServerSettings:
+def _server_settings(
+    tmp_path: Path, class_names: list[str], rounds: int = 0, **more: Any
+) -> ServerSettings:
     """A tiny server; one-shot cycles unless ``rounds`` says otherwise."""
     return ServerSettings(
+        **more,
         rounds=rounds,
         admin_token=SecretStr("server-admin-token-0123456789"),
         data_dir=tmp_path / "server",
@@ -184,6 +187,38 @@ def test_after_rounds_the_last_rounds_model_can_stand_as_the_candidate(
         served = result["deployed_model_id"]
         assert (served == result["local_model_id"]) == (result["chosen"] == "candidate")
         assert models[served]["active"] and models[served]["base_version"] == 2 + DEFAULT_ROUNDS
+
+
+def test_rounds_in_int8_travel_in_half_the_bytes_and_rebuild_to_the_bit(
+    tmp_path: Path, image_folder: Path
+) -> None:
+    """ROUND_DTYPE=int8: the edge's updates and the averaged ones it downloads carry int8
+    codes; it rebuilds each round's model from the parent and the update (the sha256
+    the server announced), and the cycle ends deployed."""
+    results = {}
+    for dtype in ("float16", "int8"):
+        settings = _server_settings(tmp_path / dtype, CLASSES, 2, round_dtype=dtype)
+        with TestClient(create_server_app(settings)) as server:
+            reg = _register(server, "edge-1")
+            edge_settings = make_settings(
+                tmp_path / dtype / "edge",
+                image_folder,
+                token=SecretStr(reg["token"]),
+                edge_id=reg["edge_id"],
+            )
+            with TestClient(create_app(edge_settings, server)) as edge:
+                job = edge.post("/v1/jobs/cycle", headers=AUTH).json()["id"]
+                done = wait_job(edge, job, timeout=120)
+                assert done["state"] == "done", done["error"]
+                results[dtype] = result = done["result"]
+                assert result["model_version"] == 4 and result["deployed"] is True
+                # the second round's model and the last: rebuilt from the averaged update
+                assert result["downloads"][-2:] == ["update", "update"]
+                manifest = server.get("/v1/models/4/manifest", headers=SERVER_ADMIN).json()
+                assert manifest["update"]["dtype"] == dtype
+    sent = {d: [r["bytes_uploaded"] for r in results[d]["rounds"]] for d in results}
+    for f16, i8 in zip(sent["float16"], sent["int8"], strict=True):
+        assert i8 < 0.75 * f16  # values in half the bytes, plus scales and the header
 
 
 def test_an_edge_with_some_of_the_classes_in_another_order(tmp_path: Path) -> None:

@@ -25,11 +25,14 @@ from fl_core.rounds import (
     EDGE_KEY,
     ROUND_KEY,
     SAMPLES_KEY,
+    SCALE_SUFFIX,
     Update,
     aggregate,
     apply_aggregate,
     apply_update,
     clip,
+    decode,
+    encode,
     global_norm,
     make_update,
     pack_aggregate,
@@ -158,6 +161,73 @@ def test_float32_plan_round_trips_exactly(model: SplitModel) -> None:
     update = _unpack(_pack(delta, plan), shapes, plan)
     for name, t in update.tensors.items():
         assert torch.equal(t, delta[name])
+
+
+def _payload(header: dict[str, dict[str, Any]]) -> int:
+    return sum(i["data_offsets"][1] - i["data_offsets"][0] for i in header.values())
+
+
+def test_int8_plan_halves_float16_and_decodes_within_a_step(model: SplitModel) -> None:
+    plan = _plan(dtype="int8")
+    shapes = _shapes(model, plan)
+    delta = _delta(shapes, 0.9)
+    data = _pack(delta, plan)
+    header, _ = serialization.inspect_header(data)
+    values = {n: i for n, i in header.items() if not n.endswith(SCALE_SUFFIX)}
+    assert set(values) == set(shapes)
+    assert {i["dtype"] for i in values.values()} == {"I8"}
+    # one float32 scale per output row, one per vector
+    for name, shape in shapes.items():
+        scales = header[name + SCALE_SUFFIX]
+        assert scales["dtype"] == "F32"
+        assert scales["shape"] == [shape[0] if len(shape) >= 2 else 1]
+    # the values take half float16's bytes (the tiny model's header is most of the file)
+    f16, _ = serialization.inspect_header(_pack(delta, _plan(dtype="float16")))
+    assert _payload(values) * 2 == _payload(f16)
+    update = _unpack(data, shapes, plan)
+    for name, t in update.tensors.items():
+        rows = t.reshape(shapes[name][0], -1) if len(shapes[name]) >= 2 else t.reshape(1, -1)
+        step = delta[name].reshape(rows.shape).abs().amax(1, keepdim=True) / 127
+        error = (rows - delta[name].reshape(rows.shape)).abs()
+        assert bool((error <= step * (1 + 1e-5)).all()), name
+    assert update.norm == pytest.approx(0.9, rel=0.01)
+
+
+def test_int8_rounding_is_unbiased() -> None:
+    """Stochastic rounding: the mean of many encodings is the value, where rounding to
+    the nearest step would be off by up to half a step every time."""
+    t = {"w": torch.tensor([[1.0, 0.3, -0.55, 0.004]])}  # step 1/127: off-grid values
+    gen = torch.Generator().manual_seed(0)
+    decoded = torch.stack([decode(encode(t, "int8", gen))["w"] for _ in range(4000)])
+    torch.testing.assert_close(decoded.mean(0), t["w"], rtol=0, atol=3e-4)
+    assert len({tuple(d.flatten().tolist()) for d in decoded[:50]}) > 1
+
+
+def test_an_int8_update_with_bad_scales_is_refused(model: SplitModel) -> None:
+    plan = _plan(dtype="int8")
+    shapes = _shapes(model, plan)
+    wire = encode(_delta(shapes, 0.5), "int8")
+    meta = {SPEC_HASH_KEY: SPEC, ROUND_KEY: "1", BASE_KEY: "2", SAMPLES_KEY: "10"}
+    name = next(iter(shapes))
+    without = {n: t for n, t in wire.items() if n != name + SCALE_SUFFIX}
+    with pytest.raises(InvalidInput, match="1 missing"):
+        _unpack(serialization.dumps(without, meta), shapes, plan)
+    for bad, message in [
+        (-wire[name + SCALE_SUFFIX], "negative scale"),
+        (wire[name + SCALE_SUFFIX].double(), "its scales are float32"),
+        (torch.full_like(wire[name + SCALE_SUFFIX], math.inf), "NaN or Inf"),
+        (torch.ones(7), "has shape"),
+    ]:
+        with pytest.raises(InvalidInput, match=message):
+            _unpack(serialization.dumps({**wire, name + SCALE_SUFFIX: bad}, meta), shapes, plan)
+    # float16 values where the round sends int8
+    f16 = {**wire, name: wire[name].to(torch.float16)}
+    with pytest.raises(InvalidInput, match="the round sends int8"):
+        _unpack(serialization.dumps(f16, meta), shapes, plan)
+    # huge scales: a norm over the bound is refused like any other
+    big = {**wire, name + SCALE_SUFFIX: wire[name + SCALE_SUFFIX] * 100}
+    with pytest.raises(InvalidInput, match="over the round's clip bound"):
+        _unpack(serialization.dumps(big, meta), shapes, plan)
 
 
 @pytest.mark.parametrize(
@@ -384,6 +454,27 @@ def test_an_edge_rebuilds_the_servers_weights_from_the_averaged_update(
     # half the bytes of the float32 tensors it changes
     changed = serialization.subset(rebuilt, list(wire))
     assert len(file) < 0.6 * len(changed)
+
+
+def test_an_edge_rebuilds_the_servers_weights_from_an_int8_averaged_update(
+    model: SplitModel,
+) -> None:
+    plan = _plan(dtype="int8")
+    parent = model_to_bytes(model)
+    mean = aggregate([Update(_delta(_shapes(model, plan), 0.7), 10, 0.7)], plan)
+    gen = torch.Generator().manual_seed(3)
+    added, file = pack_aggregate(mean, "int8", serialization.sha256_bytes(parent), gen)
+    assert all(t.dtype == torch.float32 for t in added.values()) and set(added) == set(mean)
+    server = model_from_bytes(parent)
+    apply_update(server, added)
+    rebuilt = apply_aggregate(parent, file)
+    assert rebuilt == model_to_bytes(server) and rebuilt != parent
+    # scales that do not fit their codes
+    wire, meta = serialization.loads(file)
+    name = next(iter(mean))
+    wire[name + SCALE_SUFFIX] = torch.ones(99)
+    with pytest.raises(IntegrityError, match="do not fit their scales"):
+        apply_aggregate(parent, serialization.dumps(wire, meta))
 
 
 def test_an_averaged_update_for_other_weights_or_another_model_is_refused(
