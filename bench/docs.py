@@ -28,6 +28,7 @@ ORDER = (
     "rounds",
     "rounds-300",
     "rounds-fast",
+    "rounds-last",
     "recipe",
     "stage2",
     "scaleout",

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from pydantic import SecretStr
 
+from edge_service.config import Settings as EdgeSettings
 from edge_service.main import create_app
 from fl_core import training
 from server_service.config import Settings as ServerSettings
@@ -63,6 +64,16 @@ def _register(server: TestClient, name: str) -> dict[str, str]:
     return reg
 
 
+def _registered_edge(
+    server: TestClient, folder: Path, data_dir: Path, **settings: Any
+) -> EdgeSettings:
+    """Settings of an edge registered with ``server`` as edge-1, on ``folder``."""
+    reg = _register(server, "edge-1")
+    return make_settings(
+        data_dir, folder, token=SecretStr(reg["token"]), edge_id=reg["edge_id"], **settings
+    )
+
+
 @pytest.fixture
 def default_server(tmp_path: Path) -> Iterator[TestClient]:
     """The tiny server with the default federated rounds."""
@@ -90,12 +101,10 @@ def test_whole_cycle_in_process(
     monkeypatch.setattr(training, "_activations", counted)
     last = 2 + DEFAULT_ROUNDS  # the head is version 2
     assert last > 2  # rounds are on by default
-    reg = _register(server, "edge-1")
-    settings = make_settings(
-        tmp_path / "edge",
+    settings = _registered_edge(
+        server,
         image_folder,
-        token=SecretStr(reg["token"]),
-        edge_id=reg["edge_id"],
+        tmp_path / "edge",
         finetune_epochs=3,
         finetune_views=2,
         finetune_augment=True,
@@ -117,7 +126,7 @@ def test_whole_cycle_in_process(
         cycle = server.get(f"/v1/cycles/{result['cycle_id']}", headers=SERVER_ADMIN).json()
         assert cycle["state"] == "done" and cycle["result_model_version"] == last
         assert cycle["round"] == last - 2
-        assert [u["edge_id"] for u in cycle["uploads"]] == [reg["edge_id"]]
+        assert [u["edge_id"] for u in cycle["uploads"]] == [settings.edge_id]
         assert cycle["uploads"][0]["rows"] == result["n_train"]
 
         pixels = np.clip(np.random.default_rng(1).normal(200, 25, (32, 32)), 0, 255)
@@ -166,14 +175,7 @@ def test_after_rounds_the_last_rounds_model_can_stand_as_the_candidate(
     monkeypatch.setattr(cycle_module, "finetune_activations", counted)
     server = default_server
     round_epochs = ServerSettings.model_fields["round_epochs"].default
-    reg = _register(server, "edge-1")
-    settings = make_settings(
-        tmp_path / "edge",
-        image_folder,
-        token=SecretStr(reg["token"]),
-        edge_id=reg["edge_id"],
-        after_rounds="last_round",
-    )
+    settings = _registered_edge(server, image_folder, tmp_path / "edge", after_rounds="last_round")
     with TestClient(create_app(settings, server)) as edge:
         done = wait_job(edge, edge.post("/v1/jobs/cycle", headers=AUTH).json()["id"], 120)
         assert done["state"] == "done", done["error"]
@@ -199,13 +201,7 @@ def test_rounds_in_int8_travel_in_half_the_bytes_and_rebuild_to_the_bit(
     for dtype in ("float16", "int8"):
         settings = _server_settings(tmp_path / dtype, CLASSES, 2, round_dtype=dtype)
         with TestClient(create_server_app(settings)) as server:
-            reg = _register(server, "edge-1")
-            edge_settings = make_settings(
-                tmp_path / dtype / "edge",
-                image_folder,
-                token=SecretStr(reg["token"]),
-                edge_id=reg["edge_id"],
-            )
+            edge_settings = _registered_edge(server, image_folder, tmp_path / dtype / "edge")
             with TestClient(create_app(edge_settings, server)) as edge:
                 job = edge.post("/v1/jobs/cycle", headers=AUTH).json()["id"]
                 done = wait_job(edge, job, timeout=120)
@@ -230,10 +226,7 @@ def test_an_edge_with_some_of_the_classes_in_another_order(tmp_path: Path) -> No
         tmp_path / "images", per_class=24, size=32, classes=("functional", "defective")
     )
     with TestClient(create_server_app(_server_settings(tmp_path, classes))) as server:
-        reg = _register(server, "edge-1")
-        settings = make_settings(
-            tmp_path / "edge", folder, token=SecretStr(reg["token"]), edge_id=reg["edge_id"]
-        )
+        settings = _registered_edge(server, folder, tmp_path / "edge")
         with TestClient(create_app(settings, server)) as edge:
             done = wait_job(edge, edge.post("/v1/jobs/cycle", headers=AUTH).json()["id"], 120)
             assert done["state"] == "done", done["error"]
