@@ -75,6 +75,11 @@ RECIPES: dict[str, tuple[str, dict[str, str]]] = {
         "R = 3 at the ROUND_* defaults, updates both ways in int8 (ROUND_DTYPE=int8)",
         {"ROUNDS": "3", "ROUND_DTYPE": "int8"},
     ),
+    "r5-int8": (
+        "R = 5 at the other ROUND_* defaults, updates both ways in int8 (Flower's best "
+        "point on elpv seed 0 peaked at round 5)",
+        {"ROUNDS": "5", "ROUND_DTYPE": "int8"},
+    ),
 }
 
 #: edge settings a recipe changes (the rest are the demo's)
