@@ -56,10 +56,11 @@ async def _call(
     try:
         try:
             response = await http.request(method, url, **kw)
-        except httpx.RemoteProtocolError:
+        except (httpx.RemoteProtocolError, httpx.ReadError):
             # The server closed a kept-alive connection as this request went out (its
-            # keep-alive timer ran while 2 busy cores delayed the read): a real edge's
-            # client retries transport errors, so does this one, once, on a new one.
+            # keep-alive timer ran while 2 busy cores delayed the read): the client sees
+            # the close, or the reset of a socket closed with the request unread. A real
+            # edge's client retries transport errors, so does this one, once, on a new one.
             stats.reconnects += 1
             response = await http.request(method, url, **kw)
     except httpx.HTTPError as exc:
