@@ -75,6 +75,19 @@ def _flower(r: dict[str, Any]) -> str:
     if not flower:
         return text + "Flower's FedAvg has not been run against these runs yet."
     chosen = flower.get("selection", "test")
+    same = r.get("same_seed") or []
+    seeds = ", ".join(str(s["seed"]) for s in same)
+    if same and len(same) < len((r.get("demo_runs") or {}).get("elpv") or []):
+        # a grid still running: the seeds it has, beside ours on the same seeds
+        theirs = ", ".join(f"{100 * s['flower']['mean']:.1f}" for s in same)
+        ours_there = ", ".join(f"{100 * s['ours']['mean']:.1f}" for s in same)
+        return text + (
+            f"Flower's FedAvg of the same blocks ({flower.get('trained_from')} up), its round "
+            f"chosen on {chosen}, so far on seed {seeds} only: "
+            f"{theirs} against ours' {ours_there} there, "
+            f"{flower['bytes']['median'] / 1e6:.0f} MB and "
+            f"{flower['seconds']['wall']['median']:.0f} s to that round."
+        )
     return text + (
         f"Flower's FedAvg of the same blocks ({flower.get('trained_from')} up), its round "
         f"chosen on {chosen}: {pct(flower['accuracy']['mean'])}, "

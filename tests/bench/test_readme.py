@@ -64,6 +64,19 @@ def test_without_flower_runs_the_block_says_so() -> None:
     assert "Flower's FedAvg has not been run against these runs yet." in text
 
 
+def test_a_flower_grid_on_fewer_seeds_than_ours_is_shown_per_seed() -> None:
+    """No median of one seed: the block names the seeds Flower has, beside ours there."""
+    results = _results()
+    results["demo_runs"] = {"elpv": fake_runs()}
+    results["same_seed"] = [
+        {"seed": 0, "ours": {"mean": 0.887}, "flower": {"mean": 0.8967}},
+    ]
+    text = readme.block(results)
+    assert "so far on seed 0 only: 89.7 against ours' 88.7 there" in text
+    results["same_seed"] *= 3
+    assert "so far on seed" not in readme.block(results)
+
+
 def test_without_a_full_bench_the_block_gives_the_command() -> None:
     assert "python -m bench --out bench/results/full" in readme.block({})
 
