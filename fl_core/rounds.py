@@ -65,9 +65,15 @@ SCALE_SUFFIX = "#scale"
 _INT8_MAX = 127
 
 
+def _n_rows(shape: Sequence[int]) -> int:
+    """Rows of int8 scales for a tensor of ``shape``: one per output channel, one for a
+    vector."""
+    return int(shape[0]) if len(shape) >= 2 else 1
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as a matrix with one row per output channel (one row for a vector)."""
-    return t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(1, -1)
+    """``t`` as a matrix with one row per scale (:func:`_n_rows`)."""
+    return t.reshape(_n_rows(t.shape), -1)
 
 
 def _quantize(
@@ -118,7 +124,7 @@ def wire_shapes(expected: Mapping[str, Sequence[int]], dtype: str) -> dict[str, 
     out = {n: list(shape) for n, shape in expected.items()}
     if dtype == "int8":
         for n, shape in expected.items():
-            out[n + SCALE_SUFFIX] = [int(shape[0]) if len(shape) >= 2 else 1]
+            out[n + SCALE_SUFFIX] = [_n_rows(shape)]
     return out
 
 
@@ -355,15 +361,10 @@ def apply_aggregate(parent: bytes, data: bytes) -> bytes:
     wire, metadata = serialization.loads(data)
     if metadata.get(PARENT_SHA_KEY) != serialization.sha256_bytes(parent):
         raise IntegrityError("the averaged update was made for other weights than the ones held")
-    if any(n.endswith(SCALE_SUFFIX) for n in wire):
-        try:
-            tensors = decode(wire)
-        except (KeyError, RuntimeError, IndexError):
-            raise IntegrityError(
-                "the averaged update's int8 tensors do not fit their scales"
-            ) from None
-    else:
-        tensors = wire
+    try:
+        tensors = decode(wire)
+    except (RuntimeError, IndexError):
+        raise IntegrityError("the averaged update's int8 tensors do not fit their scales") from None
     model = model_from_bytes(parent)
     params = dict(model.named_parameters())
     for name, t in tensors.items():
