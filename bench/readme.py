@@ -74,26 +74,25 @@ def _flower(r: dict[str, Any]) -> str:
     )
     if not flower:
         return text + "Flower's FedAvg has not been run against these runs yet."
-    chosen = flower.get("selection", "test")
+    text += (
+        f"Flower's FedAvg of the same blocks ({flower.get('trained_from')} up), its round "
+        f"chosen on {flower.get('selection', 'test')}"
+    )
+    cost = (
+        f"{flower['bytes']['median'] / 1e6:.0f} MB and "
+        f"{flower['seconds']['wall']['median']:.0f} s to that round"
+    )
     same = r.get("same_seed") or []
-    seeds = ", ".join(str(s["seed"]) for s in same)
     if same and len(same) < len((r.get("demo_runs") or {}).get("elpv") or []):
         # a grid still running: the seeds it has, beside ours on the same seeds
+        seeds = ", ".join(str(s["seed"]) for s in same)
         theirs = ", ".join(f"{100 * s['flower']['mean']:.1f}" for s in same)
         ours_there = ", ".join(f"{100 * s['ours']['mean']:.1f}" for s in same)
-        return text + (
-            f"Flower's FedAvg of the same blocks ({flower.get('trained_from')} up), its round "
-            f"chosen on {chosen}, so far on seed {seeds} only: "
-            f"{theirs} against ours' {ours_there} there, "
-            f"{flower['bytes']['median'] / 1e6:.0f} MB and "
-            f"{flower['seconds']['wall']['median']:.0f} s to that round."
+        return (
+            f"{text}, so far on seed {seeds} only: {theirs} against ours' {ours_there} "
+            f"there, {cost}."
         )
-    return text + (
-        f"Flower's FedAvg of the same blocks ({flower.get('trained_from')} up), its round "
-        f"chosen on {chosen}: {pct(flower['accuracy']['mean'])}, "
-        f"{flower['bytes']['median'] / 1e6:.0f} MB and {flower['seconds']['wall']['median']:.0f} s "
-        "to that round (median)."
-    )
+    return f"{text}: {pct(flower['accuracy']['mean'])}, {cost} (median)."
 
 
 def _neu_det(r: dict[str, Any]) -> str:
